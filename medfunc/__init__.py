@@ -1,0 +1,46 @@
+"""medfunc: PyTorch training as pure functions over one immutable TrainState.
+
+Example:
+    >>> import medfunc as mf
+    >>> state = mf.init_state(model, mf.optim.adamw(mf.schedules.linear_warmup(1e-3, 10, 100)))
+    >>> state, metrics = mf.train_step(state, batch, donate=True)
+"""
+
+from medfunc import data, optim, schedules, testing
+from medfunc.errors import (
+    BatchError,
+    CheckpointError,
+    ConfigError,
+    ConsumedStateError,
+    ExportError,
+    LossError,
+    MedfuncError,
+)
+from medfunc.precision import Policy, get_policy
+from medfunc.state import TrainState, bind_module, init_state, tree_map
+from medfunc.step import apply_model, eval_step, train_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchError",
+    "CheckpointError",
+    "ConfigError",
+    "ConsumedStateError",
+    "ExportError",
+    "LossError",
+    "MedfuncError",
+    "Policy",
+    "TrainState",
+    "apply_model",
+    "bind_module",
+    "data",
+    "eval_step",
+    "get_policy",
+    "init_state",
+    "optim",
+    "schedules",
+    "testing",
+    "train_step",
+    "tree_map",
+]

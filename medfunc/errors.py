@@ -1,0 +1,65 @@
+"""medfunc's error classes.
+
+Every error medfunc raises on bad input derives from :class:`MedfuncError` and also from the
+builtin class a caller would naturally catch (``ValueError``, ``TypeError``, ...), so existing
+``except ValueError`` blocks keep working. Messages say what was expected, what was found and
+what to do.
+"""
+
+from __future__ import annotations
+
+
+class MedfuncError(Exception):
+    """Base class of every medfunc error."""
+
+
+class ConfigError(MedfuncError, ValueError):
+    """A configuration value (optimizer, schedule, trainer option) is invalid."""
+
+
+class BatchError(MedfuncError, TypeError):
+    """A batch has a type or structure the model cannot take."""
+
+
+class LossError(MedfuncError, ValueError):
+    """The model's output holds no loss, or the loss is not a scalar."""
+
+
+class ConsumedStateError(MedfuncError, RuntimeError):
+    """A TrainState was used after it was donated to a step."""
+
+
+class NonFiniteError(MedfuncError, RuntimeError):
+    """Training produced too many consecutive non-finite (skipped) steps."""
+
+
+class CheckpointError(MedfuncError):
+    """Base class of checkpoint errors."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint file does not exist."""
+
+
+class CheckpointCorruptError(CheckpointError, ValueError):
+    """The checkpoint file is truncated, corrupt or not a medfunc checkpoint."""
+
+
+class UnsafeCheckpointError(CheckpointError, ValueError):
+    """The checkpoint holds pickled code or objects that are not plain tensors and containers."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """The checkpoint's structure, shapes or dtypes differ from the state it is restored into."""
+
+
+class CheckpointVersionError(CheckpointError, ValueError):
+    """The checkpoint was written by a newer format version than this medfunc reads."""
+
+
+class ExportError(MedfuncError, RuntimeError):
+    """A model could not be exported, or the exported file disagrees with eager outputs."""
+
+
+class DistributedError(MedfuncError, RuntimeError):
+    """The distributed environment is misconfigured or a peer failed."""

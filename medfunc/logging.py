@@ -1,0 +1,266 @@
+"""Metric sinks: a JSON-lines file, TensorBoard, Weights & Biases and a progress bar.
+
+One :class:`MetricLogger` fans each ``log(scalars, step)`` call out to every enabled sink. Only
+the main process (rank 0) writes anything; on the other ranks every method is a no-op, so a
+training loop can call the logger unconditionally. TensorBoard and W&B are optional packages,
+imported only when enabled; W&B starts its run on the first ``log`` call, so a run that fails
+before its first metric leaves no empty W&B run behind.
+
+Example:
+    >>> with create_logger("runs/demo", enable_tensorboard=True, total_steps=100) as logger:
+    ...     for step in range(1, 101):
+    ...         logger.log({"train/loss": 0.5, "train/lr": 1e-3}, step=step)
+    ...         logger.progress_update(1, loss=0.5)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from medfunc.errors import ConfigError
+
+METRICS_FILE = "metrics.jsonl"
+TB_SUBDIR = "tb_logs"
+
+
+def _to_float(name: str, value: Any) -> float:
+    """Convert a Python number or a one-element tensor to ``float``; name the key when it fails."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ConfigError(
+            f"metric {name!r} must be a number or a one-element tensor, got "
+            f"{type(value).__name__}: {err}"
+        ) from err
+
+
+def _json_number(value: float) -> float | str:
+    """JSON has no NaN/Infinity literals; write them as the strings ``"nan"``, ``"inf"``."""
+    return value if math.isfinite(value) else str(value)
+
+
+class MetricLogger:
+    """Fan scalar metrics out to the enabled sinks (use :func:`create_logger` to build one).
+
+    Args:
+        output_dir: folder of ``metrics.jsonl`` (and the default TensorBoard/W&B folders).
+        tb_writer: a ``SummaryWriter`` or ``None``.
+        wandb_module: the imported ``wandb`` module when W&B is enabled, else ``None``.
+        wandb_init_kwargs: keyword arguments for ``wandb.init`` on the first ``log`` call.
+        progress_bar: a ``tqdm`` bar or ``None``.
+        is_main_process: ``False`` makes every method a no-op.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        tb_writer: Any = None,
+        wandb_module: Any = None,
+        wandb_init_kwargs: Mapping[str, Any] | None = None,
+        progress_bar: Any = None,
+        is_main_process: bool = True,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.is_main_process = is_main_process
+        self.metrics_path = self.output_dir / METRICS_FILE
+        self._tb = tb_writer
+        self._wandb = wandb_module
+        self._wandb_kwargs = dict(wandb_init_kwargs or {})
+        self._wandb_run: Any = None
+        self._bar = progress_bar
+        self._file = None
+        self._closed = False
+        if is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.metrics_path, "a", encoding="utf-8")
+
+    @property
+    def wandb_run(self) -> Any:
+        """The W&B run once the first ``log`` call started it, else ``None``."""
+        return self._wandb_run
+
+    def log(self, scalars: Mapping[str, Any], step: int) -> None:
+        """Record scalar metrics at ``step`` in every sink.
+
+        Args:
+            scalars: name -> value, names like ``"train/loss"``, ``"eval/auroc"``; values are
+                Python numbers or one-element tensors (converted with ``float``, which waits for
+                the device: call this every ``log_every`` steps, not every step).
+            step: the global step the values belong to.
+
+        Example:
+            >>> logger.log({"train/loss": loss_tensor, "train/lr": 3e-4}, step=50)
+        """
+        if not self.is_main_process:
+            return
+        if self._closed:
+            raise ConfigError("MetricLogger.log() called after close(); create a new logger")
+        values = {str(k): _to_float(str(k), v) for k, v in scalars.items()}
+        step = int(step)
+        record = {"step": step, "time": time.time()}
+        record.update({k: _json_number(v) for k, v in values.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.add_scalar(name, value, global_step=step)
+        if self._wandb is not None:
+            if self._wandb_run is None:
+                self._wandb_run = self._wandb.init(**self._wandb_kwargs)
+            self._wandb_run.log(values, step=step)
+
+    def progress_update(self, n: int = 1, **postfix: Any) -> None:
+        """Advance the progress bar by ``n`` steps and show ``postfix`` values beside it.
+
+        Args:
+            n: steps done since the last call.
+            **postfix: values to display, e.g. ``loss=0.31, lr=1e-3, throughput=812.0``
+                (numbers and one-element tensors are shown with 4 significant digits).
+
+        Example:
+            >>> logger.progress_update(10, loss=0.42, lr=1e-3)
+        """
+        if self._bar is None:
+            return
+        if postfix:
+            shown = {}
+            for key, value in postfix.items():
+                try:
+                    shown[key] = f"{float(value):.4g}"
+                except (TypeError, ValueError, RuntimeError):
+                    shown[key] = str(value)
+            self._bar.set_postfix(shown, refresh=False)
+        self._bar.update(n)
+
+    def close(self) -> None:
+        """Flush and close every sink (safe to call more than once)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> MetricLogger:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _tensorboard_writer(log_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ConfigError(
+            "enable_tensorboard=True needs the tensorboard package, which is not installed: "
+            "run `pip install medfunc[tensorboard]` or set enable_tensorboard=False"
+        ) from err
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def _import_wandb() -> Any:
+    try:
+        import wandb
+    except ImportError as err:
+        raise ConfigError(
+            "enable_wandb=True needs the wandb package, which is not installed: "
+            "run `pip install medfunc[wandb]` or set enable_wandb=False"
+        ) from err
+    return wandb
+
+
+def _progress_bar(progress: bool | None, total_steps: int | None) -> Any:
+    enabled = sys.stderr.isatty() if progress is None else progress
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as err:
+        if progress is None:
+            return None
+        raise ConfigError(
+            "progress=True needs the tqdm package, which is not installed: "
+            "run `pip install medfunc[demo]` or pass progress=False"
+        ) from err
+    return tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+
+
+def create_logger(
+    output_dir: str | Path,
+    *,
+    enable_tensorboard: bool = False,
+    tb_log_dir: str | Path | None = None,
+    enable_wandb: bool = False,
+    wandb_project: str | None = None,
+    wandb_run_name: str | None = None,
+    run_config: Mapping[str, Any] | None = None,
+    is_main_process: bool = True,
+    progress: bool | None = None,
+    total_steps: int | None = None,
+) -> MetricLogger:
+    """Build a :class:`MetricLogger` with the requested sinks.
+
+    ``{output_dir}/metrics.jsonl`` is always written (appended to, so a resumed run continues
+    the same file), one JSON object per ``log`` call: ``{"step", "time", **scalars}``.
+
+    Args:
+        output_dir: the run folder.
+        enable_tensorboard: write TensorBoard scalars (needs ``medfunc[tensorboard]``).
+        tb_log_dir: TensorBoard folder; default ``{output_dir}/tb_logs``.
+        enable_wandb: log to Weights & Biases (needs ``medfunc[wandb]``); the run starts on the
+            first ``log`` call; ``WANDB_MODE=offline`` keeps it on disk.
+        wandb_project: the W&B project.
+        wandb_run_name: the W&B run name.
+        run_config: the run's configuration, stored as the W&B run config.
+        is_main_process: ``False`` on ranks other than 0: the logger writes nothing and does not
+            even import the optional packages.
+        progress: show a progress bar; ``None`` shows it only when stderr is a terminal.
+        total_steps: the bar's total, if known.
+
+    Returns:
+        The logger; close it (or use it as a context manager) to flush the sinks.
+
+    Raises:
+        ConfigError: a requested sink's package is not installed.
+
+    Example:
+        >>> logger = create_logger("runs/demo", enable_wandb=True, wandb_project="medfunc")
+    """
+    output_dir = Path(output_dir)
+    if not is_main_process:
+        return MetricLogger(output_dir, is_main_process=False)
+    wandb_module = None
+    wandb_kwargs: dict[str, Any] = {}
+    if enable_wandb:
+        wandb_module = _import_wandb()
+        wandb_kwargs = {
+            "project": wandb_project,
+            "name": wandb_run_name,
+            "config": dict(run_config) if run_config is not None else None,
+            "dir": str(output_dir),
+        }
+    tb_writer = None
+    if enable_tensorboard:
+        tb_writer = _tensorboard_writer(Path(tb_log_dir) if tb_log_dir else output_dir / TB_SUBDIR)
+    return MetricLogger(
+        output_dir,
+        tb_writer=tb_writer,
+        wandb_module=wandb_module,
+        wandb_init_kwargs=wandb_kwargs,
+        progress_bar=_progress_bar(progress, total_steps),
+        is_main_process=True,
+    )

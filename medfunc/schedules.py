@@ -1,0 +1,458 @@
+"""Pure learning-rate schedules: ``step -> lr``.
+
+Each factory here returns a callable ``schedule(step) -> torch.Tensor``. ``step`` is a Python
+``int`` or an integer tensor (typically the 0-d ``int64`` step counter of a ``TrainState``, on any
+device). The result is a ``float64`` tensor of the same shape and on the same device as ``step``
+(a 0-d CPU tensor for an ``int``).
+
+The schedules are written for the fast path: with a tensor step they never synchronise with the
+host (no ``.item()``, no Python branch on a tensor value), so they run inside ``torch.compile``
+(``fullgraph=True``) and CUDA graph capture, and a compiled step does not recompile as the step
+changes. Every schedule reproduces the learning rates of its ``torch.optim.lr_scheduler``
+counterpart (see ``docs/schedules.md``); the test-suite checks this against the real schedulers.
+
+Negative steps are treated as step 0.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+from medfunc.errors import ConfigError
+
+__all__ = [
+    "Schedule",
+    "constant",
+    "cosine",
+    "get_schedule",
+    "linear_warmup",
+    "one_cycle",
+    "one_cycle_momentum",
+    "step",
+]
+
+Schedule = Callable[[int | torch.Tensor], torch.Tensor]
+"""A learning-rate schedule: maps a step (``int`` or integer tensor) to a ``float64`` tensor."""
+
+_ANNEAL_STRATEGIES = ("cos", "linear")
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers (run once, when a schedule is built)
+# --------------------------------------------------------------------------------------------
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_nonneg(name: str, value: object) -> float:
+    if not _is_real(value) or not math.isfinite(float(value)) or float(value) < 0:
+        raise ConfigError(
+            f"{name} must be a finite number >= 0, got {value!r}; pass a non-negative learning rate"
+        )
+    return float(value)
+
+
+def _check_positive(name: str, value: object) -> float:
+    if not _is_real(value) or not math.isfinite(float(value)) or float(value) <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_pct_start(value: object) -> float:
+    if not _is_real(value) or not 0.0 < float(value) < 1.0:
+        raise ConfigError(
+            f"pct_start must be a number strictly between 0 and 1 (the fraction of the cycle "
+            f"spent increasing the learning rate), got {value!r}"
+        )
+    return float(value)
+
+
+def _check_anneal(value: object) -> str:
+    if value not in _ANNEAL_STRATEGIES:
+        raise ConfigError(
+            f"anneal_strategy must be one of {list(_ANNEAL_STRATEGIES)}, got {value!r}"
+        )
+    return str(value)
+
+
+def _check_momentum(name: str, value: object) -> float:
+    if not _is_real(value) or not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------
+# step handling (traced: only static checks on dtype/type, no value-dependent branches)
+# --------------------------------------------------------------------------------------------
+
+
+def _as_step(step: int | torch.Tensor) -> torch.Tensor:
+    """The step as an integer tensor, clamped at 0, on the step's device (CPU for an int)."""
+    if isinstance(step, torch.Tensor):
+        if step.dtype.is_floating_point or step.dtype.is_complex or step.dtype == torch.bool:
+            raise TypeError(
+                f"a schedule's step must be an int or an integer tensor, got a tensor of dtype "
+                f"{step.dtype}; pass the state's step counter (0-d int64)"
+            )
+        return torch.clamp(step, min=0)
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(
+            f"a schedule's step must be an int or an integer tensor, got {type(step).__name__} "
+            f"{step!r}"
+        )
+    return torch.tensor(max(int(step), 0), dtype=torch.int64)
+
+
+def _as_f64(step: int | torch.Tensor) -> torch.Tensor:
+    return _as_step(step).to(torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# schedules
+# --------------------------------------------------------------------------------------------
+
+
+def constant(lr: float) -> Schedule:
+    """A constant learning rate (no scheduler in ``torch.optim`` terms).
+
+    Args:
+        lr: The learning rate, a finite number >= 0.
+
+    Returns:
+        ``schedule(step) -> Tensor``: ``lr`` as a ``float64`` tensor on the step's device.
+
+    Example:
+        >>> sched = constant(1e-3)
+        >>> sched(10)
+        tensor(0.0010, dtype=torch.float64)
+    """
+    value = _check_nonneg("lr", lr)
+
+    def schedule(step: int | torch.Tensor) -> torch.Tensor:
+        return torch.full_like(_as_step(step), value, dtype=torch.float64)
+
+    return schedule
+
+
+def linear_warmup(peak: float, warmup_steps: int, total_steps: int) -> Schedule:
+    """Linear warm-up from 0 to ``peak``, then linear decay to 0 at ``total_steps``.
+
+    The same values as ``transformers.get_linear_schedule_with_warmup`` (a ``LambdaLR``) with
+    base learning rate ``peak``::
+
+        factor = step / max(1, warmup_steps)                                  if step < warmup_steps
+        factor = max(0, (total_steps - step) / max(1, total_steps - warmup_steps))  otherwise
+        lr = peak * factor
+
+    The learning rate stays 0 after ``total_steps``.
+
+    Args:
+        peak: The learning rate reached at ``warmup_steps``, a finite number >= 0.
+        warmup_steps: Steps of linear warm-up, an integer in ``[0, total_steps]``.
+        total_steps: The step at which the learning rate reaches 0, an integer > 0.
+
+    Returns:
+        ``schedule(step) -> Tensor``: the learning rate as a ``float64`` tensor.
+
+    Example:
+        >>> sched = linear_warmup(1e-3, warmup_steps=10, total_steps=110)
+        >>> [round(float(sched(s)), 6) for s in (0, 5, 10, 60, 110)]
+        [0.0, 0.0005, 0.001, 0.0005, 0.0]
+    """
+    peak_f = _check_nonneg("peak", peak)
+    total = _check_int("total_steps", total_steps, minimum=1)
+    warmup = _check_int("warmup_steps", warmup_steps, minimum=0)
+    if warmup > total:
+        raise ConfigError(
+            f"warmup_steps ({warmup}) must not exceed total_steps ({total}); "
+            f"lower warmup_steps or raise total_steps"
+        )
+    warm_div = float(max(1, warmup))
+    decay_div = float(max(1, total - warmup))
+    warm_f = float(warmup)
+    total_f = float(total)
+
+    def schedule(step: int | torch.Tensor) -> torch.Tensor:
+        s = _as_f64(step)
+        warming = s / warm_div
+        decaying = torch.clamp((total_f - s) / decay_div, min=0.0)
+        return peak_f * torch.where(s < warm_f, warming, decaying)
+
+    return schedule
+
+
+def step(lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
+    """Multiply the learning rate by ``gamma`` every ``step_size`` steps (``StepLR``).
+
+    ``lr(step) = lr * gamma ** (step // step_size)``.
+
+    Args:
+        lr: The initial learning rate, a finite number >= 0.
+        step_size: Steps between decays, an integer > 0.
+        gamma: The decay factor, a finite number >= 0. Default 0.1.
+
+    Returns:
+        ``schedule(step) -> Tensor``: the learning rate as a ``float64`` tensor.
+
+    Example:
+        >>> sched = step(0.1, step_size=30, gamma=0.1)
+        >>> [round(float(sched(s)), 6) for s in (0, 29, 30, 60)]
+        [0.1, 0.1, 0.01, 0.001]
+    """
+    lr_f = _check_nonneg("lr", lr)
+    size = _check_int("step_size", step_size, minimum=1)
+    gamma_f = _check_nonneg("gamma", gamma)
+
+    def schedule(step: int | torch.Tensor) -> torch.Tensor:
+        k = torch.div(_as_step(step), size, rounding_mode="floor").to(torch.float64)
+        return lr_f * torch.pow(gamma_f, k)
+
+    return schedule
+
+
+def cosine(lr: float, t_max: int, eta_min: float = 0.0) -> Schedule:
+    """Cosine annealing from ``lr`` to ``eta_min`` over ``t_max`` steps (``CosineAnnealingLR``).
+
+    ``lr(step) = eta_min + (lr - eta_min) * (1 + cos(pi * step / t_max)) / 2``, the closed form of
+    ``CosineAnnealingLR``. Past ``t_max`` the schedule is periodic with period ``2 * t_max``
+    (it rises back to ``lr``), exactly as ``CosineAnnealingLR`` keeps going; it does not restart
+    (for warm restarts, ``CosineAnnealingWarmRestarts``, build your own).
+
+    Args:
+        lr: The initial (maximum) learning rate, a finite number >= 0.
+        t_max: Steps from ``lr`` down to ``eta_min``, an integer > 0.
+        eta_min: The minimum learning rate, a finite number >= 0. Default 0.
+
+    Returns:
+        ``schedule(step) -> Tensor``: the learning rate as a ``float64`` tensor.
+
+    Example:
+        >>> sched = cosine(1.0, t_max=100)
+        >>> [round(float(sched(s)), 6) for s in (0, 50, 100, 150, 200)]
+        [1.0, 0.5, 0.0, 0.5, 1.0]
+    """
+    lr_f = _check_nonneg("lr", lr)
+    t = _check_int("t_max", t_max, minimum=1)
+    eta = _check_nonneg("eta_min", eta_min)
+
+    def schedule(step: int | torch.Tensor) -> torch.Tensor:
+        s = _as_f64(step)
+        return eta + (lr_f - eta) * (1 + torch.cos(math.pi * s / t)) / 2
+
+    return schedule
+
+
+def _one_cycle_phases(
+    total_steps: int, pct_start: float, three_phase: bool
+) -> list[tuple[float, float, float]]:
+    """``(start_step, end_step, denominator)`` of each phase, as ``OneCycleLR`` defines them."""
+    if three_phase:
+        ends = [
+            float(pct_start * total_steps) - 1,
+            float(2 * pct_start * total_steps) - 2,
+            float(total_steps - 1),
+        ]
+    else:
+        ends = [float(pct_start * total_steps) - 1, float(total_steps - 1)]
+    phases = []
+    start = 0.0
+    for end in ends:
+        phases.append((start, end, end - start))
+        start = end
+    return phases
+
+
+def _one_cycle(
+    values: list[tuple[float, float]],
+    total_steps: int,
+    pct_start: float,
+    anneal_strategy: str,
+    three_phase: bool,
+) -> Schedule:
+    """A piecewise OneCycle schedule; ``values[i]`` is the (start, end) value of phase ``i``."""
+    phases = _one_cycle_phases(total_steps, pct_start, three_phase)
+    last = float(total_steps - 1)
+    cos = anneal_strategy == "cos"
+
+    def anneal(s: torch.Tensor, phase: tuple[float, float, float], ends: tuple[float, float]):
+        start_step, _, denom = phase
+        begin, finish = ends
+        if denom == 0:
+            # A phase of zero length (e.g. pct_start * total_steps == 1): OneCycleLR divides by
+            # zero there; the phase is over, so its end value applies.
+            pct = torch.ones_like(s)
+        else:
+            pct = (s - start_step) / denom
+        if cos:
+            return finish + (begin - finish) / 2.0 * (torch.cos(math.pi * pct) + 1)
+        return (finish - begin) * pct + begin
+
+    def schedule(step: int | torch.Tensor) -> torch.Tensor:
+        # Steps 0 .. total_steps - 1 are those an optimizer uses in a total_steps-long run; later
+        # steps keep the final value (OneCycleLR extrapolates one more step, then raises).
+        s = torch.clamp(_as_f64(step), max=last)
+        out = anneal(s, phases[-1], values[-1])
+        for i in range(len(phases) - 2, -1, -1):
+            out = torch.where(s <= phases[i][1], anneal(s, phases[i], values[i]), out)
+        return out
+
+    return schedule
+
+
+def one_cycle(
+    max_lr: float,
+    total_steps: int,
+    pct_start: float = 0.3,
+    anneal_strategy: Literal["cos", "linear"] = "cos",
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+    three_phase: bool = False,
+) -> Schedule:
+    """The 1cycle learning-rate policy (``OneCycleLR``'s learning rates).
+
+    The learning rate starts at ``initial_lr = max_lr / div_factor``, rises to ``max_lr`` over the
+    first ``pct_start`` of the cycle, then anneals to ``min_lr = initial_lr / final_div_factor``
+    at step ``total_steps - 1``. With ``three_phase=True`` it first returns symmetrically to
+    ``initial_lr`` and only then anneals to ``min_lr``, as in ``OneCycleLR``.
+
+    Steps ``0 .. total_steps - 1`` give exactly ``OneCycleLR``'s values. Later steps keep the
+    final value ``min_lr`` (``OneCycleLR`` extrapolates the curve for step ``total_steps`` - which
+    with ``anneal_strategy="linear"`` can be negative - and raises after it).
+
+    ``OneCycleLR`` also cycles momentum by default; that is the separate schedule
+    :func:`one_cycle_momentum`.
+
+    Args:
+        max_lr: The peak learning rate, a finite number >= 0.
+        total_steps: The length of the cycle in steps, an integer > 0.
+        pct_start: The fraction of the cycle spent increasing the learning rate, in (0, 1).
+        anneal_strategy: ``"cos"`` or ``"linear"`` annealing between phase end points.
+        div_factor: ``initial_lr = max_lr / div_factor``; a number > 0.
+        final_div_factor: ``min_lr = initial_lr / final_div_factor``; a number > 0.
+        three_phase: Use the three-phase variant described above.
+
+    Returns:
+        ``schedule(step) -> Tensor``: the learning rate as a ``float64`` tensor.
+
+    Example:
+        >>> sched = one_cycle(0.1, total_steps=100)
+        >>> [round(float(sched(s)), 6) for s in (0, 29, 99)]
+        [0.004, 0.1, 0.0]
+    """
+    max_lr_f = _check_nonneg("max_lr", max_lr)
+    total = _check_int("total_steps", total_steps, minimum=1)
+    pct = _check_pct_start(pct_start)
+    strategy = _check_anneal(anneal_strategy)
+    div = _check_positive("div_factor", div_factor)
+    final_div = _check_positive("final_div_factor", final_div_factor)
+    initial_lr = max_lr_f / div
+    min_lr = initial_lr / final_div
+    if three_phase:
+        values = [(initial_lr, max_lr_f), (max_lr_f, initial_lr), (initial_lr, min_lr)]
+    else:
+        values = [(initial_lr, max_lr_f), (max_lr_f, min_lr)]
+    return _one_cycle(values, total, pct, strategy, bool(three_phase))
+
+
+def one_cycle_momentum(
+    total_steps: int,
+    pct_start: float = 0.3,
+    anneal_strategy: Literal["cos", "linear"] = "cos",
+    base_momentum: float = 0.85,
+    max_momentum: float = 0.95,
+    three_phase: bool = False,
+) -> Schedule:
+    """The momentum (or Adam ``beta1``) that ``OneCycleLR(cycle_momentum=True)`` sets.
+
+    Momentum moves inversely to the learning rate of :func:`one_cycle` with the same
+    ``total_steps``, ``pct_start``, ``anneal_strategy`` and ``three_phase``: from
+    ``max_momentum`` down to ``base_momentum`` while the learning rate rises, and back up to
+    ``max_momentum`` while it falls. Steps past ``total_steps - 1`` keep the final value.
+
+    Args:
+        total_steps: The length of the cycle in steps, an integer > 0.
+        pct_start: The fraction of the cycle spent increasing the learning rate, in (0, 1).
+        anneal_strategy: ``"cos"`` or ``"linear"``.
+        base_momentum: The lowest momentum, reached at the learning-rate peak; in [0, 1].
+        max_momentum: The highest momentum, at the start and end of the cycle; in [0, 1].
+        three_phase: Use ``OneCycleLR``'s three-phase variant.
+
+    Returns:
+        ``schedule(step) -> Tensor``: the momentum as a ``float64`` tensor.
+
+    Example:
+        >>> mom = one_cycle_momentum(total_steps=100)
+        >>> [round(float(mom(s)), 6) for s in (0, 29, 99)]
+        [0.95, 0.85, 0.95]
+    """
+    total = _check_int("total_steps", total_steps, minimum=1)
+    pct = _check_pct_start(pct_start)
+    strategy = _check_anneal(anneal_strategy)
+    base = _check_momentum("base_momentum", base_momentum)
+    top = _check_momentum("max_momentum", max_momentum)
+    if three_phase:
+        values = [(top, base), (base, top), (top, top)]
+    else:
+        values = [(top, base), (base, top)]
+    return _one_cycle(values, total, pct, strategy, bool(three_phase))
+
+
+_SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    "constant": constant,
+    "none": constant,
+    "linear_warmup": linear_warmup,
+    "step": step,
+    "cosine": cosine,
+    "one_cycle": one_cycle,
+}
+
+
+def get_schedule(name: str, **kwargs: object) -> Schedule:
+    """Build a schedule by name, e.g. from a config file.
+
+    Names: ``"constant"`` (also ``"none"``), ``"linear_warmup"``, ``"step"``, ``"cosine"``,
+    ``"one_cycle"``. Keyword arguments go to the factory of the same name.
+
+    Args:
+        name: The schedule's name (case-insensitive).
+        **kwargs: The factory's arguments.
+
+    Returns:
+        ``schedule(step) -> Tensor``.
+
+    Raises:
+        ConfigError: For an unknown name, arguments the factory does not take, or invalid values.
+
+    Example:
+        >>> sched = get_schedule("cosine", lr=1e-3, t_max=1000)
+        >>> float(sched(0))
+        0.001
+    """
+    key = name.strip().lower() if isinstance(name, str) else name
+    factory = _SCHEDULES.get(key) if isinstance(key, str) else None
+    if factory is None:
+        raise ConfigError(f"unknown schedule {name!r}; expected one of {sorted(_SCHEDULES)}")
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(
+            f"schedule {name!r} got invalid arguments {sorted(kwargs)}: {exc}; "
+            f"its signature is {factory.__name__}{inspect.signature(factory)}"
+        ) from None
+    return factory(**kwargs)

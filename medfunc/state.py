@@ -1,0 +1,279 @@
+"""TrainState: the one immutable pytree a training run is made of.
+
+Leaves (tensors): ``params`` and ``buffers`` (ordered dicts in the model's ``named_parameters()`` /
+``named_buffers()`` order), ``opt_state``, ``loss_scale``, ``step``, ``rng`` and ``accum``.
+Static metadata: the module, the gradient transformation ``tx``, ``loss_fn``, the precision policy
+and ``accumulate_steps``.
+
+Example:
+    >>> model = torch.nn.Linear(3, 1)
+    >>> state = init_state(model, mf.optim.sgd(0.1))
+    >>> list(state.params)
+    ['weight', 'bias']
+    >>> state2 = state.replace(step=torch.tensor(5))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+import torch.utils._pytree as torch_pytree
+
+from medfunc.errors import ConfigError, ConsumedStateError
+from medfunc.precision import LossScaleState, Policy, get_policy, init_loss_scale
+
+PYTREE_NAMESPACE = "medfunc"
+LEAF_FIELDS = ("params", "buffers", "opt_state", "loss_scale", "step", "rng", "accum")
+STATIC_FIELDS = ("module", "tx", "loss_fn", "policy", "accumulate_steps", "grad_sync")
+
+
+class AccumState(NamedTuple):
+    """Gradient-accumulation state.
+
+    Attributes:
+        grads: running sum of (scaled) micro-batch gradients, keyed like the trainable params.
+        count: micro-batches accumulated in the current window (0-d int64 on the CPU).
+        loss_sum: sum of the window's micro-batch losses (0-d float32 on the device).
+    """
+
+    grads: OrderedDict
+    count: torch.Tensor
+    loss_sum: torch.Tensor
+
+
+class _Liveness:
+    """Marks whether a state's storage was donated to a step (and is therefore gone)."""
+
+    __slots__ = ("consumed",)
+
+    def __init__(self) -> None:
+        self.consumed = False
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainState:
+    """Everything a training run is: parameters, buffers, optimizer and scaler state, counters.
+
+    Attributes:
+        params: trainable and frozen parameters, name -> tensor, in ``named_parameters()`` order.
+        buffers: module buffers (e.g. BatchNorm running statistics), name -> tensor.
+        opt_state: the state of ``tx`` (pytree of tensors).
+        loss_scale: :class:`LossScaleState` under fp16, else ``()``.
+        step: 0-d int64, optimizer updates applied so far (the LR schedule's count).
+        rng: CPU int64 tensor ``[key, counter]``; step randomness comes from it alone.
+        accum: :class:`AccumState` when ``accumulate_steps > 1``, else ``()``.
+        module: the ``torch.nn.Module`` the params belong to (static).
+        tx: the gradient transformation (static).
+        loss_fn: optional ``loss_fn(outputs, batch) -> loss`` (static).
+        policy: the precision :class:`Policy` (static).
+        accumulate_steps: micro-batches per optimizer update (static).
+        grad_sync: optional in-place reduction of the gradient list before it is used, e.g. the
+            all-reduce of data parallelism (static; set by :mod:`medfunc.distributed`).
+    """
+
+    params: OrderedDict
+    buffers: OrderedDict
+    opt_state: Any
+    loss_scale: Any
+    step: torch.Tensor
+    rng: torch.Tensor
+    accum: Any
+    module: torch.nn.Module
+    tx: Any
+    loss_fn: Callable | None
+    policy: Policy
+    accumulate_steps: int
+    grad_sync: Callable[[list[torch.Tensor]], None] | None = None
+    _liveness: _Liveness = dataclasses.field(
+        default_factory=_Liveness, init=False, repr=False, compare=False
+    )
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in LEAF_FIELDS and object.__getattribute__(self, "_liveness").consumed:
+            raise ConsumedStateError(
+                f"this TrainState was donated to a step (donate=True) and its storage now belongs "
+                f"to the state that step returned; reading .{name} would see overwritten values. "
+                "Use the returned state, or call the step with donate=False to keep this one."
+            )
+        return object.__getattribute__(self, name)
+
+    @property
+    def consumed(self) -> bool:
+        """True once the state was donated to a step."""
+        return object.__getattribute__(self, "_liveness").consumed
+
+    def check_alive(self) -> None:
+        """Raise :class:`ConsumedStateError` if the state was donated."""
+        self.step  # noqa: B018 - attribute access performs the check
+
+    def mark_consumed(self) -> None:
+        """Mark this state as donated; any later use raises :class:`ConsumedStateError`."""
+        object.__getattribute__(self, "_liveness").consumed = True
+
+    def replace(self, **changes: Any) -> TrainState:
+        """Return a copy with ``changes`` applied (like ``flax.struct.PyTreeNode.replace``).
+
+        Example:
+            >>> state.replace(step=torch.zeros((), dtype=torch.int64))
+        """
+        self.check_alive()
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        """Names of the parameters the optimizer updates (``requires_grad``), in model order."""
+        return tuple(n for n, p in self.module.named_parameters() if p.requires_grad)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the state's step counter (and of its parameters)."""
+        return self.step.device
+
+
+def _flatten(state: TrainState) -> tuple[tuple, tuple, tuple[str, ...]]:
+    children = tuple(getattr(state, f) for f in LEAF_FIELDS)
+    static = tuple(getattr(state, f) for f in STATIC_FIELDS)
+    return children, static, LEAF_FIELDS
+
+
+def _unflatten(static: tuple, children: tuple) -> TrainState:
+    return TrainState(**dict(zip(LEAF_FIELDS, children)), **dict(zip(STATIC_FIELDS, static)))
+
+
+optree.register_pytree_node(TrainState, _flatten, _unflatten, namespace=PYTREE_NAMESPACE)
+
+
+def _torch_flatten(state: TrainState) -> tuple[list, tuple]:
+    children, static, _ = _flatten(state)
+    return list(children), static
+
+
+def _torch_flatten_with_keys(state: TrainState) -> tuple[list, tuple]:
+    children, static, names = _flatten(state)
+    return [(torch_pytree.GetAttrKey(n), c) for n, c in zip(names, children)], static
+
+
+torch_pytree.register_pytree_node(
+    TrainState,
+    _torch_flatten,
+    lambda children, static: _unflatten(static, tuple(children)),
+    serialized_type_name="medfunc.TrainState",
+    flatten_with_keys_fn=_torch_flatten_with_keys,
+)
+
+
+def tree_flatten(tree: Any) -> tuple[list, Any]:
+    """``optree.tree_flatten`` in medfunc's namespace (keeps TrainState's field order)."""
+    return optree.tree_flatten(tree, namespace=PYTREE_NAMESPACE)
+
+
+def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
+    """``optree.tree_map`` in medfunc's namespace."""
+    return optree.tree_map(fn, tree, *rest, namespace=PYTREE_NAMESPACE)
+
+
+def tree_leaves_with_path(tree: Any) -> list[tuple[str, Any]]:
+    """Leaves of ``tree`` with readable paths such as ``params/fc.weight``."""
+    paths, leaves, _ = optree.tree_flatten_with_path(tree, namespace=PYTREE_NAMESPACE)
+    return [("/".join(str(k) for k in path), leaf) for path, leaf in zip(paths, leaves)]
+
+
+def init_state(
+    model: torch.nn.Module,
+    tx: Any,
+    *,
+    loss_fn: Callable | None = None,
+    precision: str | Policy = "fp32",
+    seed: int = 0,
+    accumulate_steps: int = 1,
+    device: str | torch.device | None = None,
+) -> TrainState:
+    """Build the initial :class:`TrainState` of ``model`` trained with ``tx``.
+
+    The state's params and buffers share storage with ``model`` (no copy): a pure step writes new
+    tensors, a donating step updates them (and so the model) in place.
+
+    Args:
+        model: the module to train. Parameters with ``requires_grad=False`` stay in the state but
+            are not optimized.
+        tx: a :class:`medfunc.optim.GradientTransformation`.
+        loss_fn: optional ``loss_fn(outputs, batch) -> scalar loss``.
+        precision: "fp32", "bf16" or "fp16" (or a :class:`Policy`).
+        seed: RNG key for dropout and any other randomness in the step.
+        accumulate_steps: micro-batches per optimizer update (>= 1).
+        device: move the model there first (default: where its parameters are).
+
+    Returns:
+        The initial state, ``step == 0``.
+
+    Example:
+        >>> state = init_state(torch.nn.Linear(4, 2), mf.optim.adamw(1e-3), precision="bf16")
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(accumulate_steps, int) or accumulate_steps < 1:
+        raise ConfigError(f"accumulate_steps must be an integer >= 1, got {accumulate_steps!r}")
+    if not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    if device is not None:
+        model.to(torch.device(device))
+    policy = get_policy(precision)
+    params = OrderedDict((n, p.detach()) for n, p in model.named_parameters())
+    buffers = OrderedDict((n, b.detach()) for n, b in model.named_buffers())
+    first = next(iter(params.values()), None)
+    dev = first.device if first is not None else torch.device("cpu")
+    trainable = OrderedDict(
+        (n, params[n]) for n, p in model.named_parameters() if p.requires_grad
+    )
+    accum: AccumState | tuple = ()
+    if accumulate_steps > 1:
+        accum = AccumState(
+            grads=OrderedDict((n, torch.zeros_like(p)) for n, p in trainable.items()),
+            count=torch.zeros((), dtype=torch.int64),
+            loss_sum=torch.zeros((), dtype=torch.float32, device=dev),
+        )
+    loss_scale: LossScaleState | tuple = init_loss_scale(policy, dev)
+    return TrainState(
+        params=params,
+        buffers=buffers,
+        opt_state=tx.init(trainable),
+        loss_scale=loss_scale,
+        step=torch.zeros((), dtype=torch.int64, device=dev),
+        rng=torch.tensor([seed, 0], dtype=torch.int64),
+        accum=accum,
+        module=model,
+        tx=tx,
+        loss_fn=loss_fn,
+        policy=policy,
+        accumulate_steps=accumulate_steps,
+    )
+
+
+def bind_module(state: TrainState) -> torch.nn.Module:
+    """Write the state's params and buffers into ``state.module`` and return the module.
+
+    Tensors that already share storage (a donated run) are left alone; others are copied in
+    place, so references to the module's parameters stay valid.
+
+    Args:
+        state: the state whose values the module should hold.
+
+    Returns:
+        ``state.module``, holding the state's values.
+
+    Example:
+        >>> model = bind_module(state)   # then export, save or evaluate it imperatively
+    """
+    named = dict(state.module.named_parameters())
+    named.update(state.module.named_buffers())
+    with torch.no_grad():
+        for name, value in (*state.params.items(), *state.buffers.items()):
+            target = named[name]
+            if target.data_ptr() != value.data_ptr() or target.shape != value.shape:
+                target.copy_(value)
+    return state.module

@@ -1,0 +1,273 @@
+"""train_step / eval_step against real PyTorch references."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TinyClassifier, make_batches
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import medfunc as mf
+from medfunc.step import step_seed
+from medfunc.testing import (
+    assert_trees_close,
+    assert_trees_equal,
+    check_step_deterministic,
+    check_step_pure,
+)
+
+
+def _model(**kwargs) -> TinyClassifier:
+    torch.manual_seed(0)
+    return TinyClassifier(**kwargs)
+
+
+def _snapshot(state):
+    return mf.tree_map(torch.clone, (state.params, state.opt_state))
+
+
+def test_matches_imperative_reference_loop_with_dropout_batchnorm_clip_and_schedule():
+    peak, warmup, total, seed = 3e-3, 5, 30, 11
+    model = _model(dropout=0.3, batchnorm=True)
+    reference = copy.deepcopy(model)
+    tx = mf.optim.chain(
+        mf.optim.clip_by_global_norm(1.0),
+        mf.optim.adamw(mf.schedules.linear_warmup(peak, warmup, total), weight_decay=0.01,
+                       decay_mask=None, kernel="foreach"),
+    )
+    state = mf.init_state(model, tx, seed=seed)
+
+    opt = torch.optim.AdamW(reference.parameters(), lr=peak, weight_decay=0.01, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: s / warmup if s < warmup else max(0.0, (total - s) / (total - warmup)))
+    reference.train()
+    lrs = []
+    for i, batch in enumerate(make_batches(total, batch_size=16)):
+        state, metrics = mf.train_step(state, batch)
+        torch.manual_seed(step_seed(torch.tensor([seed, i])))
+        loss = reference(**batch)["loss"]
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        lrs.append((float(metrics["lr"]), opt.param_groups[0]["lr"]))
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        assert float(metrics["grad_norm"]) == pytest.approx(float(norm), rel=1e-5)
+        assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
+    assert all(a == pytest.approx(b, rel=1e-12) for a, b in lrs)
+    expected = dict(reference.named_parameters())
+    for name, value in state.params.items():
+        torch.testing.assert_close(value, expected[name].detach(), rtol=0, atol=1e-6)
+    for name, value in reference.named_buffers():
+        torch.testing.assert_close(state.buffers[name], value, rtol=0, atol=1e-6)
+    assert int(state.step) == total
+
+
+@settings(max_examples=12, deadline=None)
+@given(precision=st.sampled_from(["fp32", "bf16", "fp16"]),
+       accumulate=st.integers(min_value=1, max_value=3),
+       calls=st.integers(min_value=1, max_value=4),
+       batchnorm=st.booleans())
+def test_input_state_is_never_modified(precision, accumulate, calls, batchnorm):
+    state = mf.init_state(_model(dropout=0.2, batchnorm=batchnorm), mf.optim.adamw(1e-2),
+                          precision=precision, accumulate_steps=accumulate)
+    for batch in make_batches(calls):
+        check_step_pure(state, batch)
+        state, _ = mf.train_step(state, batch)
+
+
+def test_two_calls_are_bitwise_equal_and_global_rng_is_untouched():
+    state = mf.init_state(_model(dropout=0.5), mf.optim.adamw(1e-2), seed=3)
+    batch = make_batches(1)[0]
+    check_step_deterministic(state, batch)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    mf.train_step(state, batch)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_dropout_masks_follow_the_state_rng():
+    batch = make_batches(1)[0]
+    a = mf.init_state(_model(dropout=0.5), mf.optim.sgd(0.1), seed=1)
+    b = mf.init_state(_model(dropout=0.5), mf.optim.sgd(0.1), seed=2)
+    _, ma = mf.train_step(a, batch)
+    _, mb = mf.train_step(b, batch)
+    assert float(ma["loss"]) != float(mb["loss"])
+    s1, m1 = mf.train_step(a, batch)
+    _, m2 = mf.train_step(s1, batch)
+    assert float(m1["loss"]) != float(m2["loss"]), "the counter must change the dropout mask"
+
+
+def _inject_nonfinite(batch, value=float("nan")):
+    bad = dict(batch)
+    bad["x"] = batch["x"].clone()
+    bad["x"][0, 0] = value
+    return bad
+
+
+def test_fp16_loss_scale_trajectory_equals_gradscaler_including_skips():
+    model = _model()
+    reference = copy.deepcopy(model)
+    policy = mf.get_policy("fp16", growth_interval=3, init_scale=2.0**10)
+    state = mf.init_state(model, mf.optim.adamw(1e-2, kernel="foreach"), precision=policy)
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    batches = make_batches(14)
+    for i in (4, 9, 10):
+        batches[i] = _inject_nonfinite(batches[i], float("inf") if i == 9 else float("nan"))
+    skipped_ref, skipped_mf = [], []
+    for batch in batches:
+        state, metrics = mf.train_step(state, batch)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = reference(**batch)["loss"]
+        scaler.scale(loss).backward()
+        scale_before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        skipped_ref.append(scaler.get_scale() < scale_before)
+        skipped_mf.append(bool(metrics["skipped"]))
+        assert float(metrics["loss_scale"]) == scaler.get_scale()
+        assert scaler.state_dict()["_growth_tracker"] == int(state.loss_scale.growth_tracker)
+    assert skipped_mf == skipped_ref == [i in (4, 9, 10) for i in range(14)]
+    assert int(state.step) == 11
+    expected = dict(reference.named_parameters())
+    for name, value in state.params.items():
+        torch.testing.assert_close(value, expected[name].detach(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("kernel", ["foreach", "fused"])
+def test_nonfinite_gradients_skip_the_update_in_every_precision(precision, kernel):
+    state = mf.init_state(_model(), mf.optim.adamw(1e-2, kernel=kernel), precision=precision)
+    good, bad = make_batches(2)
+    state, _ = mf.train_step(state, good)
+    before = _snapshot(state)
+    new, metrics = mf.train_step(state, _inject_nonfinite(bad))
+    assert bool(metrics["skipped"]) and bool(metrics["applied"])
+    assert_trees_equal(_snapshot(new), before)
+    assert int(new.step) == 1
+    after_good, metrics = mf.train_step(new, good)
+    assert not bool(metrics["skipped"]) and int(after_good.step) == 2
+
+
+def test_accumulation_equals_one_big_batch():
+    k, b = 4, 5
+    big_batches = make_batches(3, batch_size=k * b)
+    tx = mf.optim.chain(mf.optim.clip_by_global_norm(0.5), mf.optim.adamw(1e-2))
+    big = mf.init_state(_model(), tx)
+    micro = mf.init_state(_model(), tx, accumulate_steps=k)
+    for batch in big_batches:
+        big, big_metrics = mf.train_step(big, batch)
+        applied = []
+        for j in range(k):
+            part = {name: t[j * b:(j + 1) * b] for name, t in batch.items()}
+            micro, metrics = mf.train_step(micro, part)
+            applied.append(bool(metrics["applied"]))
+        assert applied == [False] * (k - 1) + [True]
+        torch.testing.assert_close(metrics["loss"], big_metrics["loss"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(metrics["grad_norm"], big_metrics["grad_norm"], rtol=1e-5,
+                                   atol=1e-6)
+    assert_trees_close(micro.params, big.params, rtol=1e-5, atol=1e-6)
+    assert int(micro.step) == int(big.step) == 3
+
+
+@pytest.mark.parametrize("precision,accumulate", [("fp32", 1), ("fp16", 2), ("bf16", 3)])
+def test_donate_gives_the_same_numbers_and_consumes_the_state(precision, accumulate):
+    model = _model(dropout=0.2, batchnorm=True)
+    pure = mf.init_state(copy.deepcopy(model), mf.optim.adamw(1e-2), precision=precision,
+                         accumulate_steps=accumulate)
+    donated = mf.init_state(model, mf.optim.adamw(1e-2), precision=precision,
+                            accumulate_steps=accumulate)
+    for batch in make_batches(6):
+        pure, m_pure = mf.train_step(pure, batch)
+        old = donated
+        donated, m_donated = mf.train_step(donated, batch, donate=True)
+        assert_trees_equal(m_donated, m_pure)
+        with pytest.raises(mf.ConsumedStateError, match="donated"):
+            mf.train_step(old, batch)
+        with pytest.raises(mf.ConsumedStateError):
+            _ = old.params
+    assert_trees_equal((donated.params, donated.buffers, donated.opt_state, donated.loss_scale,
+                        donated.step, donated.rng),
+                       (pure.params, pure.buffers, pure.opt_state, pure.loss_scale,
+                        pure.step, pure.rng))
+
+
+class ScalarModel(nn.Module):
+    def __init__(self, out) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.out = out
+
+    def forward(self, x):
+        return self.out(self.w * x)
+
+
+def test_bad_inputs_give_clear_errors():
+    state = mf.init_state(_model(), mf.optim.sgd(0.1))
+    with pytest.raises(mf.BatchError, match="got int"):
+        mf.train_step(state, 3)
+    with pytest.raises(mf.BatchError, match="empty"):
+        mf.train_step(state, {})
+    no_loss = mf.init_state(ScalarModel(lambda y: {"logits": y}), mf.optim.sgd(0.1))
+    with pytest.raises(mf.LossError, match=r"holds no loss.*\['logits'\]"):
+        mf.train_step(no_loss, torch.ones(3))
+    vector = mf.init_state(ScalarModel(lambda y: y), mf.optim.sgd(0.1))
+    with pytest.raises(mf.LossError, match=r"scalar.*shape \(3,\)"):
+        mf.train_step(vector, torch.ones(3))
+    integer = mf.init_state(ScalarModel(lambda y: y.sum().long()), mf.optim.sgd(0.1))
+    with pytest.raises(mf.LossError, match="floating point"):
+        mf.train_step(integer, torch.ones(3))
+
+
+def test_loss_fn_tuple_batch_and_tensor_batch():
+    model = nn.Linear(4, 1)
+    loss_fn = lambda out, batch: nn.functional.mse_loss(out, batch[1])  # noqa: E731
+    state = mf.init_state(model, mf.optim.sgd(0.1), loss_fn=loss_fn)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+
+    class TupleModel(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, y):
+            return nn.functional.mse_loss(self.inner(x), y)
+
+    tuple_state = mf.init_state(TupleModel(copy.deepcopy(model)), mf.optim.sgd(0.1))
+    tensor_model = mf.init_state(ScalarModel(lambda y: y.square().sum()), mf.optim.sgd(0.1))
+    state, m1 = mf.train_step(state, (x, y))
+    tuple_state, m2 = mf.train_step(tuple_state, (x, y))
+    assert float(m1["loss"]) == float(m2["loss"])
+    torch.testing.assert_close(state.params["weight"], tuple_state.params["inner.weight"])
+    _, m3 = mf.train_step(tensor_model, torch.ones(3))
+    assert float(m3["loss"]) == 3.0
+
+
+def test_eval_step_uses_eval_mode_no_grad_and_restores_mode():
+    model = _model(dropout=0.5, batchnorm=True)
+    state = mf.init_state(model, mf.optim.sgd(0.1))
+    for batch in make_batches(3):
+        state, _ = mf.train_step(state, batch)
+    batch = make_batches(1, seed=9)[0]
+    metrics = mf.eval_step(state, batch)
+    reference = copy.deepcopy(mf.bind_module(state)).eval()
+    with torch.no_grad():
+        expected = reference(**batch)
+    assert model.training
+    assert torch.equal(metrics["outputs"]["logits"], expected["logits"])
+    assert torch.equal(metrics["loss"], expected["loss"])
+    assert not metrics["outputs"]["logits"].requires_grad
+    assert torch.equal(mf.eval_step(state, batch)["loss"], metrics["loss"])
+
+
+def test_metrics_are_zero_dim_tensors():
+    state = mf.init_state(_model(), mf.optim.adamw(1e-3), precision="fp16")
+    _, metrics = mf.train_step(state, make_batches(1)[0])
+    assert set(metrics) >= {"loss", "grad_norm", "lr", "skipped", "applied", "loss_scale"}
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())
