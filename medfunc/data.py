@@ -66,8 +66,10 @@ def collate(items: list[Any]) -> Any:
         return torch.stack(items)
     if isinstance(first, (int, float, bool)):
         return torch.tensor(items)
-    raise BatchError(f"cannot batch items of type {type(first).__name__}; return tensors, "
-                     "numbers, or dicts/tuples of them from the dataset")
+    raise BatchError(
+        f"cannot batch items of type {type(first).__name__}; return tensors, "
+        "numbers, or dicts/tuples of them from the dataset"
+    )
 
 
 def iterate_batches(
@@ -98,9 +100,12 @@ def iterate_batches(
     if len(set(lengths.values())) != 1:
         raise BatchError(f"all arrays must have the same length, got {lengths}")
     n = next(iter(lengths.values()))
-    order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle
-             else torch.arange(n))
+    order = (
+        torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        if shuffle
+        else torch.arange(n)
+    )
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        index = order[start:start + batch_size]
+        index = order[start : start + batch_size]
         yield {k: v[index] for k, v in arrays.items()}

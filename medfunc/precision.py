@@ -70,8 +70,12 @@ def get_policy(precision: str | Policy, **scaler_options: float) -> Policy:
         return precision
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    unknown = set(scaler_options) - {"init_scale", "growth_factor", "backoff_factor",
-                                     "growth_interval"}
+    unknown = set(scaler_options) - {
+        "init_scale",
+        "growth_factor",
+        "backoff_factor",
+        "growth_interval",
+    }
     if unknown:
         raise ConfigError(f"unknown loss-scaling options {sorted(unknown)}")
     if precision == "fp32":
@@ -140,6 +144,7 @@ def scaler_from_state_dict(state_dict: dict, like: LossScaleState) -> LossScaleS
     device = like.scale.device
     return LossScaleState(
         scale=torch.full((), float(state_dict["scale"]), dtype=torch.float32, device=device),
-        growth_tracker=torch.full((), int(state_dict["_growth_tracker"]), dtype=torch.int32,
-                                  device=device),
+        growth_tracker=torch.full(
+            (), int(state_dict["_growth_tracker"]), dtype=torch.int32, device=device
+        ),
     )

@@ -227,9 +227,7 @@ def init_state(
     buffers = OrderedDict((n, b.detach()) for n, b in model.named_buffers())
     first = next(iter(params.values()), None)
     dev = first.device if first is not None else torch.device("cpu")
-    trainable = OrderedDict(
-        (n, params[n]) for n, p in model.named_parameters() if p.requires_grad
-    )
+    trainable = OrderedDict((n, params[n]) for n, p in model.named_parameters() if p.requires_grad)
     accum: AccumState | tuple = ()
     if accumulate_steps > 1:
         accum = AccumState(

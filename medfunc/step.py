@@ -87,8 +87,10 @@ def split_batch(batch: Any) -> tuple[tuple, dict]:
     """
     if isinstance(batch, Mapping):
         if not batch:
-            raise BatchError("the batch is an empty mapping; expected model inputs such as "
-                             "{'input_ids': ..., 'labels': ...}")
+            raise BatchError(
+                "the batch is an empty mapping; expected model inputs such as "
+                "{'input_ids': ..., 'labels': ...}"
+            )
         return (), dict(batch)
     if isinstance(batch, (tuple, list)):
         return tuple(batch), {}
@@ -101,8 +103,11 @@ def split_batch(batch: Any) -> tuple[tuple, dict]:
 
 
 def _check_devices(batch: Any, device: torch.device) -> None:
-    items = batch.items() if isinstance(batch, Mapping) else enumerate(
-        batch if isinstance(batch, (tuple, list)) else [batch])
+    items = (
+        batch.items()
+        if isinstance(batch, Mapping)
+        else enumerate(batch if isinstance(batch, (tuple, list)) else [batch])
+    )
     for key, value in items:
         if isinstance(value, torch.Tensor) and value.device.type != device.type:
             raise BatchError(
@@ -136,8 +141,11 @@ def extract_loss(outputs: Any, batch: Any, loss_fn: Any = None) -> torch.Tensor:
     elif getattr(outputs, "loss", None) is not None:
         loss, source = outputs.loss, "outputs.loss"
     else:
-        found = (f"a mapping with keys {sorted(outputs)}" if isinstance(outputs, Mapping)
-                 else type(outputs).__name__)
+        found = (
+            f"a mapping with keys {sorted(outputs)}"
+            if isinstance(outputs, Mapping)
+            else type(outputs).__name__
+        )
         raise LossError(
             f"the model's output holds no loss: expected a loss tensor or a mapping/ModelOutput "
             f"with a 'loss' entry, found {found}. Return the loss from the model or pass "
@@ -166,8 +174,9 @@ def _clone_tree(tree: Any) -> Any:
     return tree_map(torch.clone, tree)
 
 
-def train_step(state: TrainState, batch: Any, *, donate: bool = False
-               ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+def train_step(
+    state: TrainState, batch: Any, *, donate: bool = False
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """One training step (one micro-batch under gradient accumulation).
 
     Args:
@@ -206,8 +215,11 @@ def train_step(state: TrainState, batch: Any, *, donate: bool = False
         objective = loss / k if k > 1 else loss
         if loss_scale:
             objective = objective * loss_scale.scale
-        grads = list(torch.autograd.grad(objective, list(leaves.values()), allow_unused=True,
-                                         materialize_grads=True))
+        grads = list(
+            torch.autograd.grad(
+                objective, list(leaves.values()), allow_unused=True, materialize_grads=True
+            )
+        )
     loss = loss.detach().float()
 
     params = OrderedDict(state.params)
@@ -244,23 +256,35 @@ def train_step(state: TrainState, batch: Any, *, donate: bool = False
         if k > 1:
             torch._foreach_zero_(grads)
             accum.loss_sum.zero_()
-        metrics.update(grad_norm=grad_norm, lr=ctx.metrics.get("lr", nan),
-                       skipped=found_inf > 0, applied=torch.ones((), dtype=torch.bool,
-                                                                 device=device))
+        metrics.update(
+            grad_norm=grad_norm,
+            lr=ctx.metrics.get("lr", nan),
+            skipped=found_inf > 0,
+            applied=torch.ones((), dtype=torch.bool, device=device),
+        )
     else:
-        metrics.update(grad_norm=nan, lr=nan,
-                       skipped=torch.zeros((), dtype=torch.bool, device=device),
-                       applied=torch.zeros((), dtype=torch.bool, device=device))
+        metrics.update(
+            grad_norm=nan,
+            lr=nan,
+            skipped=torch.zeros((), dtype=torch.bool, device=device),
+            applied=torch.zeros((), dtype=torch.bool, device=device),
+        )
     if loss_scale:
         metrics["loss_scale"] = loss_scale.scale.clone()
     if k > 1:
-        accum = AccumState(accum.grads, torch.tensor((count + 1) % k, dtype=torch.int64),
-                           accum.loss_sum)
+        accum = AccumState(
+            accum.grads, torch.tensor((count + 1) % k, dtype=torch.int64), accum.loss_sum
+        )
 
     key, counter = (int(v) for v in state.rng.tolist())
     new_state = state.replace(
-        params=params, buffers=buffers, opt_state=opt_state, loss_scale=loss_scale,
-        step=step, rng=torch.tensor([key, counter + 1], dtype=torch.int64), accum=accum,
+        params=params,
+        buffers=buffers,
+        opt_state=opt_state,
+        loss_scale=loss_scale,
+        step=step,
+        rng=torch.tensor([key, counter + 1], dtype=torch.int64),
+        accum=accum,
     )
     if donate:
         state.mark_consumed()

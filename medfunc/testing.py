@@ -30,19 +30,26 @@ def _first_difference(actual: Any, expected: Any, rtol: float, atol: float) -> s
                 return f"leaf {path!r}: {a!r} != {b!r}"
             continue
         if a.shape != b.shape or a.dtype != b.dtype:
-            return (f"leaf {path!r}: shape/dtype {tuple(a.shape)} {a.dtype} != "
-                    f"{tuple(b.shape)} {b.dtype}")
+            return (
+                f"leaf {path!r}: shape/dtype {tuple(a.shape)} {a.dtype} != "
+                f"{tuple(b.shape)} {b.dtype}"
+            )
         a_cpu, b_cpu = a.detach().cpu(), b.detach().cpu()
         floating = a_cpu.is_floating_point() or a_cpu.is_complex()
-        same = (torch.allclose(a_cpu, b_cpu, rtol=rtol, atol=atol, equal_nan=True) if floating
-                else torch.equal(a_cpu, b_cpu))
+        same = (
+            torch.allclose(a_cpu, b_cpu, rtol=rtol, atol=atol, equal_nan=True)
+            if floating
+            else torch.equal(a_cpu, b_cpu)
+        )
         if not same:
             if floating:
                 diff = (a_cpu.double() - b_cpu.double()).abs().nan_to_num(float("inf")).max()
             else:
                 diff = (a_cpu.long() - b_cpu.long()).abs().max()
-            return (f"leaf {path!r} differs: max abs difference {float(diff):.6g} "
-                    f"(dtype {a.dtype}, rtol={rtol}, atol={atol})")
+            return (
+                f"leaf {path!r} differs: max abs difference {float(diff):.6g} "
+                f"(dtype {a.dtype}, rtol={rtol}, atol={atol})"
+            )
     return None
 
 
@@ -64,8 +71,9 @@ def assert_trees_equal(actual: Any, expected: Any) -> None:
         raise AssertionError(message)
 
 
-def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 1e-5,
-                       atol: float = 1e-8) -> None:
+def assert_trees_close(
+    actual: Any, expected: Any, *, rtol: float = 1e-5, atol: float = 1e-8
+) -> None:
     """Assert two pytrees are equal within ``torch.allclose`` tolerances.
 
     Args:
@@ -86,8 +94,10 @@ def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 1e-5,
 
 
 def _snapshot(state: Any) -> list[tuple[str, Any]]:
-    return [(p, v.detach().clone() if isinstance(v, torch.Tensor) else v)
-            for p, v in tree_leaves_with_path(state)]
+    return [
+        (p, v.detach().clone() if isinstance(v, torch.Tensor) else v)
+        for p, v in tree_leaves_with_path(state)
+    ]
 
 
 def check_step_pure(state: Any, batch: Any, step_fn: Any = None) -> None:

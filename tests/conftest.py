@@ -9,8 +9,14 @@ from torch import nn
 class TinyClassifier(nn.Module):
     """An MLP classifier taking ``x`` (and optional ``labels``), returning {"loss", "logits"}."""
 
-    def __init__(self, features: int = 6, hidden: int = 16, classes: int = 3,
-                 dropout: float = 0.0, batchnorm: bool = False) -> None:
+    def __init__(
+        self,
+        features: int = 6,
+        hidden: int = 16,
+        classes: int = 3,
+        dropout: float = 0.0,
+        batchnorm: bool = False,
+    ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(features, hidden)
         self.norm = nn.BatchNorm1d(hidden) if batchnorm else nn.Identity()
@@ -25,12 +31,15 @@ class TinyClassifier(nn.Module):
         return out
 
 
-def make_batches(n: int, batch_size: int = 8, features: int = 6, classes: int = 3,
-                 seed: int = 0) -> list[dict]:
+def make_batches(
+    n: int, batch_size: int = 8, features: int = 6, classes: int = 3, seed: int = 0
+) -> list[dict]:
     """``n`` fixed random dict batches {"x", "labels"}."""
     g = torch.Generator().manual_seed(seed)
     return [
-        {"x": torch.randn(batch_size, features, generator=g),
-         "labels": torch.randint(0, classes, (batch_size,), generator=g)}
+        {
+            "x": torch.randn(batch_size, features, generator=g),
+            "labels": torch.randint(0, classes, (batch_size,), generator=g),
+        }
         for _ in range(n)
     ]

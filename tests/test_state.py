@@ -35,8 +35,9 @@ def _state(**kwargs) -> mf.TrainState:
 def test_params_keep_model_order_through_optree_and_torch_pytree():
     state = mf.init_state(Unsorted(), mf.optim.sgd(0.1))
     expected = [n for n, _ in Unsorted().named_parameters()]
-    assert list(state.params) == expected == ["zeta.weight", "zeta.bias", "alpha.weight",
-                                              "alpha.bias"]
+    assert (
+        list(state.params) == expected == ["zeta.weight", "zeta.bias", "alpha.weight", "alpha.bias"]
+    )
     leaves = optree.tree_leaves(state, namespace=PYTREE_NAMESPACE)
     assert leaves[0] is state.params["zeta.weight"]
     assert leaves[2] is state.params["alpha.weight"]
@@ -48,8 +49,10 @@ def test_params_keep_model_order_through_optree_and_torch_pytree():
 def test_flatten_unflatten_round_trips_every_field(precision, accumulate):
     state = _state(precision=precision, accumulate_steps=accumulate)
     for flatten, unflatten in [
-        (lambda s: optree.tree_flatten(s, namespace=PYTREE_NAMESPACE),
-         lambda leaves, spec: optree.tree_unflatten(spec, leaves)),
+        (
+            lambda s: optree.tree_flatten(s, namespace=PYTREE_NAMESPACE),
+            lambda leaves, spec: optree.tree_unflatten(spec, leaves),
+        ),
         (torch_pytree.tree_flatten, lambda leaves, spec: torch_pytree.tree_unflatten(leaves, spec)),
     ]:
         leaves, spec = flatten(state)
@@ -69,8 +72,9 @@ def test_static_metadata_is_not_a_leaf():
     state = _state()
     leaves = optree.tree_leaves(state, namespace=PYTREE_NAMESPACE)
     assert all(isinstance(leaf, torch.Tensor) for leaf in leaves)
-    n_expected = sum(len(optree.tree_leaves(getattr(state, f), namespace=PYTREE_NAMESPACE))
-                     for f in LEAF_FIELDS)
+    n_expected = sum(
+        len(optree.tree_leaves(getattr(state, f), namespace=PYTREE_NAMESPACE)) for f in LEAF_FIELDS
+    )
     assert len(leaves) == n_expected
 
 

@@ -1,0 +1,184 @@
+"""Data parallelism for a functional state: equal start, averaged gradients.
+
+:func:`data_parallel` broadcasts rank 0's parameters and buffers, then sets ``state.grad_sync``,
+which ``train_step`` calls on the final gradient list of each optimizer update (after
+accumulation, before unscaling, norm, clipping and the update). The hook packs the gradients into
+flat buckets, starts one asynchronous all-reduce (SUM) per bucket, waits, and divides by the world
+size, so every rank applies the same mean gradient and the replicas stay equal.
+
+Example:
+    >>> mf.distributed.init()
+    >>> state = mf.distributed.data_parallel(mf.init_state(model, tx))
+    >>> state, metrics = mf.train_step(state, my_half_of_the_batch, donate=True)
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from medfunc.distributed.env import collective_guard, get_info, is_distributed, world_size
+from medfunc.errors import DistributedError
+from medfunc.state import TrainState
+
+DEBUG_ENV = "MEDFUNC_DIST_DEBUG"
+DEFAULT_BUCKET_MB = 25.0
+
+
+def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
+    """Group tensor indices into buckets of one device/dtype and at most ``bucket_bytes``."""
+    buckets: list[list[int]] = []
+    open_: dict[tuple, tuple[list[int], int]] = {}
+    for i, t in enumerate(tensors):
+        key = (t.device, t.dtype)
+        members, size = open_.get(key, ([], 0))
+        nbytes = t.numel() * t.element_size()
+        if members and size + nbytes > bucket_bytes:
+            buckets.append(members)
+            members, size = [], 0
+        members.append(i)
+        open_[key] = (members, size + nbytes)
+    buckets.extend(members for members, _ in open_.values() if members)
+    return buckets
+
+
+def make_grad_sync(bucket_mb: float = DEFAULT_BUCKET_MB) -> Callable[[list[torch.Tensor]], None]:
+    """A ``grad_sync`` hook that averages a gradient list across ranks in place.
+
+    Args:
+        bucket_mb: size of the flat buffers each all-reduce carries, in MiB.
+
+    Returns:
+        ``grad_sync(grads)``: replaces each gradient with its mean over ranks.
+
+    Example:
+        >>> state = state.replace(grad_sync=make_grad_sync(bucket_mb=50))
+    """
+    bucket_bytes = max(1, int(bucket_mb * 2**20))
+    plan: dict[tuple, list[list[int]]] = {}
+
+    def grad_sync(grads: list[torch.Tensor]) -> None:
+        if not grads:
+            return
+        signature = tuple((g.shape, g.dtype, g.device) for g in grads)
+        buckets = plan.get(signature)
+        if buckets is None:
+            buckets = plan[signature] = _buckets(grads, bucket_bytes)
+        n = world_size()
+        with collective_guard("gradient all-reduce (data_parallel grad_sync)"):
+            flats, works = [], []
+            for members in buckets:
+                flat = torch.cat([grads[i].reshape(-1) for i in members])
+                flats.append(flat)
+                works.append(dist.all_reduce(flat, async_op=True))
+            for members, flat, work in zip(buckets, flats, works):
+                work.wait()
+                flat.div_(n)
+                views = flat.split([grads[i].numel() for i in members])
+                torch._foreach_copy_([grads[i] for i in members],
+                                     [v.view_as(grads[i]) for i, v in zip(members, views)])
+
+    return grad_sync
+
+
+def _broadcast_(tensors: list[torch.Tensor], what: str) -> None:
+    with collective_guard(what), torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+
+def check_in_sync(params: OrderedDict | TrainState, *, what: str = "parameters") -> None:
+    """Raise :class:`DistributedError` unless ``params`` are bitwise equal on every rank.
+
+    Compares the elementwise maximum and minimum over ranks (two all-reduces of the whole
+    parameter set, so use it for debugging, not every step of a production run).
+
+    Args:
+        params: a TrainState (its ``params`` are checked) or a mapping name -> tensor.
+        what: a label for the error message.
+
+    Raises:
+        DistributedError: naming the first tensor that differs and the largest difference.
+
+    Example:
+        >>> mf.distributed.check_in_sync(state)
+    """
+    if isinstance(params, TrainState):
+        params = params.params
+    if not is_distributed():
+        return
+    device = get_info().device
+    names = list(params)
+    if not names:
+        return
+    flat = torch.cat([params[n].detach().reshape(-1).to(device, torch.float64) for n in names])
+    high, low = flat.clone(), flat.clone()
+    with collective_guard(f"consistency check of the {what}"):
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    spread = (high - low).abs()
+    if bool((spread > 0).any()):
+        offset = 0
+        for n in names:
+            size = params[n].numel()
+            part = spread[offset:offset + size]
+            if bool((part > 0).any()):
+                raise DistributedError(
+                    f"{what} differ across ranks: {n!r} has a max difference of "
+                    f"{float(part.max()):.3g} between ranks. The replicas diverged: check that "
+                    "every rank runs the same steps with the same model, that nothing updates "
+                    "params on one rank only, and that data_parallel() was applied on all ranks"
+                )
+            offset += size
+
+
+def _checked_tx(tx: object) -> object:
+    update = tx.update
+
+    def checked_update(grads, opt_state, params, ctx):  # noqa: ANN001, ANN202
+        check_in_sync(params, what="parameters before the update")
+        out = update(grads, opt_state, params, ctx)
+        check_in_sync(out[1], what="parameters after the update")
+        return out
+
+    return tx._replace(update=checked_update)
+
+
+def data_parallel(state: TrainState, *, debug: bool | None = None,
+                  bucket_mb: float = DEFAULT_BUCKET_MB) -> TrainState:
+    """Make ``state`` a data-parallel replica: same start on every rank, averaged gradients.
+
+    Call it on every rank after :func:`~medfunc.distributed.init`. In a single process it returns
+    the state unchanged. Buffers (e.g. BatchNorm statistics) are broadcast once here and then
+    evolve per rank, like ``DistributedDataParallel(broadcast_buffers=False)``; checkpoints
+    written by rank 0 hold rank 0's buffers.
+
+    Args:
+        state: a state from :func:`medfunc.init_state`, built the same way on every rank.
+        debug: check before and after each update that the parameters are bitwise equal on every
+            rank (raises :class:`DistributedError` naming the first that differs). Default: the
+            environment variable ``MEDFUNC_DIST_DEBUG=1``.
+        bucket_mb: size of the flat all-reduce buffers in MiB.
+
+    Returns:
+        A state equal to rank 0's, whose steps average gradients across ranks.
+
+    Example:
+        >>> state = mf.distributed.data_parallel(mf.init_state(model, tx), debug=True)
+    """
+    state.check_alive()
+    if debug is None:
+        debug = os.environ.get(DEBUG_ENV, "0") not in ("", "0", "false", "False")
+    if not is_distributed():
+        return state
+    tensors = [*state.params.values(), *state.buffers.values()]
+    _broadcast_(tensors, "broadcast of rank 0's parameters and buffers")
+    changes: dict = {"grad_sync": make_grad_sync(bucket_mb)}
+    if debug:
+        check_in_sync(state.params, what="parameters after the initial broadcast")
+        changes["tx"] = _checked_tx(state.tx)
+    return state.replace(**changes)

@@ -1,0 +1,187 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) behind the same ``train_step``.
+
+FSDP2 replaces a module's parameters with DTensor shards and gathers / frees the full weights
+with hooks around the module's own forward and backward, so the functional path of
+``train_step`` (``functional_call`` with swapped tensors and ``torch.autograd.grad``) never sees
+the sharded parameters: FSDP's hooks substitute their own gathered weights. An FSDP state
+therefore takes its gradients another way, through the state's ``grad_fn`` hook:
+
+- the state's params *are* the module's DTensor parameters (no copy);
+- the forward runs through the module itself (buffers are still swapped in functionally);
+- ``objective(loss).backward()`` lets FSDP reduce-scatter the gradients (averaged over ranks)
+  into each sharded parameter's ``.grad``, which the hook reads back as the gradient list.
+
+Everything after that is the ordinary step: accumulation, loss scaling, the global norm
+(``get_total_norm`` on DTensors reduces across ranks) and the optimizer, whose foreach kernels
+run on the DTensor shards. Because the module holds the one copy of the weights, an FSDP step
+always donates: the state it is given is consumed (``donate=False`` behaves like ``True``).
+
+Example:
+    >>> mf.distributed.init()
+    >>> state = mf.distributed.fully_shard_state(model, mf.optim.adamw(1e-3))
+    >>> state, metrics = mf.train_step(state, batch)   # the old state is consumed
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.func import functional_call
+
+from medfunc.distributed.env import collective_guard, get_info, is_distributed
+from medfunc.errors import ConfigError
+from medfunc.precision import autocast
+from medfunc.state import TrainState, init_state
+from medfunc.step import extract_loss, module_mode, seeded_rng, split_batch
+
+ShardModules = Iterable[type] | Callable[[str, torch.nn.Module], bool] | None
+
+
+def is_fsdp_state(state: TrainState) -> bool:
+    """True when ``state``'s parameters are FSDP DTensor shards.
+
+    Example:
+        >>> mf.distributed.is_fsdp_state(state)
+        True
+    """
+    return any(isinstance(p, DTensor) for p in state.params.values())
+
+
+def _bind_params(state: TrainState) -> None:
+    """Make the module's sharded parameters hold the state's values (a no-op when they alias)."""
+    named = dict(state.module.named_parameters())
+    with torch.no_grad():
+        for name, value in state.params.items():
+            target = named[name]
+            local_target = target.to_local() if isinstance(target, DTensor) else target
+            local_value = value.to_local() if isinstance(value, DTensor) else value
+            if local_target.data_ptr() != local_value.data_ptr():
+                local_target.copy_(local_value)
+
+
+def fsdp_value_and_grad(state: TrainState, buffers: Mapping, batch: Any,
+                        objective: Callable[[torch.Tensor], torch.Tensor]
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The FSDP gradient path (the state's ``grad_fn``): module forward, ``backward()``.
+
+    Args:
+        state: an FSDP state (params are the module's DTensor shards).
+        buffers: the buffers the forward uses (owned by the step).
+        batch: the batch.
+        objective: maps the loss to what is differentiated (accumulation and loss scaling).
+
+    Returns:
+        ``(loss, grads)``: this rank's detached float32 loss and the rank-averaged sharded
+        gradient (a DTensor) of each trainable parameter.
+    """
+    module = state.module
+    _bind_params(state)
+    trainable = dict(module.named_parameters())
+    params = [trainable[n] for n in state.trainable]
+    for p in params:
+        p.grad = None
+    args, kwargs = split_batch(batch)
+    with seeded_rng(state.rng, state.device), module_mode(module, True), torch.enable_grad():
+        with autocast(state.policy, state.device), collective_guard("FSDP forward"):
+            if buffers:
+                outputs = functional_call(module, dict(buffers), args, kwargs, strict=False)
+            else:
+                outputs = module(*args, **kwargs)
+        loss = extract_loss(outputs, batch, state.loss_fn)
+        with collective_guard("FSDP backward (gradient reduce-scatter)"):
+            objective(loss).backward()
+    grads = []
+    for p in params:
+        grads.append(p.grad if p.grad is not None else torch.zeros_like(p))
+        p.grad = None
+    return loss.detach().float(), grads
+
+
+def fsdp_step(state: TrainState, batch: Any, *, donate: bool = False
+              ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """The FSDP state's ``step_fn``: the ordinary step, always donating (see module docs)."""
+    from medfunc.step import train_step
+
+    inner = state.replace(step_fn=None)
+    new_state, metrics = train_step(inner, batch, donate=True)
+    state.mark_consumed()
+    return new_state.replace(step_fn=fsdp_step), metrics
+
+
+def _select(model: torch.nn.Module, shard_modules: ShardModules) -> list[torch.nn.Module]:
+    if shard_modules is None:
+        return []
+    if callable(shard_modules) and not isinstance(shard_modules, type):
+        chosen = [m for name, m in model.named_modules() if name and shard_modules(name, m)]
+    else:
+        types = tuple(shard_modules) if not isinstance(shard_modules, type) else (shard_modules,)
+        if not all(isinstance(t, type) for t in types):
+            raise ConfigError(
+                "shard_modules must be module classes (e.g. [TransformerBlock]) or a predicate "
+                f"(name, module) -> bool, got {shard_modules!r}"
+            )
+        chosen = [m for name, m in model.named_modules() if name and isinstance(m, types)]
+    return chosen
+
+
+def _broadcast_module_(model: torch.nn.Module) -> None:
+    tensors = [*model.parameters(), *model.buffers()]
+    with collective_guard("broadcast of rank 0's initial weights"), torch.no_grad():
+        for t in tensors:
+            torch.distributed.broadcast(t.data, src=0)
+
+
+def fully_shard_state(model: torch.nn.Module, tx: Any, *, shard_modules: ShardModules = None,
+                      reshard_after_forward: bool = True, mp_policy: Any = None,
+                      **init_state_kwargs: Any) -> TrainState:
+    """Shard ``model`` with FSDP2 and build its TrainState.
+
+    Call it on every rank after :func:`~medfunc.distributed.init`. Rank 0's initial weights are
+    broadcast first, so every rank starts from the same model. In a single process the model
+    is not sharded and this equals :func:`medfunc.init_state`.
+
+    Args:
+        model: the module (built the same way on every rank).
+        tx: the gradient transformation (its foreach kernels run on the shards).
+        shard_modules: submodules to make their own FSDP units before the root, as module
+            classes (e.g. ``[BertLayer]``) or a predicate ``(name, module) -> bool``. Default:
+            only the root (the whole model is gathered at once).
+        reshard_after_forward: free gathered weights after the forward and gather them again
+            for the backward (less memory, more communication).
+        mp_policy: an optional ``torch.distributed.fsdp.MixedPrecisionPolicy``.
+        **init_state_kwargs: passed to :func:`medfunc.init_state` (``loss_fn``, ``precision``,
+            ``seed``, ``accumulate_steps``).
+
+    Returns:
+        A TrainState whose params are the module's DTensor shards; ``mf.train_step`` runs it.
+
+    Example:
+        >>> state = mf.distributed.fully_shard_state(model, tx, shard_modules=[BertLayer],
+        ...                                          precision="bf16")
+    """
+    if "device" in init_state_kwargs:
+        raise ConfigError("fully_shard_state places the model on DistInfo.device; do not pass "
+                          "device=")
+    info = get_info()
+    if not is_distributed():
+        return init_state(model, tx, device=info.device, **init_state_kwargs)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model.to(info.device)
+    _broadcast_module_(model)
+    options: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        if not isinstance(mp_policy, MixedPrecisionPolicy):
+            raise ConfigError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy, "
+                              f"got {type(mp_policy).__name__}")
+        options["mp_policy"] = mp_policy
+    for sub in _select(model, shard_modules):
+        fully_shard(sub, **options)
+    fully_shard(model, **options)
+    state = init_state(model, tx, **init_state_kwargs)
+    params = OrderedDict(state.params)
+    return state.replace(params=params, grad_fn=fsdp_value_and_grad, step_fn=fsdp_step)

@@ -1,0 +1,70 @@
+"""medfunc.optim: optax-style gradient transformations running PyTorch's optimizer kernels.
+
+Example:
+    >>> import medfunc as mf
+    >>> tx = mf.optim.chain(
+    ...     mf.optim.clip_by_global_norm(1.0),
+    ...     mf.optim.adamw(mf.schedules.linear_warmup(3e-4, 100, 1000), weight_decay=0.05),
+    ... )
+    >>> opt_state = tx.init(trainable_params)
+"""
+
+from medfunc.optim.base import (
+    GradientTransformation,
+    Grads,
+    OptState,
+    Params,
+    UpdateContext,
+    chain,
+    find_optimizer,
+)
+from medfunc.optim.clipping import clip_by_global_norm, clip_by_value, global_norm
+from medfunc.optim.interop import (
+    from_torch_state_dict,
+    to_torch_state_dict,
+    torch_kernel_flags,
+    torch_optimizer,
+    torch_param_groups,
+)
+from medfunc.optim.kernels import KERNELS
+from medfunc.optim.masks import ParamGroup, default_decay_mask, param_groups
+from medfunc.optim.optimizers import (
+    OPTIMIZERS,
+    AdamState,
+    OptimizerSpec,
+    SGDState,
+    adam,
+    adamw,
+    get_optimizer,
+    sgd,
+)
+
+__all__ = [
+    "KERNELS",
+    "OPTIMIZERS",
+    "AdamState",
+    "GradientTransformation",
+    "Grads",
+    "OptState",
+    "OptimizerSpec",
+    "ParamGroup",
+    "Params",
+    "SGDState",
+    "UpdateContext",
+    "adam",
+    "adamw",
+    "chain",
+    "clip_by_global_norm",
+    "clip_by_value",
+    "default_decay_mask",
+    "find_optimizer",
+    "from_torch_state_dict",
+    "get_optimizer",
+    "global_norm",
+    "param_groups",
+    "sgd",
+    "to_torch_state_dict",
+    "torch_kernel_flags",
+    "torch_optimizer",
+    "torch_param_groups",
+]

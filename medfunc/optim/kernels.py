@@ -1,0 +1,299 @@
+"""The one adapter around PyTorch's functional optimizer kernels.
+
+``torch.optim.adam.adam`` (Adam and AdamW) and ``torch.optim.sgd.sgd`` are the exact code
+``torch.optim.Adam/AdamW/SGD.step()`` runs, so calling them on the same tensors gives bitwise the
+same numbers. This module is the only place medfunc touches that (semi-private) API, PyTorch's
+private optimizer helpers, and the skip-on-overflow logic around it.
+
+Kernel paths (``KernelConfig``):
+
+* **fused** (``kernel="fused"``, and ``"auto"`` on CUDA): ``fused=True``. The kernel takes
+  ``found_inf`` natively and leaves params and moments untouched when it is 1; Adam's step
+  counters are incremented and then decremented by ``found_inf`` by PyTorch, so they end
+  unchanged. Step counters live on the params' device (float32). A tensor LR is handed to the
+  kernel as a float32 device tensor on accelerators (the CUDA kernel reads it as ``float*``).
+* **foreach** (``kernel="foreach"``, and ``"auto"`` off CUDA): ``foreach=True``. On the CPU this is
+  the non-capturable path torch.optim uses by default (step counters on the CPU, LR as a Python
+  float: reading a CPU tensor is not a device sync). On accelerators Adam runs with
+  ``capturable=True`` (counters on the device, LR a device tensor) so the step never syncs. The
+  foreach kernels have no ``found_inf`` input, so when one is given the adapter keeps a copy of
+  the params and state of the group, runs the kernel, and writes back
+  ``torch.where(found_inf > 0, old, new)``: the extra memory is one copy of the params plus one
+  copy of the optimizer state of the largest group, while the update runs (only when the caller
+  passes ``found_inf``).
+
+SGD's momentum buffer is created lazily by torch on the first update (a copy of the gradient, not
+dampened). medfunc allocates the buffers up front (zeros) so the state has a fixed structure;
+``0 * momentum + 1 * g`` equals the copy bitwise, so with ``dampening == 0`` the ordinary kernel
+reproduces the first step. With ``dampening != 0`` the adapter also runs the kernel with
+``dampening=0`` on copies and selects that result while the buffers are not yet initialized
+(``torch.where``, no host sync): one extra copy of params and buffers and twice the kernel work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.optim.adam import adam as _torch_adam
+from torch.optim.sgd import sgd as _torch_sgd
+
+from medfunc.errors import ConfigError
+
+KERNELS = ("auto", "foreach", "fused")
+
+
+class KernelConfig(NamedTuple):
+    """How the torch kernel is called for parameters on one device.
+
+    Attributes:
+        fused: ``fused=True`` (else ``foreach=True``).
+        capturable: ``capturable=True`` (foreach Adam on accelerators).
+        device_type: the params' device type.
+    """
+
+    fused: bool
+    capturable: bool
+    device_type: str
+
+    @property
+    def host_lr(self) -> bool:
+        """Whether the kernel gets the LR as a Python float (the params live on the CPU)."""
+        return self.device_type == "cpu"
+
+
+def _fused_devices() -> list[str]:
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        return list(_get_fused_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - older torch
+        return ["cpu", "cuda", "mps"]
+
+
+def _capturable_devices() -> list[str]:
+    try:
+        from torch.optim.optimizer import _get_capturable_supported_devices
+
+        return list(_get_capturable_supported_devices())
+    except ImportError:  # pragma: no cover - older torch
+        return ["cuda", "xpu"]
+
+
+def validate_kernel(kernel: str) -> str:
+    """Check a ``kernel`` argument ("auto", "foreach" or "fused")."""
+    if kernel not in KERNELS:
+        raise ConfigError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel
+
+
+def resolve_kernel(kernel: str, device: torch.device, *, adam: bool = True) -> KernelConfig:
+    """Pick the kernel path for parameters on ``device``.
+
+    Args:
+        kernel: "auto" (fused on CUDA, foreach elsewhere), "foreach" or "fused".
+        device: the parameters' device.
+        adam: True for Adam/AdamW (foreach is capturable on accelerators), False for SGD.
+
+    Returns:
+        The :class:`KernelConfig`.
+
+    Example:
+        >>> resolve_kernel("auto", torch.device("cpu"))
+        KernelConfig(fused=False, capturable=False, device_type='cpu')
+    """
+    validate_kernel(kernel)
+    dtype = device.type
+    fused = kernel == "fused" or (kernel == "auto" and dtype == "cuda")
+    if fused and dtype not in _fused_devices():
+        raise ConfigError(
+            f"kernel='fused' is not available for parameters on {dtype}: PyTorch has fused "
+            f"optimizer kernels for {_fused_devices()}. Use kernel='foreach'."
+        )
+    capturable = (not fused) and adam and dtype != "cpu" and dtype in _capturable_devices()
+    return KernelConfig(fused=fused, capturable=capturable, device_type=dtype)
+
+
+def check_params_for_kernel(params: Sequence[Tensor], cfg: KernelConfig) -> None:
+    """Raise :class:`ConfigError` if a fused kernel cannot take ``params`` (dtype/device)."""
+    if not cfg.fused:
+        return
+    for p in params:
+        if not torch.is_floating_point(p):
+            raise ConfigError(
+                f"kernel='fused' needs floating-point parameters, got one of dtype {p.dtype}; "
+                "use kernel='foreach'"
+            )
+
+
+def step_dtype(cfg: KernelConfig) -> torch.dtype:
+    """The dtype torch.optim keeps Adam's ``state['step']`` in for this kernel path."""
+    if cfg.fused:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def step_device(cfg: KernelConfig, param_device: torch.device) -> torch.device:
+    """Where torch.optim keeps Adam's ``state['step']`` for this kernel path."""
+    return param_device if (cfg.fused or cfg.capturable) else torch.device("cpu")
+
+
+def _lr_arg(lr: float | Tensor, cfg: KernelConfig) -> float | Tensor:
+    """The LR in the form the kernel path takes (never reads a device tensor on the host)."""
+    if not isinstance(lr, Tensor):
+        return lr
+    if lr.device.type == "cpu" and cfg.host_lr:
+        return float(lr)  # a host op on a CPU tensor: no device sync
+    if cfg.fused or cfg.capturable:
+        return lr.to(dtype=torch.float32)
+    raise ConfigError(
+        f"the {'fused' if cfg.fused else 'foreach'} kernel on {cfg.device_type} needs the LR "
+        "as a Python float, which would read the schedule's device tensor on the host (a sync); "
+        "use kernel='fused' or a constant lr"
+    )
+
+
+def _select_(cond: Tensor, olds: list[Tensor], news: list[Tensor]) -> None:
+    """In place: ``new = where(cond, old, new)`` for each pair (``cond`` a 0-d bool tensor).
+
+    A device-side select: no host sync, and bitwise ``old`` or ``new`` (NaN/inf included).
+    """
+    for old, new in zip(olds, news):
+        new.copy_(torch.where(cond.to(new.device), old, new))
+
+
+def adam_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    cfg: KernelConfig,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    decoupled_weight_decay: bool,
+    found_inf: Tensor | None,
+) -> None:
+    """One Adam/AdamW update of one param group, in place, via ``torch.optim.adam.adam``.
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs: per-parameter tensors (same order).
+        max_exp_avg_sqs: per-parameter AMSGrad maxima, or ``[]`` without amsgrad.
+        steps: per-parameter step counters (0-d float tensors, see :func:`step_device`).
+        cfg: the kernel path.
+        lr: the group's LR (float, or a 0-d tensor).
+        beta1, beta2, eps, weight_decay, amsgrad: hyperparameters.
+        decoupled_weight_decay: True for AdamW, False for Adam's L2 penalty.
+        found_inf: None, or a 0-d float32 flag; 1.0 leaves everything bitwise unchanged.
+    """
+    if not params:
+        return
+    lr_arg = _lr_arg(lr, cfg)
+    has_complex = any(torch.is_complex(p) for p in params)
+
+    def run(found: Tensor | None) -> None:
+        _torch_adam(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            steps,
+            foreach=not cfg.fused,
+            capturable=cfg.capturable,
+            differentiable=False,
+            fused=cfg.fused,
+            grad_scale=None,
+            found_inf=found,
+            has_complex=has_complex,
+            decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad,
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr_arg,
+            weight_decay=weight_decay,
+            eps=eps,
+            maximize=False,
+        )
+
+    if cfg.fused or found_inf is None:
+        run(found_inf if cfg.fused else None)
+        return
+    state = [*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *steps]
+    olds = [t.clone() for t in state]
+    run(None)
+    _select_(found_inf > 0, olds, state)
+
+
+def sgd_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    cfg: KernelConfig,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    found_inf: Tensor | None,
+    initialized: Tensor | None,
+) -> None:
+    """One SGD update of one param group, in place, via ``torch.optim.sgd.sgd``.
+
+    Args:
+        params, grads: per-parameter tensors.
+        momentum_buffers: pre-allocated buffers (zeros before the first update), or ``[]`` when
+            ``momentum == 0``.
+        cfg: the kernel path.
+        lr: the group's LR (float, or a 0-d tensor).
+        momentum, dampening, weight_decay, nesterov: hyperparameters.
+        found_inf: None, or a 0-d float32 flag; 1.0 leaves everything bitwise unchanged.
+        initialized: 0-d flag, 1.0 once the buffers hold a momentum (only read when
+            ``momentum != 0`` and ``dampening != 0``: torch does not dampen the first update).
+    """
+    if not params:
+        return
+    lr_arg = _lr_arg(lr, cfg)
+
+    def run(ps: list[Tensor], bufs: list[Tensor], damp: float, found: Tensor | None) -> None:
+        _torch_sgd(
+            ps,
+            grads,
+            list(bufs),
+            has_sparse_grad=False,
+            foreach=not cfg.fused,
+            fused=cfg.fused,
+            grad_scale=None,
+            found_inf=found,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            lr=lr_arg,
+            dampening=damp,
+            nesterov=nesterov,
+            maximize=False,
+        )
+
+    kernel_found = found_inf if cfg.fused else None
+    state = [*params, *momentum_buffers]
+    olds = [t.clone() for t in state] if (found_inf is not None and not cfg.fused) else None
+    if momentum != 0 and dampening != 0:
+        if initialized is None:
+            raise ConfigError("sgd with dampening needs the 'initialized' flag of its state")
+        first_params = [p.clone() for p in params]
+        first_bufs = [b.clone() for b in momentum_buffers]
+        run(first_params, first_bufs, 0.0, kernel_found)
+        run(params, momentum_buffers, dampening, kernel_found)
+        _select_(initialized == 0, [*first_params, *first_bufs], state)
+    else:
+        run(params, momentum_buffers, dampening, kernel_found)
+    if olds is not None:
+        _select_(found_inf > 0, olds, state)

@@ -1,0 +1,529 @@
+"""The optimizers: :func:`adamw`, :func:`adam`, :func:`sgd`, and :func:`get_optimizer`.
+
+Each is a :class:`~medfunc.optim.base.GradientTransformation` whose update runs PyTorch's own
+optimizer kernels (see :mod:`medfunc.optim.kernels`), one kernel call per parameter group
+(``(lr multiplier, weight decay)``, see :mod:`medfunc.optim.masks`), so the numbers equal
+``torch.optim.AdamW/Adam/SGD`` with the same param_groups: bitwise for the same kernel path.
+
+Example:
+    >>> tx = adamw(3e-4, weight_decay=0.05, lr_multipliers=[("classifier", 10.0)])
+    >>> opt_state = tx.init(params)                    # AdamState of OrderedDicts
+    >>> grads, params, opt_state = tx.update(grads, opt_state, params, ctx)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Union
+
+import torch
+from torch import Tensor
+
+from medfunc.errors import ConfigError
+from medfunc.optim import kernels
+from medfunc.optim.base import GradientTransformation, Grads, Params, UpdateContext
+from medfunc.optim.masks import (
+    DecayMask,
+    LrMultipliers,
+    ParamGroup,
+    check_patterns,
+    param_groups,
+    validate_decay_mask,
+    validate_lr_multipliers,
+)
+
+Schedule = Callable[[Union[int, Tensor]], Tensor]
+LearningRate = Union[float, Schedule]
+
+
+class AdamState(NamedTuple):
+    """State of :func:`adamw` / :func:`adam`, per parameter name (trainable params, model order).
+
+    Attributes:
+        step: per-parameter update counts, 0-d float tensors exactly as torch keeps
+            ``state["step"]`` (float32; on the CPU for the CPU/foreach path, on the params'
+            device for fused/capturable kernels).
+        exp_avg: first moments.
+        exp_avg_sq: second moments.
+        max_exp_avg_sq: AMSGrad maxima (empty unless ``amsgrad=True``).
+    """
+
+    step: OrderedDict
+    exp_avg: OrderedDict
+    exp_avg_sq: OrderedDict
+    max_exp_avg_sq: OrderedDict
+
+
+class SGDState(NamedTuple):
+    """State of :func:`sgd`.
+
+    Attributes:
+        momentum_buffer: per-parameter momentum buffers (empty when ``momentum == 0``); zeros
+            until the first applied update, as torch creates them lazily.
+        initialized: 0-d float32 flag on the params' device: 1.0 once an update was applied
+            (torch's "momentum_buffer is not None").
+    """
+
+    momentum_buffer: OrderedDict
+    initialized: Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class OptimizerSpec:
+    """An optimizer's configuration, attached to its transformation as ``tx.spec``.
+
+    Torch interop (:mod:`medfunc.optim.interop`) reads it to build param_groups and state dicts.
+    Equality is identity (a schedule need not be hashable).
+
+    Attributes:
+        name: "adamw", "adam" or "sgd".
+        lr: base LR, a float or a schedule ``step -> 0-d float64 tensor``.
+        weight_decay: weight decay of the parameters the mask selects.
+        decay_mask: "default", None, a callable ``name -> bool`` or a tuple of substrings.
+        lr_multipliers: ``((substring, multiplier), ...)``, first match wins.
+        kernel: "auto", "foreach" or "fused".
+        betas, eps, amsgrad: Adam hyperparameters.
+        momentum, dampening, nesterov: SGD hyperparameters.
+    """
+
+    name: str
+    lr: LearningRate
+    weight_decay: float
+    decay_mask: DecayMask
+    lr_multipliers: tuple[tuple[str, float], ...]
+    kernel: str
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    amsgrad: bool = False
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    _groups_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def is_adam(self) -> bool:
+        """True for adam and adamw."""
+        return self.name in ("adam", "adamw")
+
+    @property
+    def torch_class(self) -> type[torch.optim.Optimizer]:
+        """The ``torch.optim`` class this optimizer equals."""
+        return {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[
+            self.name
+        ]
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The constructor arguments of :attr:`torch_class` besides params, lr and kernel flags."""
+        if self.is_adam:
+            return {
+                "betas": self.betas,
+                "eps": self.eps,
+                "weight_decay": self.weight_decay,
+                "amsgrad": self.amsgrad,
+            }
+        return {
+            "momentum": self.momentum,
+            "dampening": self.dampening,
+            "weight_decay": self.weight_decay,
+            "nesterov": self.nesterov,
+        }
+
+    def groups(self, names: Sequence[str]) -> tuple[ParamGroup, ...]:
+        """The parameter groups for these trainable names (cached per name tuple)."""
+        key = tuple(names)
+        groups = self._groups_cache.get(key)
+        if groups is None:
+            groups = param_groups(key, self.weight_decay, self.decay_mask, self.lr_multipliers)
+            self._groups_cache[key] = groups
+        return groups
+
+    def kernel_config(self, device: torch.device) -> kernels.KernelConfig:
+        """The kernel path for parameters on ``device``."""
+        return kernels.resolve_kernel(self.kernel, device, adam=self.is_adam)
+
+    def lr_at(self, step: int | Tensor) -> float:
+        """The base LR at ``step`` as a Python float (host function: may read a device tensor)."""
+        if not callable(self.lr):
+            return float(self.lr)
+        if not isinstance(step, Tensor):
+            step = torch.tensor(int(step), dtype=torch.int64)
+        return float(self.lr(step))
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{what} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{what} must be finite, got {value!r}")
+    return value
+
+
+def _non_negative(value: Any, what: str) -> float:
+    v = _number(value, what)
+    if v < 0:
+        raise ConfigError(f"{what} must be >= 0, got {value!r}")
+    return v
+
+
+def _validate_lr(lr: Any) -> LearningRate:
+    if callable(lr):
+        return lr
+    if isinstance(lr, Tensor):
+        raise ConfigError(
+            "lr must be a Python float or a schedule callable (step -> lr tensor), got a "
+            "Tensor; wrap it: lr=lambda step: my_tensor"
+        )
+    return _non_negative(lr, "lr (learning rate)")
+
+
+def _validate_betas(betas: Any) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    out = []
+    for i, b in enumerate(betas):
+        v = _number(b, f"betas[{i}]")
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"betas[{i}] must be in [0, 1), got {b!r}")
+        out.append(v)
+    return (out[0], out[1])
+
+
+def _validate_bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# shared update helpers
+
+
+def _base_lr(spec: OptimizerSpec, step: Tensor) -> tuple[float | Tensor, Tensor]:
+    """The base LR for the kernels (float or tensor) and its 0-d tensor for metrics."""
+    if not callable(spec.lr):
+        return spec.lr, torch.full((), spec.lr, dtype=torch.float64, device=step.device)
+    lr = spec.lr(step)
+    if not isinstance(lr, Tensor):
+        lr = torch.tensor(float(lr), dtype=torch.float64, device=step.device)
+    return lr, lr
+
+
+def _group_lr(base: float | Tensor, mult: float) -> float | Tensor:
+    if mult == 1.0:
+        return base
+    return base * mult
+
+
+def _check_keys(grads: Grads, params: Params, state_keys: Sequence[str], who: str) -> None:
+    names = list(params)
+    if list(grads) != names or list(state_keys) != names:
+        for label, keys in (("grads", list(grads)), ("optimizer state", list(state_keys))):
+            if keys != names:
+                missing = [n for n in names if n not in set(keys)]
+                extra = [n for n in keys if n not in set(names)]
+                raise ConfigError(
+                    f"{who}.update: {label} keys differ from the params' keys (missing "
+                    f"{missing[:5]}, unexpected {extra[:5]}{', or a different order' if not (missing or extra) else ''}); "  # noqa: E501
+                    "pass the trainable params in model order and the state tx.init returned"
+                )
+
+
+def _first_device(params: Params) -> torch.device:
+    first = next(iter(params.values()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _init_common(spec: OptimizerSpec, params: Params) -> None:
+    if not isinstance(params, OrderedDict):
+        raise ConfigError(
+            f"{spec.name}.init expects an OrderedDict name -> tensor of trainable params in "
+            f"model order, got {type(params).__name__}"
+        )
+    names = list(params)
+    check_patterns(names, spec.decay_mask, spec.lr_multipliers)
+    for group in spec.groups(names):
+        ps = [params[n] for n in group.names]
+        cfg = spec.kernel_config(ps[0].device)
+        kernels.check_params_for_kernel(ps, cfg)
+        if callable(spec.lr) and not cfg.host_lr and not (cfg.fused or cfg.capturable):
+            raise ConfigError(
+                f"{spec.name} with kernel={spec.kernel!r} on {cfg.device_type} runs torch's "
+                "non-capturable foreach kernel, which needs the LR as a Python float: a schedule "
+                "would be read back from the device every step. Use kernel='fused' (the default "
+                "on CUDA) or a constant lr."
+            )
+
+
+def _make_spec(name: str, lr: Any, weight_decay: Any, decay_mask: Any, lr_multipliers: Any,
+               kernel: Any, **hyper: Any) -> OptimizerSpec:
+    return OptimizerSpec(
+        name=name,
+        lr=_validate_lr(lr),
+        weight_decay=_non_negative(weight_decay, "weight_decay"),
+        decay_mask=validate_decay_mask(decay_mask),
+        lr_multipliers=validate_lr_multipliers(lr_multipliers),
+        kernel=kernels.validate_kernel(kernel),
+        **hyper,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Adam / AdamW
+
+
+def _adam_family(spec: OptimizerSpec) -> GradientTransformation:
+    decoupled = spec.name == "adamw"
+
+    def init(params: Params) -> AdamState:
+        _init_common(spec, params)
+        steps, exp_avg, exp_avg_sq, max_sq = (OrderedDict() for _ in range(4))
+        for name, p in params.items():
+            cfg = spec.kernel_config(p.device)
+            steps[name] = torch.zeros(
+                (), dtype=kernels.step_dtype(cfg), device=kernels.step_device(cfg, p.device)
+            )
+            exp_avg[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avg_sq[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if spec.amsgrad:
+                max_sq[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return AdamState(steps, exp_avg, exp_avg_sq, max_sq)
+
+    def update(
+        grads: Grads, state: AdamState, params: Params, ctx: UpdateContext
+    ) -> tuple[Grads, Params, AdamState]:
+        _check_keys(grads, params, state.exp_avg, spec.name)
+        base, lr_metric = _base_lr(spec, ctx.step)
+        ctx.metrics["lr"] = lr_metric
+        beta1, beta2 = spec.betas
+        for group in spec.groups(list(params)):
+            names = group.names
+            ps = [params[n] for n in names]
+            kernels.adam_step(
+                ps,
+                [grads[n] for n in names],
+                [state.exp_avg[n] for n in names],
+                [state.exp_avg_sq[n] for n in names],
+                [state.max_exp_avg_sq[n] for n in names] if spec.amsgrad else [],
+                [state.step[n] for n in names],
+                cfg=spec.kernel_config(ps[0].device),
+                lr=_group_lr(base, group.lr_multiplier),
+                beta1=beta1,
+                beta2=beta2,
+                eps=spec.eps,
+                weight_decay=group.weight_decay,
+                amsgrad=spec.amsgrad,
+                decoupled_weight_decay=decoupled,
+                found_inf=ctx.found_inf,
+            )
+        return grads, params, state
+
+    return GradientTransformation(init, update, spec=spec)
+
+
+def adamw(
+    lr: LearningRate,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    amsgrad: bool = False,
+    *,
+    decay_mask: DecayMask = "default",
+    lr_multipliers: LrMultipliers = None,
+    kernel: str = "auto",
+) -> GradientTransformation:
+    """AdamW (decoupled weight decay), equal to ``torch.optim.AdamW``.
+
+    Args:
+        lr: learning rate: a float, or a schedule ``step -> 0-d float64 tensor``
+            (see :mod:`medfunc.schedules`), evaluated at ``ctx.step``.
+        betas: ``(beta1, beta2)``, each in [0, 1).
+        eps: term added to the denominator (>= 0).
+        weight_decay: decoupled weight decay (>= 0) of the parameters ``decay_mask`` selects.
+        amsgrad: use the AMSGrad variant.
+        decay_mask: which parameters are decayed: "default" (all but biases and norm weights,
+            see :func:`~medfunc.optim.masks.default_decay_mask`), None (all), a callable
+            ``name -> bool`` (True = decay) or a list of substrings whose parameters are not
+            decayed.
+        lr_multipliers: ``[(substring, multiplier), ...]``: a parameter whose name contains
+            ``substring`` trains with ``lr * multiplier`` (first match wins).
+        kernel: "auto" (fused on CUDA, foreach elsewhere), "foreach" or "fused".
+
+    Returns:
+        The transformation; its state is an :class:`AdamState`; ``tx.spec`` its config.
+
+    Raises:
+        ConfigError: an invalid value (names it). Patterns that match no parameter raise at
+            ``init``.
+
+    Example:
+        >>> tx = adamw(2e-5, weight_decay=0.01, lr_multipliers=[("classifier", 10.0)])
+    """
+    return _adam_family(
+        _make_spec(
+            "adamw", lr, weight_decay, decay_mask, lr_multipliers, kernel,
+            betas=_validate_betas(betas), eps=_non_negative(eps, "eps"),
+            amsgrad=_validate_bool(amsgrad, "amsgrad"),
+        )
+    )
+
+
+def adam(
+    lr: LearningRate,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    *,
+    decay_mask: DecayMask = "default",
+    lr_multipliers: LrMultipliers = None,
+    kernel: str = "auto",
+) -> GradientTransformation:
+    """Adam with L2 weight decay (added to the gradient), equal to ``torch.optim.Adam``.
+
+    Args:
+        lr, betas, eps, amsgrad, decay_mask, lr_multipliers, kernel: as :func:`adamw`.
+        weight_decay: L2 penalty coefficient (>= 0) of the parameters ``decay_mask`` selects.
+
+    Returns:
+        The transformation; its state is an :class:`AdamState`.
+
+    Example:
+        >>> tx = adam(1e-3)
+    """
+    return _adam_family(
+        _make_spec(
+            "adam", lr, weight_decay, decay_mask, lr_multipliers, kernel,
+            betas=_validate_betas(betas), eps=_non_negative(eps, "eps"),
+            amsgrad=_validate_bool(amsgrad, "amsgrad"),
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# SGD
+
+
+def sgd(
+    lr: LearningRate,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    *,
+    decay_mask: DecayMask = "default",
+    lr_multipliers: LrMultipliers = None,
+    kernel: str = "auto",
+) -> GradientTransformation:
+    """SGD with optional (Nesterov) momentum and L2 weight decay, equal to ``torch.optim.SGD``.
+
+    Args:
+        lr: learning rate, a float or a schedule (as :func:`adamw`).
+        momentum: momentum factor (>= 0).
+        dampening: dampening of the momentum (not applied on the first update, as torch).
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        weight_decay: L2 penalty (>= 0) of the parameters ``decay_mask`` selects.
+        decay_mask, lr_multipliers, kernel: as :func:`adamw`.
+
+    Returns:
+        The transformation; its state is an :class:`SGDState`.
+
+    Example:
+        >>> tx = sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    """
+    momentum = _non_negative(momentum, "momentum")
+    dampening = _number(dampening, "dampening")
+    nesterov = _validate_bool(nesterov, "nesterov")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ConfigError(
+            f"nesterov=True needs momentum > 0 and dampening == 0, got momentum={momentum!r} "
+            f"and dampening={dampening!r}"
+        )
+    spec = _make_spec(
+        "sgd", lr, weight_decay, decay_mask, lr_multipliers, kernel,
+        momentum=momentum, dampening=dampening, nesterov=nesterov,
+    )
+
+    def init(params: Params) -> SGDState:
+        _init_common(spec, params)
+        bufs = OrderedDict()
+        if spec.momentum != 0:
+            for name, p in params.items():
+                bufs[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        flag = torch.zeros((), dtype=torch.float32, device=_first_device(params))
+        return SGDState(bufs, flag)
+
+    def update(
+        grads: Grads, state: SGDState, params: Params, ctx: UpdateContext
+    ) -> tuple[Grads, Params, SGDState]:
+        _check_keys(grads, params, state.momentum_buffer if spec.momentum else params, "sgd")
+        base, lr_metric = _base_lr(spec, ctx.step)
+        ctx.metrics["lr"] = lr_metric
+        for group in spec.groups(list(params)):
+            names = group.names
+            ps = [params[n] for n in names]
+            kernels.sgd_step(
+                ps,
+                [grads[n] for n in names],
+                [state.momentum_buffer[n] for n in names] if spec.momentum else [],
+                cfg=spec.kernel_config(ps[0].device),
+                lr=_group_lr(base, group.lr_multiplier),
+                momentum=spec.momentum,
+                dampening=spec.dampening,
+                weight_decay=group.weight_decay,
+                nesterov=spec.nesterov,
+                found_inf=ctx.found_inf,
+                initialized=state.initialized,
+            )
+        if ctx.found_inf is None:
+            state.initialized.fill_(1.0)
+        else:
+            applied = 1.0 - ctx.found_inf.to(state.initialized.device)
+            state.initialized.copy_(torch.maximum(state.initialized, applied))
+        return grads, params, state
+
+    return GradientTransformation(init, update, spec=spec)
+
+
+# ---------------------------------------------------------------------------------------------
+
+OPTIMIZERS: dict[str, Callable[..., GradientTransformation]] = {
+    "adamw": adamw,
+    "adam": adam,
+    "sgd": sgd,
+}
+
+
+def get_optimizer(name: str, **kwargs: Any) -> GradientTransformation:
+    """Build an optimizer by name (the seed's ``optimizer_name`` option).
+
+    Args:
+        name: "adamw", "adam" or "sgd" (case-insensitive).
+        **kwargs: the optimizer's arguments (``lr`` is required).
+
+    Returns:
+        The optimizer transformation.
+
+    Raises:
+        ConfigError: unknown name (lists the valid ones) or invalid arguments.
+
+    Example:
+        >>> tx = get_optimizer("sgd", lr=0.01, momentum=0.9)
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if key not in OPTIMIZERS:
+        raise ConfigError(
+            f"unknown optimizer {name!r}; valid names are {sorted(OPTIMIZERS)}"
+        )
+    try:
+        return OPTIMIZERS[key](**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"bad arguments for optimizer {key!r}: {e}") from e

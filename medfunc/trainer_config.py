@@ -1,0 +1,619 @@
+"""TrainerConfig: every option of :class:`~medfunc.trainer.MedicalModelTrainer`, validated.
+
+The options and their defaults follow the seed document of the Trainer facade; each value is
+checked when the config is built, and a wrong one raises :class:`~medfunc.errors.ConfigError`
+naming the field and what it accepts. Configs load from TOML, YAML or JSON files, with dotted
+overrides such as ``{"deepspeed_config.zero_optimization.stage": 2}``.
+
+Example:
+    >>> config = TrainerConfig(num_epochs=3, learning_rate=1e-3, scheduler="cosine")
+    >>> config = TrainerConfig.from_file("train.toml", overrides={"num_epochs": 1})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medfunc.errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("linear_warmup", "step", "cosine", "one_cycle", "none")
+CLIP_MODES = ("norm", "value", "none")
+ANNEAL_STRATEGIES = ("cos", "linear")
+METRIC_MODES = ("auto", "min", "max")
+COMPILE_MODES = ("inductor", "cudagraph", "inductor+cudagraph")
+AMP_DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+#: Keys of a run file that belong to the ``medfunc`` command, not to TrainerConfig.
+RUN_KEYS = ("recipe", "recipe_options")
+#: Fields that hold Python objects and cannot come from a config file.
+_OBJECT_FIELDS = ("eval_compute_metrics", "export_input_example")
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """Options of :class:`~medfunc.trainer.MedicalModelTrainer` (see docs/trainer.md).
+
+    Every field is validated on construction; :meth:`from_file` and :meth:`from_dict` build a
+    config from a file or a mapping. ``docs/trainer.md`` has the table of all options.
+
+    Example:
+        >>> TrainerConfig(optimizer="sgd", sgd_momentum=0.9, grad_clip_mode="value")
+    """
+
+    # optimizer
+    optimizer: str = "adamw"
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    sgd_momentum: float = 0.9
+    layer_wise_lrs: list[tuple[str, float]] | None = None
+    # learning-rate schedule (counted in optimizer steps)
+    scheduler: str = "linear_warmup"
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    step_size: int = 1000
+    gamma: float = 0.1
+    t_max: int | None = None
+    eta_min: float = 0.0
+    pct_start: float = 0.3
+    anneal_strategy: str = "cos"
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    # gradients
+    grad_clip_mode: str = "norm"
+    max_grad_norm: float | None = 1.0
+    grad_clip_value: float = 0.5
+    gradient_accumulation_steps: int = 1
+    max_consecutive_skipped_steps: int | None = 100
+    # precision and device
+    use_amp: bool = False
+    amp_dtype: Any = torch.float16
+    device: str = "auto"
+    compile: bool | str = False
+    # loop
+    num_epochs: int = 1
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    shuffle: bool = True
+    seed: int = 42
+    log_every: int = 50
+    progress_bar: bool | None = None
+    # evaluation
+    eval_every_steps: int | None = None
+    eval_at_epoch_end: bool = True
+    eval_metric: str = "loss"
+    eval_metric_mode: str = "auto"
+    eval_compute_metrics: Callable[[list, torch.Tensor], Mapping[str, float]] | None = None
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float = 0.0
+    # checkpoints
+    save_every_epochs: int | None = 1
+    save_every_steps: int | None = None
+    save_optimizer: bool = True
+    save_scheduler: bool = True
+    resume_from: str | None = None
+    # export
+    export_torchscript: bool = False
+    export_onnx: bool = False
+    export_input_example: Any = None
+    onnx_opset: int | None = None
+    # logging
+    enable_tensorboard: bool = False
+    tb_log_dir: str | None = None
+    enable_wandb: bool = False
+    wandb_project: str | None = None
+    wandb_run_name: str | None = None
+    # model preparation
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    dropout_prob: float | None = None
+    # distributed
+    fsdp: bool = False
+    deepspeed: bool = False
+    deepspeed_config: dict | str | None = None
+
+    def __post_init__(self) -> None:
+        for name, check in _CHECKS.items():
+            setattr(self, name, check(name, getattr(self, name)))
+        _check_combinations(self)
+
+    @property
+    def precision(self) -> str:
+        """The precision policy name the options select: "fp32", "fp16" or "bf16"."""
+        if not self.use_amp:
+            return "fp32"
+        return "bf16" if self.amp_dtype == torch.bfloat16 else "fp16"
+
+    @property
+    def metric_mode(self) -> str:
+        """``eval_metric_mode`` with "auto" resolved: "min" for losses, "max" otherwise."""
+        if self.eval_metric_mode != "auto":
+            return self.eval_metric_mode
+        return "min" if "loss" in self.eval_metric else "max"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as plain JSON-able values (for W&B run configs and run records).
+
+        Returns:
+            field name -> value; dtypes become their names, callables and tensors their repr.
+
+        Example:
+            >>> TrainerConfig().to_dict()["amp_dtype"]
+            'float16'
+        """
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.dtype):
+                value = str(value).removeprefix("torch.")
+            elif f.name in _OBJECT_FIELDS and value is not None:
+                value = type(value).__name__
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, list):
+                value = [list(v) if isinstance(v, tuple) else v for v in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any], *, source: str = "config") -> TrainerConfig:
+        """Build a config from a mapping of field values (as read from a file).
+
+        Numeric strings are accepted for float fields (YAML reads ``1e-3`` as a string).
+
+        Args:
+            options: field name -> value.
+            source: where the options came from, used in error messages.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ConfigError: an unknown key (with the closest known name) or an invalid value.
+
+        Example:
+            >>> TrainerConfig.from_dict({"num_epochs": 2, "learning_rate": "1e-3"})
+        """
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of options, got "
+                              f"{type(options).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {}
+        for key, value in options.items():
+            if key not in names:
+                raise ConfigError(f"{source}: {_unknown_key_message(key, names)}")
+            if key in _FLOAT_FIELDS and isinstance(value, str):
+                value = _parse_float_string(value)
+            values[key] = value
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_file(
+        cls, path: str | Path, overrides: Mapping[str, Any] | None = None
+    ) -> TrainerConfig:
+        """Load a config from a TOML, YAML or JSON file, then apply dotted ``overrides``.
+
+        The file is a mapping of option names to values. The run keys ``recipe`` and
+        ``recipe_options`` (read by the ``medfunc`` command) are ignored here.
+
+        Args:
+            path: a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file.
+            overrides: ``{"key": value}`` or ``{"a.b.c": value}`` for nested mappings.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ConfigError: the file is missing, unreadable or malformed (the message names the
+                file and line), a key is unknown, or a value is invalid.
+
+        Example:
+            >>> TrainerConfig.from_file("run.yaml", overrides={"num_epochs": 1})
+        """
+        mapping = apply_overrides(load_config_file(path), overrides or {})
+        options = {k: v for k, v in mapping.items() if k not in RUN_KEYS}
+        return cls.from_dict(options, source=str(path))
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, YAML or JSON file into a dict, with one-line errors.
+
+    Args:
+        path: the file; the format follows the extension (``.toml``, ``.yaml``, ``.yml``,
+            ``.json``).
+
+    Returns:
+        The file's top-level mapping.
+
+    Raises:
+        ConfigError: missing file, unknown extension, a syntax error (naming file and line) or a
+            top level that is not a mapping.
+
+    Example:
+        >>> load_config_file("run.toml")["recipe"]
+        'breast_cancer'
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"{path}: unsupported config format {suffix or '(no extension)'!r}; "
+                          "use a .toml, .yaml, .yml or .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from None
+    if suffix == ".toml":
+        data = _parse_toml(text, path)
+    elif suffix == ".json":
+        data = _parse_json(text, path)
+    else:
+        data = _parse_yaml(text, path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of options, got "
+                          f"{type(data).__name__}")
+    return data
+
+
+def apply_overrides(mapping: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``mapping`` with dotted-key ``overrides`` applied.
+
+    Args:
+        mapping: the options (nested mappings allowed).
+        overrides: ``{"num_epochs": 1, "recipe_options.seed": 3}``; a dotted key walks (and
+            creates) nested mappings.
+
+    Returns:
+        The new mapping; ``mapping`` is not modified.
+
+    Raises:
+        ConfigError: a dotted key passes through a value that is not a mapping.
+
+    Example:
+        >>> apply_overrides({"a": {"b": 1}}, {"a.b": 2, "c": 3})
+        {'a': {'b': 2}, 'c': 3}
+    """
+    result = _deep_copy(mapping)
+    for dotted, value in overrides.items():
+        parts = str(dotted).split(".")
+        if not all(parts):
+            raise ConfigError(f"override key {dotted!r} is malformed; use name or a.b.c")
+        node = result
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                prefix = ".".join(parts[: depth + 1])
+                raise ConfigError(f"override {dotted!r}: {prefix!r} holds "
+                                  f"{type(child).__name__}, not a mapping of options")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _deep_copy(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in mapping.items()}
+
+
+def _parse_toml(text: str, path: Path) -> Any:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        message = str(err).splitlines()[0]
+        raise ConfigError(f"{path}: invalid TOML: {message}") from None
+
+
+def _parse_json(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}, line {err.lineno}: invalid JSON: {err.msg}") from None
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(f"{path}: reading YAML needs PyYAML: run `pip install pyyaml` or use "
+                          "a .toml or .json file") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+
+
+def _unknown_key_message(key: Any, names: list[str]) -> str:
+    close = difflib.get_close_matches(str(key), names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "; see docs/trainer.md for the options"
+    return f"unknown option {key!r}{hint}"
+
+
+def _parse_float_string(value: str) -> Any:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+# ----------------------------------------------------------------------------------------------
+# field checks: each returns the (normalised) value or raises ConfigError naming the field
+# ----------------------------------------------------------------------------------------------
+
+
+def _fail(name: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"TrainerConfig.{name} must be {expected}; got {value!r}")
+
+
+def _choice(*allowed: str) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        key = value.strip().lower() if isinstance(value, str) else value
+        if key not in allowed:
+            raise _fail(name, "one of " + ", ".join(repr(a) for a in allowed), value)
+        return key
+
+    return check
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(name, "true or false", value)
+    return value
+
+
+def _optional_boolean(name: str, value: Any) -> bool | None:
+    return None if value is None else _boolean(name, value)
+
+
+def _integer(minimum: int, *, optional: bool = False) -> Callable[[str, Any], int | None]:
+    expected = f"an integer >= {minimum}" + (" or None" if optional else "")
+
+    def check(name: str, value: Any) -> int | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            raise _fail(name, expected, value)
+        return int(value)
+
+    return check
+
+
+def _number(
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    optional: bool = False,
+    above: bool = False,
+) -> Callable[[str, Any], float | None]:
+    bounds = []
+    if minimum is not None:
+        bounds.append(f"{'>' if above else '>='} {minimum:g}")
+    if maximum is not None:
+        bounds.append(f"<= {maximum:g}")
+    expected = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
+    expected += " or None" if optional else ""
+
+    def check(name: str, value: Any) -> float | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise _fail(name, expected, value)
+        number = float(value)
+        low_ok = minimum is None or (number > minimum if above else number >= minimum)
+        if not math.isfinite(number) or not low_ok or (maximum is not None and number > maximum):
+            raise _fail(name, expected, value)
+        return number
+
+    return check
+
+
+def _optional_string(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    if not isinstance(value, str) or not value:
+        raise _fail(name, "a non-empty string or None", value)
+    return value
+
+
+def _betas(name: str, value: Any) -> tuple[float, float]:
+    ok = (isinstance(value, (tuple, list)) and len(value) == 2
+          and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1
+                  for b in value))
+    if not ok:
+        raise _fail(name, "a pair of numbers in [0, 1), e.g. (0.9, 0.999)", value)
+    return (float(value[0]), float(value[1]))
+
+
+def _layer_wise_lrs(name: str, value: Any) -> list[tuple[str, float]] | None:
+    if value is None:
+        return None
+    items = list(value.items()) if isinstance(value, Mapping) else value
+    expected = ("a list of (name substring, LR multiplier) pairs, e.g. [('encoder', 0.5)], "
+                "a mapping {substring: multiplier}, or None")
+    if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)):
+        raise _fail(name, expected, value)
+    pairs = []
+    for item in items:
+        ok = (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
+              and item[0] and isinstance(item[1], numbers.Real) and not isinstance(item[1], bool)
+              and math.isfinite(float(item[1])) and float(item[1]) >= 0)
+        if not ok:
+            raise _fail(name, expected, value)
+        pairs.append((item[0], float(item[1])))
+    return pairs
+
+
+def _amp_dtype(name: str, value: Any) -> torch.dtype:
+    if value in (torch.float16, torch.bfloat16):
+        return value
+    key = value.strip().lower().removeprefix("torch.") if isinstance(value, str) else None
+    if key not in AMP_DTYPES:
+        raise _fail(name, "torch.float16 or torch.bfloat16 (or 'float16', 'bfloat16', 'fp16', "
+                    "'bf16')", value)
+    return AMP_DTYPES[key]
+
+
+def _device(name: str, value: Any) -> str:
+    if value is None:
+        return "auto"
+    if isinstance(value, torch.device):
+        value = str(value)
+    key = value.strip().lower() if isinstance(value, str) else None
+    base = key.split(":")[0] if key else None
+    index_ok = key is not None and (":" not in key or key.split(":", 1)[1].isdigit())
+    if base not in ("auto", "cpu", "cuda", "xla") or not index_ok or (
+            base in ("auto", "cpu") and ":" in key):
+        raise _fail(name, "'auto', 'cpu', 'cuda', 'cuda:N' or 'xla'", value)
+    return key
+
+
+def _compile(name: str, value: Any) -> bool | str:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in COMPILE_MODES:
+        return value.strip().lower()
+    raise _fail(name, "false, true (the device's default mode) or one of "
+                + ", ".join(repr(m) for m in COMPILE_MODES), value)
+
+
+def _eval_metric(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(name, "a metric name such as 'loss', 'accuracy', 'f1' or 'auroc'", value)
+    key = value.strip()
+    for prefix in ("eval/", "eval_"):
+        key = key.removeprefix(prefix)
+    return key
+
+
+def _optional_callable(name: str, value: Any) -> Callable | None:
+    if value is not None and not callable(value):
+        raise _fail(name, "a callable (outputs_list, labels) -> dict of floats, or None", value)
+    return value
+
+
+def _export_example(name: str, value: Any) -> Any:
+    if value is None or isinstance(value, (Mapping, tuple, list, torch.Tensor)):
+        return value
+    raise _fail(name, "a dict (or tuple) of example input tensors, or None", value)
+
+
+def _deepspeed_config(name: str, value: Any) -> dict | str | None:
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, (str, Path)) and str(value):
+        return str(value)
+    raise _fail(name, "a DeepSpeed config dict, a path to a JSON file, or None", value)
+
+
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "optimizer": _choice(*OPTIMIZERS),
+    "learning_rate": _number(0.0),
+    "weight_decay": _number(0.0),
+    "betas": _betas,
+    "eps": _number(0.0),
+    "sgd_momentum": _number(0.0, 1.0),
+    "layer_wise_lrs": _layer_wise_lrs,
+    "scheduler": _choice(*SCHEDULERS),
+    "warmup_steps": _integer(0),
+    "total_steps": _integer(1, optional=True),
+    "step_size": _integer(1),
+    "gamma": _number(0.0),
+    "t_max": _integer(1, optional=True),
+    "eta_min": _number(0.0),
+    "pct_start": _number(0.0, 1.0, above=True),
+    "anneal_strategy": _choice(*ANNEAL_STRATEGIES),
+    "div_factor": _number(0.0, above=True),
+    "final_div_factor": _number(0.0, above=True),
+    "grad_clip_mode": _choice(*CLIP_MODES),
+    "max_grad_norm": _number(0.0, above=True, optional=True),
+    "grad_clip_value": _number(0.0, above=True),
+    "gradient_accumulation_steps": _integer(1),
+    "max_consecutive_skipped_steps": _integer(1, optional=True),
+    "use_amp": _boolean,
+    "amp_dtype": _amp_dtype,
+    "device": _device,
+    "compile": _compile,
+    "num_epochs": _integer(1),
+    "batch_size": _integer(1),
+    "eval_batch_size": _integer(1, optional=True),
+    "shuffle": _boolean,
+    "seed": _integer(0),
+    "log_every": _integer(1),
+    "progress_bar": _optional_boolean,
+    "eval_every_steps": _integer(1, optional=True),
+    "eval_at_epoch_end": _boolean,
+    "eval_metric": _eval_metric,
+    "eval_metric_mode": _choice(*METRIC_MODES),
+    "eval_compute_metrics": _optional_callable,
+    "early_stopping_patience": _integer(1, optional=True),
+    "early_stopping_min_delta": _number(0.0),
+    "save_every_epochs": _integer(0, optional=True),
+    "save_every_steps": _integer(1, optional=True),
+    "save_optimizer": _boolean,
+    "save_scheduler": _boolean,
+    "resume_from": _optional_string,
+    "export_torchscript": _boolean,
+    "export_onnx": _boolean,
+    "export_input_example": _export_example,
+    "onnx_opset": _integer(7, optional=True),
+    "enable_tensorboard": _boolean,
+    "tb_log_dir": _optional_string,
+    "enable_wandb": _boolean,
+    "wandb_project": _optional_string,
+    "wandb_run_name": _optional_string,
+    "gradient_checkpointing": _boolean,
+    "channels_last": _boolean,
+    "dropout_prob": _number(0.0, 1.0, optional=True),
+    "fsdp": _boolean,
+    "deepspeed": _boolean,
+    "deepspeed_config": _deepspeed_config,
+}
+_FLOAT_FIELDS = frozenset((
+    "learning_rate", "weight_decay", "eps", "sgd_momentum", "gamma", "eta_min", "pct_start",
+    "div_factor", "final_div_factor", "max_grad_norm", "grad_clip_value",
+    "early_stopping_min_delta", "dropout_prob",
+))
+
+
+def _check_combinations(config: TrainerConfig) -> None:
+    if config.total_steps is not None and config.warmup_steps > config.total_steps:
+        raise ConfigError(
+            f"TrainerConfig.warmup_steps ({config.warmup_steps}) must not exceed total_steps "
+            f"({config.total_steps})"
+        )
+    if config.grad_clip_mode == "norm" and config.max_grad_norm is None:
+        raise ConfigError("TrainerConfig.max_grad_norm is None but grad_clip_mode='norm'; set "
+                          "a max_grad_norm > 0 or grad_clip_mode='none'")
+    if config.fsdp and config.deepspeed:
+        raise ConfigError("TrainerConfig.fsdp and TrainerConfig.deepspeed are both true; choose "
+                          "one")
