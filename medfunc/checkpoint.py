@@ -24,9 +24,11 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import pickletools
 import re
 import secrets
 import threading
+import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -72,6 +74,7 @@ _REQUIRED = ("format_version", "model_state", "trainer_state")
 _RESERVED_TRAINER_KEYS = ("global_step", "rng", "precision", "accumulate_steps", "accumulation")
 _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
 _ZIP_MAGIC = b"PK\x03\x04"
+_TORCH_GLOBALS = ("torch.", "collections.OrderedDict")
 _READ_CHUNK = 1 << 24
 
 _active_temporaries: set[str] = set()
@@ -436,21 +439,51 @@ def _unsafe(path: Path, error: BaseException, names: list[str]) -> UnsafeCheckpo
     )
 
 
+def _pickled_globals(path: Path) -> list[str]:
+    """The globals named by the pickles at the start of a file, read from their opcodes only
+    (nothing is unpickled); scanning stops at the first thing that is not a pickle."""
+    names: list[str] = []
+    strings: list[str] = []
+    with path.open("rb") as handle:
+        while True:
+            try:
+                for opcode, arg, _ in pickletools.genops(handle):
+                    if opcode.name in ("GLOBAL", "INST"):
+                        names.append(str(arg).replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+            except Exception:  # noqa: BLE001 - not (or no longer) pickle data: stop scanning
+                break
+    return [n for n in dict.fromkeys(names) if not n.startswith(_TORCH_GLOBALS)]
+
+
+def _classify_non_zip(path: Path) -> CheckpointCorruptError | UnsafeCheckpointError:
+    """The error for a file that is not a zip archive (medfunc only writes zip archives)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on foreign pickles are noise here
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - every failure is classified below
+        names = _pickled_globals(path)
+        if isinstance(error, pickle.UnpicklingError) and names:
+            failure: CheckpointCorruptError | UnsafeCheckpointError = _unsafe(path, error, names)
+        else:
+            failure = _not_medfunc(path, "it is not a PyTorch zip archive")
+        failure.__cause__ = error
+        return failure
+    return _not_medfunc(path, "it uses PyTorch's legacy (pre-zip) format")
+
+
 def _torch_load(path: Path, map_location: torch.device, mmap: bool) -> Any:
     with path.open("rb") as handle:
-        head = handle.read(4)
-    if not head:
-        raise _corrupt(path, "the file is empty")
-    if head != _ZIP_MAGIC:
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            if "global" in str(error).lower():
-                raise _unsafe(path, error, []) from error
-            raise _not_medfunc(path, "it is not a PyTorch zip archive") from error
-        except Exception as error:  # noqa: BLE001 - any failure means: not our format
-            raise _not_medfunc(path, "it is not a PyTorch zip archive") from error
-        raise _not_medfunc(path, "it uses PyTorch's legacy (pre-zip) format")
+        head = handle.read(len(_ZIP_MAGIC))
+    if _ZIP_MAGIC.startswith(head):
+        if len(head) < len(_ZIP_MAGIC):
+            raise _corrupt(path, f"the file is truncated to {len(head)} bytes")
+    else:
+        raise _classify_non_zip(path)
     _verify_archive(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)

@@ -75,6 +75,7 @@ class MetricLogger:
         self._wandb_kwargs = dict(wandb_init_kwargs or {})
         self._wandb_run: Any = None
         self._bar = progress_bar
+        self._postfix: dict[str, str] = {}
         self._file = None
         self._closed = False
         if is_main_process:
@@ -119,6 +120,8 @@ class MetricLogger:
     def progress_update(self, n: int = 1, **postfix: Any) -> None:
         """Advance the progress bar by ``n`` steps and show ``postfix`` values beside it.
 
+        A key keeps its last shown value until a later call passes it again.
+
         Args:
             n: steps done since the last call.
             **postfix: values to display, e.g. ``loss=0.31, lr=1e-3, throughput=812.0``
@@ -130,13 +133,12 @@ class MetricLogger:
         if self._bar is None:
             return
         if postfix:
-            shown = {}
             for key, value in postfix.items():
                 try:
-                    shown[key] = f"{float(value):.4g}"
+                    self._postfix[key] = f"{float(value):.4g}"
                 except (TypeError, ValueError, RuntimeError):
-                    shown[key] = str(value)
-            self._bar.set_postfix(shown, refresh=False)
+                    self._postfix[key] = str(value)
+            self._bar.set_postfix(self._postfix, refresh=False)
         self._bar.update(n)
 
     def close(self) -> None:

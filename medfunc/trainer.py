@@ -362,11 +362,13 @@ class _Progress:
     global_step: int = 0
     best_metric: float | None = None
     patience_counter: int = 0
+    last_eval_step: int = -1
 
     def as_extra(self, metric: str, run: Mapping[str, Any] | None) -> dict[str, Any]:
         extra = {"epoch": self.epoch, "batch_index": self.batch_index,
                  "loop_step": self.global_step, "best_metric": self.best_metric,
-                 "patience_counter": self.patience_counter, "eval_metric": metric}
+                 "patience_counter": self.patience_counter,
+                 "last_eval_step": self.last_eval_step, "eval_metric": metric}
         if run:
             extra["run"] = dict(run)
         return extra
@@ -487,6 +489,7 @@ class MedicalModelTrainer:
             global_step=int(saved.get("loop_step", saved.get("global_step", 0))),
             best_metric=saved.get("best_metric"),
             patience_counter=int(saved.get("patience_counter", 0)),
+            last_eval_step=int(saved.get("last_eval_step", -1)),
         )
         log.info("resumed from %s at epoch %d, batch %d, step %d", path, progress.epoch,
                  progress.batch_index, progress.global_step)
@@ -696,7 +699,8 @@ class MedicalModelTrainer:
                 break
             progress.epoch, progress.batch_index = epoch + 1, 0
             result.epochs_completed = epoch + 1
-            if eval_batches is not None and cfg.eval_at_epoch_end:
+            if eval_batches is not None and cfg.eval_at_epoch_end and (
+                    progress.last_eval_step != progress.global_step):
                 stop = self._evaluate_and_track(state, eval_batches, logger, progress, result,
                                                 epoch + 1)
             if cfg.save_every_epochs and (epoch + 1) % cfg.save_every_epochs == 0:
@@ -735,7 +739,7 @@ class MedicalModelTrainer:
         """Evaluate, log, update the best metric and patience; True when training should stop."""
         cfg = self.config
         metrics = self._run_eval(state, eval_batches)
-        step = progress.global_step
+        step = progress.last_eval_step = progress.global_step
         logger.log({f"eval/{name}": value for name, value in metrics.items()}, step=step)
         result.eval_metrics = metrics
         result.history.append({"epoch": epoch, "step": step, **metrics})

@@ -412,12 +412,13 @@ def _number(
     *,
     optional: bool = False,
     above: bool = False,
+    below: bool = False,
 ) -> Callable[[str, Any], float | None]:
     bounds = []
     if minimum is not None:
         bounds.append(f"{'>' if above else '>='} {minimum:g}")
     if maximum is not None:
-        bounds.append(f"<= {maximum:g}")
+        bounds.append(f"{'<' if below else '<='} {maximum:g}")
     expected = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
     expected += " or None" if optional else ""
 
@@ -428,7 +429,8 @@ def _number(
             raise _fail(name, expected, value)
         number = float(value)
         low_ok = minimum is None or (number > minimum if above else number >= minimum)
-        if not math.isfinite(number) or not low_ok or (maximum is not None and number > maximum):
+        high_ok = maximum is None or (number < maximum if below else number <= maximum)
+        if not math.isfinite(number) or not low_ok or not high_ok:
             raise _fail(name, expected, value)
         return number
 
@@ -550,7 +552,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "gamma": _number(0.0),
     "t_max": _integer(1, optional=True),
     "eta_min": _number(0.0),
-    "pct_start": _number(0.0, 1.0, above=True),
+    "pct_start": _number(0.0, 1.0, above=True, below=True),
     "anneal_strategy": _choice(*ANNEAL_STRATEGIES),
     "div_factor": _number(0.0, above=True),
     "final_div_factor": _number(0.0, above=True),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from medfunc.checkpoint import save_state
@@ -17,18 +18,26 @@ worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
 
-def test_resume_in_a_fresh_process_is_bitwise_equal_to_the_straight_run(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as in the resuming process (CPU reductions depend on the count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resume_in_a_fresh_process_is_bitwise_equal_to_the_straight_run(tmp_path, one_thread):
     checkpoints, results = tmp_path / "checkpoints", tmp_path / "results"
-    expected, at_split = {}, {}
+    expected, at_split, logs = {}, {}, {}
     for config in worker.CONFIGS:
+        logs[config.name] = []
         expected[config.name] = worker.leaves(
-            worker.train(worker.make_state(config), 0, worker.TOTAL)
+            worker.train(worker.make_state(config), 0, worker.TOTAL, logs[config.name])
         )
         part = worker.train(worker.make_state(config), 0, config.split)
         at_split[config.name] = worker.leaves(part)
-        save_state(
-            part, checkpoints / f"{config.name}.pt", extra={"data_position": config.split}
-        )
+        save_state(part, checkpoints / f"{config.name}.pt", extra={"data_position": config.split})
 
     subprocess.run(
         [sys.executable, str(SCRIPTS / "resume_worker.py"), str(checkpoints), str(results)],
@@ -44,15 +53,13 @@ def test_resume_in_a_fresh_process_is_bitwise_equal_to_the_straight_run(tmp_path
             assert got[path].dtype == value.dtype, (config.name, path)
             assert torch.equal(got[path], value), f"{config.name}: {path} differs after resume"
         # the resumed part really trained: params, moments and rng moved on after the split
-        before = at_split[config.name]
+        before, after_split = at_split[config.name], logs[config.name][config.split :]
         assert not torch.equal(want["params/fc1.weight"], before["params/fc1.weight"])
         assert not torch.equal(want["opt_state/1/1/fc1.weight"], before["opt_state/1/1/fc1.weight"])
         assert int(want["rng"][1]) == worker.TOTAL
         if config.precision == "fp16":
-            # the scaler backed off (overflowing start) and grew again: its state matters
-            assert float(want["loss_scale/0"]) < 2.0**24
-            assert not torch.equal(want["loss_scale/0"], before["loss_scale/0"]) or not (
-                torch.equal(want["loss_scale/1"], before["loss_scale/1"])
-            )
-        if config.accumulate == 3 and config.split % 3:
+            # after the split the scaler both skipped (backed off) and applied updates
+            assert any(bool(m["skipped"]) for m in after_split)
+            assert any(bool(m["applied"]) and not bool(m["skipped"]) for m in after_split)
+        if config.accumulate == 3:
             assert int(before["accum/1"]) == config.split % 3

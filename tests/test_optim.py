@@ -18,6 +18,15 @@ from medfunc.optim import UpdateContext, adam, adamw, sgd
 STEPS = 50
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and contention on shared CI hosts)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -103,34 +112,70 @@ def compare(ref, opt, params, state, exact=True):
 LR = 1e-2
 CASES = [
     # (id, medfunc factory(kernel), torch factory(model, **flags))
-    ("adamw", lambda k: adamw(LR, decay_mask=None, kernel=k),
-     lambda m, **f: torch.optim.AdamW(m.parameters(), lr=LR, **f)),
-    ("adamw-wd0.1-betas", lambda k: adamw(LR, (0.8, 0.99), 1e-6, 0.1, decay_mask=None, kernel=k),
-     lambda m, **f: torch.optim.AdamW(m.parameters(), LR, (0.8, 0.99), 1e-6, 0.1, **f)),
-    ("adamw-nodecay", lambda k: adamw(LR, weight_decay=0.0, kernel=k),
-     lambda m, **f: torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=0.0, **f)),
-    ("adamw-amsgrad", lambda k: adamw(LR, weight_decay=0.05, amsgrad=True, decay_mask=None,
-                                      kernel=k),
-     lambda m, **f: torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=0.05, amsgrad=True,
-                                      **f)),
-    ("adam", lambda k: adam(LR, kernel=k),
-     lambda m, **f: torch.optim.Adam(m.parameters(), lr=LR, **f)),
-    ("adam-l2", lambda k: adam(LR, weight_decay=0.1, decay_mask=None, kernel=k),
-     lambda m, **f: torch.optim.Adam(m.parameters(), lr=LR, weight_decay=0.1, **f)),
-    ("adam-amsgrad", lambda k: adam(LR, amsgrad=True, kernel=k),
-     lambda m, **f: torch.optim.Adam(m.parameters(), lr=LR, amsgrad=True, **f)),
-    ("sgd", lambda k: sgd(0.1, kernel=k),
-     lambda m, **f: torch.optim.SGD(m.parameters(), lr=0.1, **f)),
-    ("sgd-wd", lambda k: sgd(0.1, weight_decay=0.01, decay_mask=None, kernel=k),
-     lambda m, **f: torch.optim.SGD(m.parameters(), lr=0.1, weight_decay=0.01, **f)),
-    ("sgd-momentum", lambda k: sgd(0.1, momentum=0.9, kernel=k),
-     lambda m, **f: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, **f)),
-    ("sgd-nesterov-wd", lambda k: sgd(0.1, 0.9, nesterov=True, weight_decay=0.01,
-                                      decay_mask=None, kernel=k),
-     lambda m, **f: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                                    weight_decay=0.01, **f)),
-    ("sgd-dampening", lambda k: sgd(0.1, momentum=0.9, dampening=0.3, kernel=k),
-     lambda m, **f: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, dampening=0.3, **f)),
+    (
+        "adamw",
+        lambda k: adamw(LR, decay_mask=None, kernel=k),
+        lambda m, **f: torch.optim.AdamW(m.parameters(), lr=LR, **f),
+    ),
+    (
+        "adamw-wd0.1-betas",
+        lambda k: adamw(LR, (0.8, 0.99), 1e-6, 0.1, decay_mask=None, kernel=k),
+        lambda m, **f: torch.optim.AdamW(m.parameters(), LR, (0.8, 0.99), 1e-6, 0.1, **f),
+    ),
+    (
+        "adamw-nodecay",
+        lambda k: adamw(LR, weight_decay=0.0, kernel=k),
+        lambda m, **f: torch.optim.AdamW(m.parameters(), lr=LR, weight_decay=0.0, **f),
+    ),
+    (
+        "adamw-amsgrad",
+        lambda k: adamw(LR, weight_decay=0.05, amsgrad=True, decay_mask=None, kernel=k),
+        lambda m, **f: torch.optim.AdamW(
+            m.parameters(), lr=LR, weight_decay=0.05, amsgrad=True, **f
+        ),
+    ),
+    (
+        "adam",
+        lambda k: adam(LR, kernel=k),
+        lambda m, **f: torch.optim.Adam(m.parameters(), lr=LR, **f),
+    ),
+    (
+        "adam-l2",
+        lambda k: adam(LR, weight_decay=0.1, decay_mask=None, kernel=k),
+        lambda m, **f: torch.optim.Adam(m.parameters(), lr=LR, weight_decay=0.1, **f),
+    ),
+    (
+        "adam-amsgrad",
+        lambda k: adam(LR, amsgrad=True, kernel=k),
+        lambda m, **f: torch.optim.Adam(m.parameters(), lr=LR, amsgrad=True, **f),
+    ),
+    (
+        "sgd",
+        lambda k: sgd(0.1, kernel=k),
+        lambda m, **f: torch.optim.SGD(m.parameters(), lr=0.1, **f),
+    ),
+    (
+        "sgd-wd",
+        lambda k: sgd(0.1, weight_decay=0.01, decay_mask=None, kernel=k),
+        lambda m, **f: torch.optim.SGD(m.parameters(), lr=0.1, weight_decay=0.01, **f),
+    ),
+    (
+        "sgd-momentum",
+        lambda k: sgd(0.1, momentum=0.9, kernel=k),
+        lambda m, **f: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, **f),
+    ),
+    (
+        "sgd-nesterov-wd",
+        lambda k: sgd(0.1, 0.9, nesterov=True, weight_decay=0.01, decay_mask=None, kernel=k),
+        lambda m, **f: torch.optim.SGD(
+            m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, **f
+        ),
+    ),
+    (
+        "sgd-dampening",
+        lambda k: sgd(0.1, momentum=0.9, dampening=0.3, kernel=k),
+        lambda m, **f: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, dampening=0.3, **f),
+    ),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -151,8 +196,11 @@ def test_fused_close_to_torch_foreach_and_bitwise_to_torch_fused(case):
 
 
 def test_auto_kernel_on_cpu_is_foreach():
-    result = train_pair(adamw(LR, decay_mask=None), lambda m: torch.optim.AdamW(
-        m.parameters(), lr=LR, foreach=True), steps=10)
+    result = train_pair(
+        adamw(LR, decay_mask=None),
+        lambda m: torch.optim.AdamW(m.parameters(), lr=LR, foreach=True),
+        steps=10,
+    )
     compare(*result[:4], exact=True)
 
 
@@ -168,7 +216,9 @@ def test_default_mask_and_multipliers_equal_torch_param_groups():
                 {"params": [m.fc2.weight], "lr": LR * 10.0},
                 {"params": [m.fc2.bias], "lr": LR * 10.0, "weight_decay": 0.0},
             ],
-            lr=LR, weight_decay=0.1, foreach=True,
+            lr=LR,
+            weight_decay=0.1,
+            foreach=True,
         )
 
     compare(*train_pair(tx, make_opt)[:4], exact=True)
@@ -181,7 +231,10 @@ def test_list_mask_and_callable_mask_sgd_equal_torch_param_groups():
                 {"params": [m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias]},
                 {"params": [m.ln.weight, m.ln.bias], "weight_decay": 0.0},
             ],
-            lr=0.05, momentum=0.9, weight_decay=0.01, foreach=True,
+            lr=0.05,
+            momentum=0.9,
+            weight_decay=0.01,
+            foreach=True,
         )
 
     for mask in (["ln."], lambda name: not name.startswith("ln")):
@@ -202,8 +255,9 @@ def test_schedule_equals_lambda_lr(kind):
     # torch: base lr 1.0 (2.0 for fc2) times the lambda; medfunc: the schedule times the
     # multiplier. A power-of-two multiplier keeps both orders of multiplication exact.
     if kind == "adamw":
-        tx = adamw(_warmup_schedule, decay_mask=None, lr_multipliers=[("fc2", 2.0)],
-                   kernel="foreach")
+        tx = adamw(
+            _warmup_schedule, decay_mask=None, lr_multipliers=[("fc2", 2.0)], kernel="foreach"
+        )
         cls, kw = torch.optim.AdamW, {}
     else:
         tx = sgd(_warmup_schedule, momentum=0.9, lr_multipliers=[("fc2", 2.0)], kernel="foreach")
@@ -215,7 +269,9 @@ def test_schedule_equals_lambda_lr(kind):
                 {"params": [p for n, p in m.named_parameters() if "fc2" not in n]},
                 {"params": list(m.fc2.parameters()), "lr": 2.0},
             ],
-            lr=1.0, foreach=True, **kw,
+            lr=1.0,
+            foreach=True,
+            **kw,
         )
 
     ref, opt, params, state, lrs = train_pair(tx, make_opt, steps=20, schedule=_warmup)
@@ -239,8 +295,9 @@ def test_skipped_first_step_keeps_sgd_dampening_first_update_semantics():
         nan_grads = OrderedDict((n, torch.full_like(p, float("nan"))) for n, p in params.items())
         ctx = UpdateContext(step=torch.tensor(0), found_inf=torch.ones(()))
         _, params, state = tx.update(nan_grads, state, params, ctx)
-        opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, dampening=0.5,
-                              **{kernel: True})
+        opt = torch.optim.SGD(
+            ref.parameters(), lr=0.1, momentum=0.9, dampening=0.5, **{kernel: True}
+        )
         for k in range(10):
             grads = real_grads(ref)
             opt.step()

@@ -30,7 +30,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "trainer.md"
         ({"num_epochs": 2.5}, "num_epochs", "an integer >= 1"),
         ({"learning_rate": -1.0}, "learning_rate", "a finite number >= 0"),
         ({"learning_rate": float("nan")}, "learning_rate", "a finite number >= 0"),
-        ({"pct_start": 1.0}, "pct_start", "a finite number > 0 and <= 1"),
+        ({"pct_start": 1.0}, "pct_start", "a finite number > 0 and < 1"),
         ({"dropout_prob": 1.5}, "dropout_prob", "a finite number >= 0 and <= 1 or None"),
         ({"betas": (0.9,)}, "betas", "a pair of numbers in [0, 1)"),
         ({"use_amp": "yes"}, "use_amp", "true or false"),

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -36,7 +35,7 @@ from medfunc.distributed.env import collective_guard, get_info, is_distributed
 from medfunc.errors import ConfigError
 from medfunc.precision import autocast
 from medfunc.state import TrainState, init_state
-from medfunc.step import extract_loss, module_mode, seeded_rng, split_batch
+from medfunc.step import extract_loss, module_mode, seeded_rng, split_batch, train_step
 
 ShardModules = Iterable[type] | Callable[[str, torch.nn.Module], bool] | None
 
@@ -104,8 +103,6 @@ def fsdp_value_and_grad(state: TrainState, buffers: Mapping, batch: Any,
 def fsdp_step(state: TrainState, batch: Any, *, donate: bool = False
               ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """The FSDP state's ``step_fn``: the ordinary step, always donating (see module docs)."""
-    from medfunc.step import train_step
-
     inner = state.replace(step_fn=None)
     new_state, metrics = train_step(inner, batch, donate=True)
     state.mark_consumed()
@@ -183,5 +180,4 @@ def fully_shard_state(model: torch.nn.Module, tx: Any, *, shard_modules: ShardMo
         fully_shard(sub, **options)
     fully_shard(model, **options)
     state = init_state(model, tx, **init_state_kwargs)
-    params = OrderedDict(state.params)
-    return state.replace(params=params, grad_fn=fsdp_value_and_grad, step_fn=fsdp_step)
+    return state.replace(grad_fn=fsdp_value_and_grad, step_fn=fsdp_step)

@@ -167,6 +167,8 @@ def to_torch_state_dict(
     sub = get_substate(opt_state, path)
     if isinstance(step, Tensor):
         step = int(step.item())
+    if not params:  # torch.optim cannot be built without parameters
+        return {"state": {}, "param_groups": []}
     # torch writes the param_groups (its flags, their order) itself: build the optimizer
     # over the params (no state is allocated) and take its state_dict.
     sd = torch_optimizer(tx, params, step=step).state_dict()
@@ -196,9 +198,7 @@ def to_torch_state_dict(
     return sd
 
 
-def _index_to_name(
-    spec: OptimizerSpec, param_groups_sd: list, params: Params
-) -> dict[int, str]:
+def _index_to_name(spec: OptimizerSpec, param_groups_sd: list, params: Params) -> dict[int, str]:
     """Map a torch state dict's parameter indices to medfunc parameter names."""
     names = list(params)
     torch_groups = []
@@ -291,8 +291,7 @@ def from_torch_state_dict(
         if isinstance(g, Mapping) and family not in g and ("betas" in g or "momentum" in g):
             other = "an Adam-type" if "betas" in g else "an SGD"
             raise ConfigError(
-                f"the state_dict is from {other} optimizer but the transformation is "
-                f"{spec.name}"
+                f"the state_dict is from {other} optimizer but the transformation is {spec.name}"
             )
     index_to_name = _index_to_name(spec, groups_sd, params)
     torch_state = {int(k): v for k, v in state_dict["state"].items()}
@@ -309,8 +308,11 @@ def from_torch_state_dict(
             if missing:
                 raise ConfigError(
                     f"state of parameter {idx} ({name!r}) lacks {missing}"
-                    + (" (was it trained with amsgrad=False?)" if "max_exp_avg_sq" in missing
-                       else "")
+                    + (
+                        " (was it trained with amsgrad=False?)"
+                        if "max_exp_avg_sq" in missing
+                        else ""
+                    )
                 )
             sub.step[name].fill_(float(entry["step"]))
             for k in keys:
@@ -331,7 +333,8 @@ def from_torch_state_dict(
                 )
             for idx, name in index_to_name.items():
                 _copy_into(
-                    sub.momentum_buffer[name], have[idx],
+                    sub.momentum_buffer[name],
+                    have[idx],
                     f"state[{idx}]['momentum_buffer'] ({name!r})",
                 )
             sub.initialized.fill_(1.0)

@@ -32,6 +32,7 @@ reproduces the first step. With ``dampening != 0`` the adapter also runs the ker
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -89,6 +90,7 @@ def validate_kernel(kernel: str) -> str:
     return kernel
 
 
+@functools.lru_cache(maxsize=64)
 def resolve_kernel(kernel: str, device: torch.device, *, adam: bool = True) -> KernelConfig:
     """Pick the kernel path for parameters on ``device``.
 

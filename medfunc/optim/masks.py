@@ -16,13 +16,13 @@ import math
 import numbers
 import re
 import warnings
-from collections.abc import Callable, Sequence
-from typing import NamedTuple, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 from medfunc.errors import ConfigError
 
-DecayMask = Union[str, None, Callable[[str], bool], Sequence[str]]
-LrMultipliers = Union[Sequence[tuple[str, float]], None]
+DecayMask = str | None | Callable[[str], bool] | Sequence[str]
+LrMultipliers = Sequence[tuple[str, float]] | Mapping[str, float] | None
 
 #: Name components (dot-separated) holding one of these substrings get no weight decay by default.
 DEFAULT_NO_DECAY_SUBSTRINGS = ("bias", "norm", "LayerNorm")
@@ -94,13 +94,15 @@ def validate_decay_mask(decay_mask: DecayMask) -> DecayMask:
 
 
 def validate_lr_multipliers(lr_multipliers: LrMultipliers) -> tuple[tuple[str, float], ...]:
-    """Check an ``lr_multipliers`` argument: ``[(substring, multiplier), ...]``.
+    """Check an ``lr_multipliers`` argument: ``[(substring, multiplier), ...]`` (or a mapping).
 
     Returns:
         The multipliers as a tuple of ``(substring, float)`` pairs.
     """
     if lr_multipliers is None:
         return ()
+    if isinstance(lr_multipliers, Mapping):
+        lr_multipliers = list(lr_multipliers.items())
     if isinstance(lr_multipliers, (str, bytes)) or not isinstance(lr_multipliers, Sequence):
         raise ConfigError(
             f"lr_multipliers must be a list of (substring, multiplier) pairs, got "

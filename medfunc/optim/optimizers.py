@@ -18,7 +18,7 @@ import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,8 +36,8 @@ from medfunc.optim.masks import (
     validate_lr_multipliers,
 )
 
-Schedule = Callable[[Union[int, Tensor]], Tensor]
-LearningRate = Union[float, Schedule]
+Schedule = Callable[[int | Tensor], Tensor]
+LearningRate = float | Schedule
 
 
 class AdamState(NamedTuple):
@@ -225,16 +225,19 @@ def _group_lr(base: float | Tensor, mult: float) -> float | Tensor:
 
 def _check_keys(grads: Grads, params: Params, state_keys: Sequence[str], who: str) -> None:
     names = list(params)
-    if list(grads) != names or list(state_keys) != names:
-        for label, keys in (("grads", list(grads)), ("optimizer state", list(state_keys))):
-            if keys != names:
-                missing = [n for n in names if n not in set(keys)]
-                extra = [n for n in keys if n not in set(names)]
-                raise ConfigError(
-                    f"{who}.update: {label} keys differ from the params' keys (missing "
-                    f"{missing[:5]}, unexpected {extra[:5]}{', or a different order' if not (missing or extra) else ''}); "  # noqa: E501
-                    "pass the trainable params in model order and the state tx.init returned"
-                )
+    for label, keys in (("grads", list(grads)), ("optimizer state", list(state_keys))):
+        if keys != names:
+            missing = [n for n in names if n not in set(keys)]
+            extra = [n for n in keys if n not in set(names)]
+            detail = (
+                f"missing {missing[:5]}, unexpected {extra[:5]}"
+                if missing or extra
+                else "same names in a different order"
+            )
+            raise ConfigError(
+                f"{who}.update: {label} keys differ from the params' keys ({detail}); pass the "
+                "trainable params in model order and the state tx.init returned"
+            )
 
 
 def _first_device(params: Params) -> torch.device:
@@ -263,8 +266,15 @@ def _init_common(spec: OptimizerSpec, params: Params) -> None:
             )
 
 
-def _make_spec(name: str, lr: Any, weight_decay: Any, decay_mask: Any, lr_multipliers: Any,
-               kernel: Any, **hyper: Any) -> OptimizerSpec:
+def _make_spec(
+    name: str,
+    lr: Any,
+    weight_decay: Any,
+    decay_mask: Any,
+    lr_multipliers: Any,
+    kernel: Any,
+    **hyper: Any,
+) -> OptimizerSpec:
     return OptimizerSpec(
         name=name,
         lr=_validate_lr(lr),
@@ -353,8 +363,9 @@ def adamw(
             see :func:`~medfunc.optim.masks.default_decay_mask`), None (all), a callable
             ``name -> bool`` (True = decay) or a list of substrings whose parameters are not
             decayed.
-        lr_multipliers: ``[(substring, multiplier), ...]``: a parameter whose name contains
-            ``substring`` trains with ``lr * multiplier`` (first match wins).
+        lr_multipliers: ``[(substring, multiplier), ...]`` (or a dict in that order): a
+            parameter whose name contains ``substring`` trains with ``lr * multiplier`` (first
+            match wins; the seed's ``layer_wise_lrs``).
         kernel: "auto" (fused on CUDA, foreach elsewhere), "foreach" or "fused".
 
     Returns:
@@ -369,8 +380,14 @@ def adamw(
     """
     return _adam_family(
         _make_spec(
-            "adamw", lr, weight_decay, decay_mask, lr_multipliers, kernel,
-            betas=_validate_betas(betas), eps=_non_negative(eps, "eps"),
+            "adamw",
+            lr,
+            weight_decay,
+            decay_mask,
+            lr_multipliers,
+            kernel,
+            betas=_validate_betas(betas),
+            eps=_non_negative(eps, "eps"),
             amsgrad=_validate_bool(amsgrad, "amsgrad"),
         )
     )
@@ -401,8 +418,14 @@ def adam(
     """
     return _adam_family(
         _make_spec(
-            "adam", lr, weight_decay, decay_mask, lr_multipliers, kernel,
-            betas=_validate_betas(betas), eps=_non_negative(eps, "eps"),
+            "adam",
+            lr,
+            weight_decay,
+            decay_mask,
+            lr_multipliers,
+            kernel,
+            betas=_validate_betas(betas),
+            eps=_non_negative(eps, "eps"),
             amsgrad=_validate_bool(amsgrad, "amsgrad"),
         )
     )
@@ -448,8 +471,15 @@ def sgd(
             f"and dampening={dampening!r}"
         )
     spec = _make_spec(
-        "sgd", lr, weight_decay, decay_mask, lr_multipliers, kernel,
-        momentum=momentum, dampening=dampening, nesterov=nesterov,
+        "sgd",
+        lr,
+        weight_decay,
+        decay_mask,
+        lr_multipliers,
+        kernel,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
     )
 
     def init(params: Params) -> SGDState:
@@ -520,9 +550,7 @@ def get_optimizer(name: str, **kwargs: Any) -> GradientTransformation:
     """
     key = name.lower() if isinstance(name, str) else name
     if key not in OPTIMIZERS:
-        raise ConfigError(
-            f"unknown optimizer {name!r}; valid names are {sorted(OPTIMIZERS)}"
-        )
+        raise ConfigError(f"unknown optimizer {name!r}; valid names are {sorted(OPTIMIZERS)}")
     try:
         return OPTIMIZERS[key](**kwargs)
     except TypeError as e:

@@ -1,0 +1,759 @@
+"""compile_step: the training step under ``torch.compile`` and whole-step CUDA-graph capture.
+
+``compile_step(train_step, mode=...)`` returns a callable with ``train_step``'s signature,
+``fast_step(state, batch, *, donate=True) -> (state, metrics)``, that computes the same step:
+
+* ``"inductor"``: the step's tensor work (forward, backward, loss scaling, clipping, LR schedule,
+  optimizer) runs as one ``torch.compile(fullgraph=True)`` graph when the optimizer kernels can
+  be traced, else as a compiled forward/backward followed by the eager update (see
+  :attr:`CompileStats.whole_step_compiled`). Works on any device.
+* ``"cudagraph"``: the whole donated step is captured in one ``torch.cuda.CUDAGraph`` per batch
+  signature and accumulation phase, and replayed on every call (CUDA only).
+* ``"inductor+cudagraph"``: the compiled step, captured in a CUDA graph (CUDA only).
+
+The host-side parts of a step stay outside the compiled/captured region: the liveness check,
+batch validation, train mode, seeding the RNG from ``state.rng``, and the ``[key, counter]``
+and accumulation counters (CPU tensors). See ``docs/performance.md`` for when to use which mode.
+
+Example:
+    >>> fast_step = mf.compile_step(mf.train_step, mode=mf.compile.default_mode("cuda"))
+    >>> for batch in loader:
+    ...     state, metrics = fast_step(state, batch)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch.func import functional_call
+
+from medfunc.errors import BatchError, ConfigError
+from medfunc.optim import UpdateContext
+from medfunc.precision import autocast, unscale_and_check, update_scale
+from medfunc.state import PYTREE_NAMESPACE, AccumState, TrainState, tree_map
+from medfunc.step import (
+    _check_devices,
+    extract_loss,
+    module_mode,
+    seeded_rng,
+    split_batch,
+    step_seed,
+    train_step,
+)
+
+__all__ = [
+    "MODES",
+    "CompileStats",
+    "CompiledStep",
+    "compile_step",
+    "default_mode",
+    "resolve_mode",
+]
+
+MODES = ("inductor", "cudagraph", "inductor+cudagraph")
+_GRAPH_MODES = ("cudagraph", "inductor+cudagraph")
+_DEFAULT_INDUCTOR_OPTIONS = {"fallback_random": True}
+
+
+def default_mode(device: str | torch.device) -> str:
+    """The fastest mode for a device: ``"inductor+cudagraph"`` on CUDA, ``"inductor"`` elsewhere.
+
+    Args:
+        device: the device the state lives on (``"cuda"``, ``"cuda:1"``, ``"cpu"``, ...).
+
+    Returns:
+        A mode name from :data:`MODES`.
+
+    Example:
+        >>> default_mode("cpu")
+        'inductor'
+    """
+    return "inductor+cudagraph" if torch.device(device).type == "cuda" else "inductor"
+
+
+def resolve_mode(option: bool | str | None, device: str | torch.device) -> str | None:
+    """Map a ``compile`` option (``False``/``None``, ``True`` or a mode name) to a mode.
+
+    Args:
+        option: ``False``/``None`` (no compilation), ``True`` (:func:`default_mode` of the
+            device) or one of :data:`MODES`.
+        device: the training device.
+
+    Returns:
+        The mode name, or ``None`` for the eager step.
+
+    Raises:
+        ConfigError: an unknown option.
+
+    Example:
+        >>> resolve_mode(True, "cuda")
+        'inductor+cudagraph'
+    """
+    if option is None or option is False:
+        return None
+    if option is True:
+        return default_mode(device)
+    if option not in MODES:
+        raise ConfigError(
+            f"compile must be False, True or one of {list(MODES)}, got {option!r}"
+        )
+    return option
+
+
+@dataclasses.dataclass
+class CompileStats:
+    """What a compiled step did so far (to check that a graph is really used).
+
+    Attributes:
+        calls: steps run.
+        compiles: graphs torch.compile produced for this step (recompiles included).
+        whole_step_compiled: True when forward, backward and the optimizer update form one
+            compiled graph; False when only the forward/backward is compiled and the update runs
+            eagerly (the optimizer kernels could not be traced); None before the first call or
+            without inductor.
+        captures: CUDA graphs captured.
+        replays: CUDA graph replays (one per call in the CUDA-graph modes).
+        evictions: graphs dropped because more than ``max_graphs`` batch signatures were seen.
+        copies_in: calls that copied a state into the graphs' static storage (a state the
+            compiled step had not returned itself).
+    """
+
+    calls: int = 0
+    compiles: int = 0
+    whole_step_compiled: bool | None = None
+    captures: int = 0
+    replays: int = 0
+    evictions: int = 0
+    copies_in: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the step's tensor work, as a function of tensors (no host syncs, no RNG seeding)
+
+
+class _Static(NamedTuple):
+    """The non-tensor facts of a state that a compiled step is specialised on."""
+
+    module: torch.nn.Module
+    tx: Any
+    loss_fn: Callable | None
+    policy: Any
+    accumulate_steps: int
+    grad_sync: Callable | None
+    names: tuple[str, ...]
+    device: torch.device
+
+
+class _Trees(NamedTuple):
+    """The device tensors a step reads and writes (everything in a state but its CPU counters)."""
+
+    params: OrderedDict
+    buffers: OrderedDict
+    opt_state: Any
+    loss_scale: Any
+    step: torch.Tensor
+    accum_grads: Any
+    loss_sum: Any
+
+
+def _static_of(state: TrainState) -> _Static:
+    return _Static(state.module, state.tx, state.loss_fn, state.policy, state.accumulate_steps,
+                   state.grad_sync, state.trainable, state.device)
+
+
+def _same_static(a: _Static, b: _Static) -> bool:
+    return all(x is y or x == y for x, y in zip(a, b))
+
+
+def _trees_of(state: TrainState, names: tuple[str, ...], *, copy: bool) -> _Trees:
+    """The state's device tensors; with ``copy`` the ones a step writes are cloned."""
+    own = (lambda tree: tree_map(torch.clone, tree)) if copy else (lambda tree: tree)
+    params = OrderedDict(state.params)
+    if copy:
+        params.update((n, state.params[n].clone()) for n in names)
+    accum = state.accum
+    return _Trees(
+        params=params,
+        buffers=own(state.buffers),
+        opt_state=own(state.opt_state),
+        loss_scale=own(state.loss_scale),
+        step=state.step,
+        accum_grads=own(accum.grads) if accum else (),
+        loss_sum=own(accum.loss_sum) if accum else (),
+    )
+
+
+def _forward_backward(static: _Static, trees: _Trees, batch: Any) -> tuple[list, torch.Tensor]:
+    """Forward, loss, backward and (under accumulation) the running sums.
+
+    Returns:
+        ``(grads, loss)``: the gradients the update uses (the accumulated sums under
+        accumulation) and the loss metric (the window's loss sum under accumulation).
+    """
+    names = static.names
+    k = static.accumulate_steps
+    leaves = OrderedDict((n, trees.params[n].detach().requires_grad_(True)) for n in names)
+    call_params = OrderedDict((n, leaves.get(n, p)) for n, p in trees.params.items())
+    args, kwargs = split_batch(batch)
+    with torch.enable_grad():
+        with autocast(static.policy, static.device):
+            outputs = functional_call(static.module, (call_params, trees.buffers), args, kwargs)
+        loss = extract_loss(outputs, batch, static.loss_fn)
+        objective = loss / k if k > 1 else loss
+        if trees.loss_scale:
+            objective = objective * trees.loss_scale.scale
+        grads = list(torch.autograd.grad(objective, list(leaves.values()), allow_unused=True,
+                                         materialize_grads=True))
+    loss = loss.detach().float()
+    if k == 1:
+        return grads, loss
+    accumulated = list(trees.accum_grads.values())
+    torch._foreach_add_(accumulated, grads)
+    return accumulated, trees.loss_sum.add_(loss).clone()
+
+
+def _not_applied(static: _Static, trees: _Trees, loss: torch.Tensor
+                 ) -> tuple[_Trees, dict[str, torch.Tensor]]:
+    device = static.device
+    nan = torch.full((), float("nan"), device=device)
+    metrics = {"loss": loss, "grad_norm": nan, "lr": nan,
+               "skipped": torch.zeros((), dtype=torch.bool, device=device),
+               "applied": torch.zeros((), dtype=torch.bool, device=device)}
+    if trees.loss_scale:
+        metrics["loss_scale"] = trees.loss_scale.scale.clone()
+    return trees, metrics
+
+
+def _apply_update(static: _Static, trees: _Trees, grads: list, loss: torch.Tensor
+                  ) -> tuple[_Trees, dict[str, torch.Tensor]]:
+    """Unscale, measure, clip and apply ``grads``; advance the step and the loss scale."""
+    names = static.names
+    device = static.device
+    loss_scale = trees.loss_scale
+    nan = torch.full((), float("nan"), device=device)
+    if static.grad_sync is not None:
+        static.grad_sync(grads)
+    if loss_scale:
+        found_inf = unscale_and_check(grads, loss_scale)
+    grad_norm = torch.nn.utils.get_total_norm(grads) if grads else nan.clone()
+    if not loss_scale:
+        found_inf = (~torch.isfinite(grad_norm)).float()
+    ctx = UpdateContext(step=trees.step, found_inf=found_inf, grad_norm=grad_norm, metrics={})
+    trainable = OrderedDict((n, trees.params[n]) for n in names)
+    with torch.no_grad():
+        _, trainable, opt_state = static.tx.update(OrderedDict(zip(names, grads)),
+                                                   trees.opt_state, trainable, ctx)
+    params = OrderedDict(trees.params)
+    params.update(trainable)
+    step = trees.step + (found_inf == 0).to(trees.step.dtype)
+    if loss_scale:
+        update_scale(static.policy, loss_scale, found_inf)
+    if static.accumulate_steps > 1:
+        torch._foreach_zero_(grads)
+        trees.loss_sum.zero_()
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": ctx.metrics.get("lr", nan),
+               "skipped": found_inf > 0,
+               "applied": torch.ones((), dtype=torch.bool, device=device)}
+    if loss_scale:
+        metrics["loss_scale"] = loss_scale.scale.clone()
+    return trees._replace(params=params, opt_state=opt_state, step=step), metrics
+
+
+def _step_core(static: _Static, apply: bool, trees: _Trees, batch: Any
+               ) -> tuple[_Trees, dict[str, torch.Tensor]]:
+    """One step's tensor work: ``train_step`` without its host-side prelude and epilogue.
+
+    ``trees`` are owned by the call (donated or cloned) and updated in place where the kernels
+    allow; the returned trees hold the new values (the step counter is a new tensor).
+    """
+    grads, loss = _forward_backward(static, trees, batch)
+    if not apply:
+        return _not_applied(static, trees, loss)
+    return _apply_update(static, trees, grads, loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def _dynamo_unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class _Inductor:
+    """The step core under ``torch.compile``: one whole-step graph, or a compiled
+    forward/backward plus the eager update when the optimizer cannot be traced."""
+
+    def __init__(self, static: _Static, stats: CompileStats, *, dynamic: bool | None,
+                 fullgraph: bool, options: dict[str, Any]) -> None:
+        self.static = static
+        self.stats = stats
+        self.dynamic = dynamic
+        self.fullgraph = fullgraph
+        self.options = options
+        self.whole: dict[bool, Callable] = {}
+        self.grads_part: Callable | None = None
+
+    def _compile(self, fn: Callable, fullgraph: bool) -> Callable:
+        return torch.compile(fn, fullgraph=fullgraph, dynamic=self.dynamic, backend="inductor",
+                             options=dict(self.options))
+
+    def _whole(self, apply: bool) -> Callable:
+        fn = self.whole.get(apply)
+        if fn is None:
+            static = self.static
+
+            def whole_step(trees: _Trees, batch: Any) -> tuple[_Trees, dict]:
+                return _step_core(static, apply, trees, batch)
+
+            fn = self.whole[apply] = self._compile(whole_step, fullgraph=True)
+        return fn
+
+    def _split(self, trees: _Trees, batch: Any, apply: bool) -> tuple[_Trees, dict]:
+        if self.grads_part is None:
+            static = self.static
+
+            def forward_backward(trees: _Trees, batch: Any) -> tuple[list, torch.Tensor]:
+                return _forward_backward(static, trees, batch)
+
+            self.grads_part = self._compile(forward_backward, fullgraph=self.fullgraph)
+        try:
+            grads, loss = self.grads_part(trees, batch)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            raise ConfigError(
+                "torch.compile could not capture the model's forward/backward as one graph "
+                f"({str(e).splitlines()[0]}). Pass fullgraph=False to compile_step to allow "
+                "graph breaks, or use the eager train_step / mode='cudagraph'."
+            ) from e
+        if not apply:
+            return _not_applied(self.static, trees, loss)
+        return _apply_update(self.static, trees, grads, loss)
+
+    def __call__(self, trees: _Trees, batch: Any, apply: bool) -> tuple[_Trees, dict]:
+        before = _dynamo_unique_graphs()
+        try:
+            with torch._dynamo.config.patch(trace_autograd_ops=True):
+                return self._run(trees, batch, apply)
+        finally:
+            self.stats.compiles += _dynamo_unique_graphs() - before
+
+    def _run(self, trees: _Trees, batch: Any, apply: bool) -> tuple[_Trees, dict]:
+        if self.fullgraph and self.stats.whole_step_compiled is not False:
+            try:
+                out = self._whole(apply)(trees, batch)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                self.stats.whole_step_compiled = False
+                warnings.warn(
+                    "compile_step: the optimizer update could not be traced by torch.compile "
+                    f"({str(e).splitlines()[0]}); compiling the forward/backward only and "
+                    "running the update eagerly",
+                    stacklevel=4,
+                )
+            else:
+                self.stats.whole_step_compiled = True
+                return out
+        return self._split(trees, batch, apply)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs
+
+
+def _align(n: int, to: int = 8) -> int:
+    return (n + to - 1) // to * to
+
+
+class _MetricPack:
+    """One device byte buffer that a graph writes its metrics into, so a single copy after each
+    replay hands the caller fresh metric tensors (graph outputs are overwritten by the next
+    replay)."""
+
+    def __init__(self, like: Mapping[str, torch.Tensor], device: torch.device) -> None:
+        self.layout: list[tuple[str, int, int, torch.dtype, torch.Size]] = []
+        offset = 0
+        for name, value in like.items():
+            nbytes = value.numel() * value.element_size()
+            self.layout.append((name, offset, nbytes, value.dtype, value.shape))
+            offset = _align(offset + nbytes)
+        self.buffer = torch.zeros(max(offset, 8), dtype=torch.uint8, device=device)
+
+    def _views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: buffer[offset:offset + nbytes].view(dtype).view(shape)
+                for name, offset, nbytes, dtype, shape in self.layout}
+
+    def write(self, metrics: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``metrics`` into the buffer (recorded into the graph during capture)."""
+        views = self._views(self.buffer)
+        for name, value in metrics.items():
+            views[name].copy_(value)
+
+    def read(self) -> dict[str, torch.Tensor]:
+        """Fresh metric tensors: one device copy of the buffer, viewed per metric."""
+        return self._views(self.buffer.clone())
+
+
+def _batch_signature(batch: Any) -> tuple[list, Any, Hashable]:
+    """Flatten a batch: ``(leaves, treedef, key)``; the key names shapes, dtypes and constants."""
+    if isinstance(batch, Mapping):
+        batch = dict(batch)
+    leaves, treedef = optree.tree_flatten(batch)
+    parts: list[Hashable] = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            parts.append(("tensor", tuple(leaf.shape), leaf.dtype))
+            continue
+        try:
+            hash(leaf)
+        except TypeError as e:
+            raise BatchError(
+                f"batch leaf {i} is a {type(leaf).__name__}, which cannot be part of a CUDA "
+                "graph: a batch may hold tensors and hashable constants (numbers, strings, "
+                "None) only"
+            ) from e
+        parts.append(("const", type(leaf).__name__, leaf))
+    return leaves, treedef, (treedef, tuple(parts))
+
+
+class _Graph(NamedTuple):
+    graph: Any
+    inputs: list  # the static batch leaves (tensors are the buffers the batch is copied into)
+    pack: _MetricPack
+
+
+class _Graphs:
+    """The CUDA graphs of one compiled step, all captured against one set of static state
+    storages (the "slot"), kept in an LRU cache of at most ``max_graphs`` entries."""
+
+    def __init__(self, run: Callable, stats: CompileStats, *, max_graphs: int,
+                 warmup_steps: int) -> None:
+        self.run = run
+        self.stats = stats
+        self.max_graphs = max_graphs
+        self.warmup_steps = warmup_steps
+        self.graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
+        self.slot: list[torch.Tensor] | None = None
+        self.slot_trees: _Trees | None = None
+        self.treedef: Any = None
+        self.owner: weakref.ref | None = None
+        self.pool: Any = None
+        self.warned_eviction = False
+
+    # -- the state slot ------------------------------------------------------------------------
+
+    def bind(self, state: TrainState, static: _Static, donate: bool) -> _Trees:
+        """Make the slot hold ``state``'s values and return the slot's trees."""
+        if self.owner is not None and self.owner() is state:
+            if not donate:
+                raise ConfigError(
+                    "this state lives in the compiled step's CUDA-graph storage, which the next "
+                    "replay overwrites, so it cannot be kept (donate=False). Call with "
+                    "donate=True, or use mode='inductor' / mf.train_step for a pure step."
+                )
+            return self.slot_trees
+        trees = _trees_of(state, static.names, copy=False)
+        leaves, treedef = optree.tree_flatten(trees, namespace=PYTREE_NAMESPACE)
+        if self.slot is None:
+            self._check_leaves(leaves, static.device)
+            self.slot = leaves if donate else [t.clone() for t in leaves]
+            self.treedef = treedef
+            self.slot_trees = optree.tree_unflatten(treedef, self.slot)
+            return self.slot_trees
+        if treedef != self.treedef or any(
+            a.shape != b.shape or a.dtype != b.dtype for a, b in zip(self.slot, leaves)
+        ):
+            raise ConfigError(
+                "the state's tensors differ in structure, shape or dtype from the state this "
+                "compiled step was captured for; build a new compile_step for another model or "
+                "optimizer"
+            )
+        copied = False
+        for dst, src in zip(self.slot, leaves):
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+                copied = True
+        if copied:
+            self.stats.copies_in += 1
+            previous = self.owner() if self.owner is not None else None
+            if previous is not None and previous is not state and not previous.consumed:
+                previous.mark_consumed()
+        return self.slot_trees
+
+    @staticmethod
+    def _check_leaves(leaves: list, device: torch.device) -> None:
+        seen: set[int] = set()
+        for leaf in leaves:
+            if leaf.device != device:
+                raise ConfigError(
+                    f"a state tensor of shape {tuple(leaf.shape)} is on {leaf.device}, but CUDA "
+                    f"graphs need every state tensor on {device} (optimizer step counters "
+                    "included: use the optimizer's default kernel='auto' or 'fused' on CUDA)"
+                )
+            if leaf.data_ptr() in seen and leaf.numel():
+                raise ConfigError(
+                    "two state tensors share storage; CUDA-graph modes need distinct tensors "
+                    "(tied weights appear once in named_parameters())"
+                )
+            seen.add(leaf.data_ptr())
+
+    def adopt(self, state: TrainState) -> None:
+        """Record ``state`` (built on the slot) as the slot's current owner."""
+        self.owner = weakref.ref(state)
+
+    # -- capture and replay --------------------------------------------------------------------
+
+    def step(self, state: TrainState, trees: _Trees, batch: Any, apply: bool,
+             device: torch.device) -> dict[str, torch.Tensor]:
+        leaves, treedef, key = _batch_signature(batch)
+        key = (apply, key)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(state, trees, leaves, treedef, apply, device)
+            self._insert(key, entry)
+        else:
+            self.graphs.move_to_end(key)
+        for dst, src in zip(entry.inputs, leaves):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src, non_blocking=True)
+        generator = torch.cuda.default_generators[device.index or 0]
+        saved = generator.get_state()
+        generator.manual_seed(step_seed(state.rng))
+        try:
+            entry.graph.replay()
+        finally:
+            generator.set_state(saved)
+        self.stats.replays += 1
+        return entry.pack.read()
+
+    def _insert(self, key: Hashable, entry: _Graph) -> None:
+        if len(self.graphs) >= self.max_graphs:
+            self.graphs.popitem(last=False)
+            self.stats.evictions += 1
+            if not self.warned_eviction:
+                self.warned_eviction = True
+                warnings.warn(
+                    f"compile_step: more than max_graphs={self.max_graphs} batch shapes / "
+                    "accumulation phases; evicting the least recently used CUDA graph. Each "
+                    "new shape is captured again (slow): pad batches to a few fixed shapes or "
+                    "raise max_graphs",
+                    stacklevel=4,
+                )
+        self.graphs[key] = entry
+
+    def _capture(self, state: TrainState, trees: _Trees, leaves: list, treedef: Any,
+                 apply: bool, device: torch.device) -> _Graph:
+        inputs = [leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf
+                  for leaf in leaves]
+        static_batch = optree.tree_unflatten(treedef, inputs)
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        scratch = tree_map(torch.clone, trees)
+        metrics = None
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_steps):
+                with seeded_rng(state.rng, device):
+                    scratch, metrics = self.run(scratch, static_batch, apply)
+        current.wait_stream(side)
+        del scratch
+        if metrics is None:
+            raise ConfigError("warmup_steps must be >= 1 for CUDA-graph capture")
+        pack = _MetricPack(metrics, device)
+        del metrics
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(torch.cuda.default_generators[device.index or 0])
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            new_trees, metrics = self.run(trees, static_batch, apply)
+            new_leaves = optree.tree_leaves(new_trees, namespace=PYTREE_NAMESPACE)
+            for dst, src in zip(self.slot, new_leaves):
+                if dst.data_ptr() != src.data_ptr():
+                    dst.copy_(src)
+            pack.write(metrics)
+        self.stats.captures += 1
+        return _Graph(graph, inputs, pack)
+
+
+# ---------------------------------------------------------------------------------------------
+# the public callable
+
+
+class CompiledStep:
+    """``train_step`` compiled and/or captured; call it like ``train_step``.
+
+    Attributes:
+        mode: the mode (one of :data:`MODES`).
+        stats: a :class:`CompileStats` of what ran.
+    """
+
+    def __init__(self, mode: str, *, max_graphs: int, warmup_steps: int,
+                 dynamic: bool | None, fullgraph: bool, options: dict[str, Any]) -> None:
+        self.mode = mode
+        self.stats = CompileStats()
+        self._max_graphs = max_graphs
+        self._warmup_steps = warmup_steps
+        self._dynamic = dynamic
+        self._fullgraph = fullgraph
+        self._options = options
+        self._static: _Static | None = None
+        self._inductor: _Inductor | None = None
+        self._graphs: _Graphs | None = None
+
+    def __repr__(self) -> str:
+        return f"CompiledStep(mode={self.mode!r}, stats={self.stats})"
+
+    def _bind(self, state: TrainState) -> _Static:
+        static = _static_of(state)
+        if self._static is None:
+            if self.mode in _GRAPH_MODES and static.device.type != "cuda":
+                raise ConfigError(
+                    f"mode={self.mode!r} needs CUDA, but the state is on {static.device}; "
+                    "use mode='inductor' (or mf.compile.default_mode(device))"
+                )
+            self._static = static
+            if "inductor" in self.mode:
+                self._inductor = _Inductor(static, self.stats, dynamic=self._dynamic,
+                                           fullgraph=self._fullgraph, options=self._options)
+            if self.mode in _GRAPH_MODES:
+                run = self._inductor if self._inductor is not None else self._eager_core
+                self._graphs = _Graphs(run, self.stats, max_graphs=self._max_graphs,
+                                       warmup_steps=self._warmup_steps)
+        elif not _same_static(static, self._static):
+            raise ConfigError(
+                "this compiled step was built for another model, optimizer, loss_fn, precision "
+                "or accumulate_steps; call mf.compile_step(...) once per training setup"
+            )
+        return static
+
+    def _eager_core(self, trees: _Trees, batch: Any, apply: bool) -> tuple[_Trees, dict]:
+        return _step_core(self._static, apply, trees, batch)
+
+    def __call__(self, state: TrainState, batch: Any, *, donate: bool = True
+                 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """Run one step; same contract as :func:`medfunc.train_step`.
+
+        Args:
+            state: the current state. With ``donate=True`` (the default) it is consumed.
+            batch: a dict, tuple/list or tensor batch on the state's device.
+            donate: reuse the state's storage. In the CUDA-graph modes the returned state
+                always lives in the graphs' static storage; ``donate=False`` then copies the
+                given state in (it stays valid) and is refused for a state that already lives
+                there.
+
+        Returns:
+            ``(new_state, metrics)`` as :func:`medfunc.train_step`.
+        """
+        state.check_alive()
+        static = self._bind(state)
+        split_batch(batch)
+        _check_devices(batch, static.device)
+        k = static.accumulate_steps
+        count = int(state.accum.count) if k > 1 else 0
+        apply = count + 1 == k
+        with module_mode(static.module, True):
+            if self._graphs is not None:
+                trees = self._graphs.bind(state, static, donate)
+                metrics = self._graphs.step(state, trees, batch, apply, static.device)
+            else:
+                trees = _trees_of(state, static.names, copy=not donate)
+                with seeded_rng(state.rng, static.device):
+                    trees, metrics = self._inductor(trees, batch, apply)
+        if k > 1:
+            metrics["loss"] = metrics["loss"] / (count + 1)
+        key, counter = (int(v) for v in state.rng.tolist())
+        accum: AccumState | tuple = ()
+        if k > 1:
+            accum = AccumState(trees.accum_grads,
+                               torch.tensor((count + 1) % k, dtype=torch.int64), trees.loss_sum)
+        new_state = state.replace(
+            params=trees.params, buffers=trees.buffers, opt_state=trees.opt_state,
+            loss_scale=trees.loss_scale, step=trees.step,
+            rng=torch.tensor([key, counter + 1], dtype=torch.int64), accum=accum,
+        )
+        if donate:
+            state.mark_consumed()
+        if self._graphs is not None:
+            self._graphs.adopt(new_state)
+        self.stats.calls += 1
+        return new_state, metrics
+
+    def clear(self) -> None:
+        """Drop compiled graphs and captured CUDA graphs (the next call compiles again)."""
+        self._static = None
+        self._inductor = None
+        self._graphs = None
+
+
+def compile_step(
+    step_fn: Callable = train_step,
+    *,
+    mode: str = "inductor",
+    max_graphs: int = 8,
+    warmup_steps: int = 3,
+    dynamic: bool | None = None,
+    fullgraph: bool = True,
+    inductor_options: Mapping[str, Any] | None = None,
+) -> CompiledStep:
+    """Compile ``train_step`` with torch.compile and/or capture it as CUDA graphs.
+
+    Args:
+        step_fn: :func:`medfunc.train_step` (the only step this compiles).
+        mode: "inductor", "cudagraph" or "inductor+cudagraph" (see the module docstring);
+            :func:`default_mode` picks the fastest for a device.
+        max_graphs: CUDA-graph modes: the most graphs kept (one per batch signature and
+            accumulation phase); beyond it the least recently used graph is evicted (warned once).
+        warmup_steps: CUDA-graph modes: eager (or compiling) runs on a side stream, on a copy of
+            the state, before each capture.
+        dynamic: passed to ``torch.compile``; default None for "inductor" (recompile once with
+            dynamic shapes when a second shape arrives) and False for "inductor+cudagraph" (one
+            static graph per shape, as CUDA graphs need anyway).
+        fullgraph: compile the forward/backward as one graph (error on graph breaks); False
+            allows graph breaks in the model.
+        inductor_options: inductor config overrides. The default ``{"fallback_random": True}``
+            makes dropout draw exactly the eager masks; ``{"fallback_random": False}`` is faster
+            but draws different (still ``state.rng``-determined) masks.
+
+    Returns:
+        A :class:`CompiledStep`: ``fast_step(state, batch, *, donate=True) -> (state, metrics)``.
+
+    Raises:
+        ConfigError: an unknown mode, a step function other than ``train_step``, a CUDA-graph
+            mode without CUDA, or invalid ``max_graphs`` / ``warmup_steps``.
+
+    Example:
+        >>> fast_step = compile_step(mf.train_step, mode="inductor")
+        >>> state, metrics = fast_step(state, batch)
+        >>> fast_step.stats.compiles
+        1
+    """
+    if step_fn is not train_step:
+        raise ConfigError(
+            "compile_step compiles medfunc.train_step (its tensor work is rebuilt here without "
+            f"the host-side prelude); got {getattr(step_fn, '__qualname__', step_fn)!r}"
+        )
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if mode in _GRAPH_MODES and not torch.cuda.is_available():
+        raise ConfigError(
+            f"mode={mode!r} captures CUDA graphs and needs CUDA, which is not available here; "
+            f"use mode='inductor' (mf.compile.default_mode('cpu'))"
+        )
+    for name, value, minimum in (("max_graphs", max_graphs, 1),
+                                 ("warmup_steps", warmup_steps, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if dynamic is None and mode == "inductor+cudagraph":
+        dynamic = False
+    options = dict(_DEFAULT_INDUCTOR_OPTIONS)
+    options.update(inductor_options or {})
+    return CompiledStep(mode, max_graphs=max_graphs, warmup_steps=warmup_steps,
+                        dynamic=dynamic, fullgraph=fullgraph, options=options)
