@@ -512,7 +512,6 @@ def to_onnx(
     verify: bool = True,
     atol: float = 1e-4,
     dynamo: bool | None = None,
-    optimize: bool = True,
 ) -> Path:
     """Export to ONNX with ``torch.onnx.export``, check it and verify it in onnxruntime.
 
@@ -541,8 +540,6 @@ def to_onnx(
         atol: the largest absolute difference accepted by the verification.
         dynamo: force the exporter: True (torch.export-based), False (TorchScript-based); None
             picks the dynamo exporter unless ``opset < 18``.
-        optimize: let the dynamo exporter run the onnxscript graph optimizer (constant folding,
-            fusion); ``False`` exports faster with a larger graph.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -616,7 +613,6 @@ def to_onnx(
                             output_names=output_names,
                             opset_version=opset,
                             external_data=external,
-                            optimize=optimize,
                         )
                     else:
                         stage = "tracing the model"

@@ -255,10 +255,12 @@ def build_schedule(config: TrainerConfig, total_steps: int | None) -> schedules.
     if name == "none":
         return schedules.constant(lr)
     if name == "linear_warmup":
-        if config.warmup_steps > total_steps:
-            raise ConfigError(f"TrainerConfig.warmup_steps={config.warmup_steps} exceeds the "
-                              f"run's {total_steps} optimizer steps; lower warmup_steps")
-        return schedules.linear_warmup(lr, config.warmup_steps, total_steps)
+        warmup = config.warmup_steps
+        if warmup > total_steps:
+            log.warning("warmup_steps=%d exceeds the run's %d optimizer steps; the learning "
+                        "rate warms up over all %d steps", warmup, total_steps, total_steps)
+            warmup = total_steps
+        return schedules.linear_warmup(lr, warmup, total_steps)
     if name == "step":
         return schedules.step(lr, config.step_size, config.gamma)
     if name == "cosine":

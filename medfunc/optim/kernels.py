@@ -16,11 +16,11 @@ Kernel paths (``KernelConfig``):
   the non-capturable path torch.optim uses by default (step counters on the CPU, LR as a Python
   float: reading a CPU tensor is not a device sync). On accelerators Adam runs with
   ``capturable=True`` (counters on the device, LR a device tensor) so the step never syncs. The
-  foreach kernels have no ``found_inf`` input, so when one is given the adapter keeps a copy of
-  the params and state of the group, runs the kernel, and writes back
+  foreach kernels have no ``found_inf`` input. With the flag on the CPU (outside torch.compile)
+  reading it costs no device sync, so the adapter simply skips the kernel. Elsewhere it keeps a
+  copy of the params and state of the group, runs the kernel, and writes back
   ``torch.where(found_inf > 0, old, new)``: the extra memory is one copy of the params plus one
-  copy of the optimizer state of the largest group, while the update runs (only when the caller
-  passes ``found_inf``).
+  copy of the optimizer state of the largest group, while the update runs.
 
 SGD's momentum buffer is created lazily by torch on the first update (a copy of the gradient, not
 dampened). medfunc allocates the buffers up front (zeros) so the state has a fixed structure;
@@ -157,6 +157,18 @@ def _lr_arg(lr: float | Tensor, cfg: KernelConfig) -> float | Tensor:
     )
 
 
+def _host_skip(found_inf: Tensor) -> bool | None:
+    """Whether to skip, decided on the host when that costs no device sync; else None.
+
+    A flag on the CPU is host memory: outside ``torch.compile`` reading it is free and saves the
+    copy-and-select of the foreach path. On accelerators (or while compiling) the decision stays
+    on the device (None).
+    """
+    if found_inf.device.type == "cpu" and not torch.compiler.is_compiling():
+        return bool(found_inf)
+    return None
+
+
 def _select_(cond: Tensor, olds: list[Tensor], news: list[Tensor]) -> None:
     """In place: ``new = where(cond, old, new)`` for each pair (``cond`` a 0-d bool tensor).
 
@@ -229,6 +241,11 @@ def adam_step(
     if cfg.fused or found_inf is None:
         run(found_inf if cfg.fused else None)
         return
+    skip = _host_skip(found_inf)
+    if skip is not None:
+        if not skip:
+            run(None)
+        return
     state = [*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *steps]
     olds = [t.clone() for t in state]
     run(None)
@@ -284,6 +301,12 @@ def sgd_step(
             maximize=False,
         )
 
+    if found_inf is not None and not cfg.fused:
+        skip = _host_skip(found_inf)
+        if skip:
+            return
+        if skip is not None:
+            found_inf = None
     kernel_found = found_inf if cfg.fused else None
     state = [*params, *momentum_buffers]
     olds = [t.clone() for t in state] if (found_inf is not None and not cfg.fused) else None
