@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import importlib
 import json
 import math
 import os
@@ -59,6 +60,7 @@ from torch.nn import functional as F  # noqa: N812
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import medfunc as mf  # noqa: E402
+from medfunc.compile import compile_step  # noqa: E402
 
 WARMUP_LR_STEPS = 10
 TOTAL_LR_STEPS = 100_000
@@ -73,11 +75,20 @@ RUNNERS = (
     "hf-trainer",
     "lightning",
 )
+# Libraries a runner imports, loaded before a memory probe's baseline (import is not training).
+PROBE_PREIMPORTS = {
+    "hf-trainer": ("transformers.trainer", "accelerate"),
+    "lightning": ("lightning",),
+}
 CUDA_ONLY = {"plain-cudagraph", "medfunc-cudagraph", "medfunc-inductor+cudagraph"}
 COMPILED = {"plain-compile", "medfunc-inductor", "medfunc-inductor+cudagraph"}
 # Dense peak TFLOP/s (bf16 tensor cores, fp32 without TF32) by card-name substring.
-PEAK_TFLOPS = (("H200", 989.0, 67.0), ("H100 PCIe", 756.0, 51.0), ("H100", 989.0, 67.0),
-               ("A100", 312.0, 19.5))
+PEAK_TFLOPS = (
+    ("H200", 989.0, 67.0),
+    ("H100 PCIe", 756.0, 51.0),
+    ("H100", 989.0, 67.0),
+    ("A100", 312.0, 19.5),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +130,8 @@ class SdpaBlock(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
         x = self.attn_norm(x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, d))))
         return self.ffn_norm(x + self.drop(self.ffn_out(F.gelu(self.ffn_in(x)))))
 
@@ -127,8 +139,17 @@ class SdpaBlock(nn.Module):
 class SdpaBert(nn.Module):
     """A BERT-shaped sequence classifier built from :class:`SdpaBlock` (no Hugging Face)."""
 
-    def __init__(self, vocab: int, dim: int, layers: int, heads: int, ffn: int,
-                 max_len: int = 512, classes: int = 2, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        vocab: int,
+        dim: int,
+        layers: int,
+        heads: int,
+        ffn: int,
+        max_len: int = 512,
+        classes: int = 2,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(max_len, dim)
@@ -138,8 +159,9 @@ class SdpaBert(nn.Module):
         self.pooler = nn.Linear(dim, dim)
         self.classifier = nn.Linear(dim, classes)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.drop(self.emb_norm(self.tok(input_ids) + self.pos(positions)))
         mask = attention_mask[:, None, None, :].bool()
@@ -163,14 +185,16 @@ class ModelSpec:
     notes: list[str] = field(default_factory=list)
 
 
-def _text_batch(batch_size: int, seq: int, vocab: int, classes: int | None
-                ) -> Callable[[torch.device], dict[str, torch.Tensor]]:
+def _text_batch(
+    batch_size: int, seq: int, vocab: int, classes: int | None
+) -> Callable[[torch.device], dict[str, torch.Tensor]]:
     def make(device: torch.device) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (batch_size, seq), generator=g)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        batch["labels"] = (torch.randint(0, classes, (batch_size,), generator=g)
-                           if classes else ids.clone())
+        batch["labels"] = (
+            torch.randint(0, classes, (batch_size,), generator=g) if classes else ids.clone()
+        )
         return {k: v.to(device) for k, v in batch.items()}
 
     return make
@@ -184,8 +208,10 @@ def model_specs(device: torch.device) -> dict[str, ModelSpec]:
 
     def mlp_batch(dev: torch.device) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(0)
-        return {"x": torch.randn(64, 30, generator=g).to(dev),
-                "labels": torch.randint(0, 2, (64,), generator=g).to(dev)}
+        return {
+            "x": torch.randn(64, 30, generator=g).to(dev),
+            "labels": torch.randint(0, 2, (64,), generator=g).to(dev),
+        }
 
     specs["mlp"] = ModelSpec("mlp", MLP, mlp_batch, "fp32", 1e-3, "64 x 30, fp32", 64)
 
@@ -201,18 +227,38 @@ def model_specs(device: torch.device) -> dict[str, ModelSpec]:
     def bert_hf() -> nn.Module:
         from transformers import BertConfig, BertForSequenceClassification
 
-        config = BertConfig(hidden_size=bert["dim"], num_hidden_layers=bert["layers"],
-                            num_attention_heads=bert["heads"], intermediate_size=bert["ffn"],
-                            num_labels=2)
+        config = BertConfig(
+            hidden_size=bert["dim"],
+            num_hidden_layers=bert["layers"],
+            num_attention_heads=bert["heads"],
+            intermediate_size=bert["ffn"],
+            num_labels=2,
+        )
         return BertForSequenceClassification(config)
 
     def bert_sdpa() -> nn.Module:
         return SdpaBert(30522, bert["dim"], bert["layers"], bert["heads"], bert["ffn"])
 
-    specs["bert-hf"] = ModelSpec("bert-hf", bert_hf, _text_batch(bsz, seq, 30522, 2), low, 5e-5,
-                                 shape, bsz * seq, list(bert_note))
-    specs["bert-sdpa"] = ModelSpec("bert-sdpa", bert_sdpa, _text_batch(bsz, seq, 30522, 2), low,
-                                   5e-5, shape, bsz * seq, list(bert_note))
+    specs["bert-hf"] = ModelSpec(
+        "bert-hf",
+        bert_hf,
+        _text_batch(bsz, seq, 30522, 2),
+        low,
+        5e-5,
+        shape,
+        bsz * seq,
+        list(bert_note),
+    )
+    specs["bert-sdpa"] = ModelSpec(
+        "bert-sdpa",
+        bert_sdpa,
+        _text_batch(bsz, seq, 30522, 2),
+        low,
+        5e-5,
+        shape,
+        bsz * seq,
+        list(bert_note),
+    )
 
     if cuda:
         gpt = {"n_layer": 12, "n_embd": 768, "n_head": 12}
@@ -227,8 +273,16 @@ def model_specs(device: torch.device) -> dict[str, ModelSpec]:
 
         return GPT2LMHeadModel(GPT2Config(n_positions=max(gseq, 1024), **gpt))
 
-    specs["gpt2"] = ModelSpec("gpt2", gpt2, _text_batch(gbsz, gseq, 50257, None), low, 6e-4,
-                              f"{gbsz} x {gseq}, {low}", gbsz * gseq, list(gpt_note))
+    specs["gpt2"] = ModelSpec(
+        "gpt2",
+        gpt2,
+        _text_batch(gbsz, gseq, 50257, None),
+        low,
+        6e-4,
+        f"{gbsz} x {gseq}, {low}",
+        gbsz * gseq,
+        list(gpt_note),
+    )
     return specs
 
 
@@ -258,8 +312,10 @@ def _param_groups(model: nn.Module, weight_decay: float = 0.01) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if mf.optim.default_decay_mask(name) else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def _autocast(spec: ModelSpec, device: torch.device) -> contextlib.AbstractContextManager:
@@ -371,11 +427,13 @@ class MedfuncRunner(Runner):
     def setup(self, warmup: int) -> None:
         model = _build(self.spec, self.device)
         schedule = mf.schedules.linear_warmup(self.spec.lr, WARMUP_LR_STEPS, TOTAL_LR_STEPS)
-        tx = mf.optim.chain(mf.optim.clip_by_global_norm(1.0),
-                            mf.optim.adamw(schedule, weight_decay=0.01))
+        tx = mf.optim.chain(
+            mf.optim.clip_by_global_norm(1.0), mf.optim.adamw(schedule, weight_decay=0.01)
+        )
         self.state = mf.init_state(model, tx, precision=self.spec.precision, seed=0)
-        self.step_fn = mf.train_step if self.mode is None else mf.compile_step(
-            mf.train_step, mode=self.mode)
+        self.step_fn = (
+            mf.train_step if self.mode is None else compile_step(mf.train_step, mode=self.mode)
+        )
         self.run(warmup)
         if self.mode is not None:
             self.note = _compiled_note(self.step_fn.stats)
@@ -423,6 +481,7 @@ class HFTrainerRunner(Runner):
 
     def timed(self, steps: int) -> float:
         from transformers import Trainer, TrainerCallback, TrainingArguments
+        from transformers.trainer_callback import PrinterCallback
 
         stamps: list[float] = []
         device = self.device
@@ -434,18 +493,103 @@ class HFTrainerRunner(Runner):
 
         max_steps = self.warmup + steps
         args = TrainingArguments(
-            output_dir=self.tmp.name, max_steps=max_steps, per_device_train_batch_size=self.size,
-            learning_rate=self.spec.lr, weight_decay=0.01, warmup_steps=WARMUP_LR_STEPS,
-            lr_scheduler_type="linear", max_grad_norm=1.0, bf16=self.spec.precision == "bf16",
-            use_cpu=self.device.type == "cpu", report_to=[], save_strategy="no",
-            logging_strategy="no", eval_strategy="no", disable_tqdm=True,
-            dataloader_num_workers=0, seed=0, remove_unused_columns=False,
+            output_dir=self.tmp.name,
+            max_steps=max_steps,
+            per_device_train_batch_size=self.size,
+            learning_rate=self.spec.lr,
+            weight_decay=0.01,
+            warmup_steps=WARMUP_LR_STEPS,
+            lr_scheduler_type="linear",
+            max_grad_norm=1.0,
+            bf16=self.spec.precision == "bf16",
+            use_cpu=self.device.type == "cpu",
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            eval_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=0,
+            remove_unused_columns=False,
         )
-        trainer = Trainer(model=self.model, args=args,
-                          train_dataset=_Repeat(self.examples, max_steps + 1),
-                          callbacks=[Stamp()])
+        trainer = Trainer(
+            model=self.model,
+            args=args,
+            train_dataset=_Repeat(self.examples, max_steps + 1),
+            callbacks=[Stamp()],
+        )
+        trainer.remove_callback(PrinterCallback)
         trainer.train()
-        deltas = [b - a for a, b in zip(stamps[self.warmup:], stamps[self.warmup + 1:])]
+        deltas = [b - a for a, b in zip(stamps[self.warmup :], stamps[self.warmup + 1 :])]
+        return statistics.median(deltas) * 1e3 if deltas else float("nan")
+
+
+class LightningRunner(Runner):
+    """A ``LightningModule`` around the model, fit by ``lightning.Trainer`` (a fresh Trainer per
+    repeat, sharing one module), timed like :class:`HFTrainerRunner`."""
+
+    note = "per-step median inside trainer.fit(), includes its data loading"
+
+    def setup(self, warmup: int) -> None:
+        import logging
+
+        import lightning
+
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        net = _build(self.spec, self.device)
+        spec, device = self.spec, self.device
+
+        class Module(lightning.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = net
+
+            def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+                return _loss_of(self.net(**batch))
+
+            def configure_optimizers(self) -> dict:
+                kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
+                opt = torch.optim.AdamW(_param_groups(self.net), lr=spec.lr, **kernel)
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor)
+                return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+        self.module = Module()
+        batch = {k: v.cpu() for k, v in self.batch.items()}
+        self.size = len(next(iter(batch.values())))
+        self.examples = [{k: v[i] for k, v in batch.items()} for i in range(self.size)]
+        self.warmup = warmup
+        self.timed(1)
+
+    def timed(self, steps: int) -> float:
+        import lightning
+
+        stamps: list[float] = []
+        device = self.device
+
+        class Stamp(lightning.Callback):
+            def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+                sync(device)
+                stamps.append(time.perf_counter())
+
+        max_steps = self.warmup + steps
+        trainer = lightning.Trainer(
+            max_steps=max_steps,
+            accelerator=self.device.type,
+            devices=1,
+            precision="bf16-mixed" if self.spec.precision == "bf16" else "32-true",
+            gradient_clip_val=1.0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[Stamp()],
+        )
+        loader = torch.utils.data.DataLoader(
+            _Repeat(self.examples, max_steps + 1), batch_size=self.size, num_workers=0
+        )
+        trainer.fit(self.module, loader)
+        deltas = [b - a for a, b in zip(stamps[self.warmup :], stamps[self.warmup + 1 :])]
         return statistics.median(deltas) * 1e3 if deltas else float("nan")
 
 
@@ -472,6 +616,7 @@ RUNNER_CLASSES: dict[str, type[Runner]] = {
     "medfunc-cudagraph": MedfuncCudaGraph,
     "medfunc-inductor+cudagraph": MedfuncInductorCudaGraph,
     "hf-trainer": HFTrainerRunner,
+    "lightning": LightningRunner,
 }
 
 
@@ -479,17 +624,12 @@ def skip_reason(runner: str, device: torch.device) -> str | None:
     """Why ``runner`` cannot run here (None when it can)."""
     if runner in CUDA_ONLY and device.type != "cuda":
         return "CUDA only"
-    if runner == "lightning":
+    needs = {"lightning": ("lightning",), "hf-trainer": ("transformers", "accelerate")}
+    for module in needs.get(runner, ()):
         try:
-            import lightning  # noqa: F401
+            importlib.import_module(module)
         except ImportError:
-            return "skipped: lightning is not installed"
-        return "skipped: no Lightning runner in this benchmark"
-    if runner == "hf-trainer":
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            return "skipped: transformers is not installed"
+            return f"skipped: {module} is not importable"
     return None
 
 
@@ -545,6 +685,8 @@ def probe_cpu_memory(model: str, runner: str, steps: int, warmup: int) -> dict:
     device = torch.device("cpu")
     spec = model_specs(device)[model]
     batch = spec.batch(device)
+    for module in PROBE_PREIMPORTS.get(runner, ()) + ("torch._dynamo", "torch.optim.lr_scheduler"):
+        importlib.import_module(module)
     gc.collect()
     before = _rss_kib("VmRSS")
     r = RUNNER_CLASSES[runner](spec, device, batch)
@@ -556,15 +698,28 @@ def probe_cpu_memory(model: str, runner: str, steps: int, warmup: int) -> dict:
     except OSError:
         method = "ru_maxrss"
     r.timed(steps)
-    peak = _rss_kib("VmHWM") if method == "clear_refs" else resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss
+    peak = (
+        _rss_kib("VmHWM")
+        if method == "clear_refs"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    )
     return {"peak_mib": (peak - before) / 1024, "method": method}
 
 
 def cpu_memory(model: str, runner: str, steps: int, warmup: int, threads: int) -> float | None:
     """Run :func:`probe_cpu_memory` in a subprocess; MiB (None on failure)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--probe-memory", f"{model}:{runner}",
-           "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--probe-memory",
+        f"{model}:{runner}",
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        "--threads",
+        str(threads),
+    ]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True)
     except (subprocess.SubprocessError, OSError):
@@ -586,8 +741,9 @@ class Result:
     note: str = ""
 
 
-def bench_model(spec: ModelSpec, runners: list[str], device: torch.device,
-                args: argparse.Namespace) -> list[Result]:
+def bench_model(
+    spec: ModelSpec, runners: list[str], device: torch.device, args: argparse.Namespace
+) -> list[Result]:
     """Set up every runner, time them interleaved, measure memory."""
     batch = spec.batch(device)
     results: dict[str, Result] = {}
@@ -604,8 +760,12 @@ def bench_model(spec: ModelSpec, runners: list[str], device: torch.device,
         try:
             r.setup(args.warmup)
         except Exception as e:  # a runner that cannot run here is reported, not fatal
-            results[name] = Result(spec.name, name, note=f"failed: {type(e).__name__}: "
-                                   f"{str(e).splitlines()[0][:120] if str(e) else ''}")
+            results[name] = Result(
+                spec.name,
+                name,
+                note=f"failed: {type(e).__name__}: "
+                f"{str(e).splitlines()[0][:120] if str(e) else ''}",
+            )
             continue
         sync(device)
         persistent[name] = cuda_allocated(device) - before
@@ -655,15 +815,23 @@ def environment(device: torch.device) -> str:
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     else:
-        machine = f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
-    return (f"{machine}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"{datetime.date.today().isoformat()}")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        machine = (
+            f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}, "
+            f"load average {load})"
+        )
+    return (
+        f"{machine}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{datetime.date.today().isoformat()}"
+    )
 
 
 def table(results: list[Result], specs: dict[str, ModelSpec]) -> str:
     """Markdown table: ms/step, ratio to ``plain``, memory, MFU, notes."""
-    rows = ["| model | shape | runner | ms/step | x plain | peak mem (MiB) | MFU | notes |",
-            "|---|---|---|---:|---:|---:|---:|---|"]
+    rows = [
+        "| model | shape | runner | ms/step | x plain | peak mem (MiB) | MFU | notes |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
     base = {r.model: r.ms for r in results if r.runner == "plain" and r.ms}
     for r in results:
         ms = f"{r.ms:.3f}" if r.ms is not None and not math.isnan(r.ms) else "-"
@@ -671,29 +839,48 @@ def table(results: list[Result], specs: dict[str, ModelSpec]) -> str:
         mem = f"{r.mem_mib:.1f}" if r.mem_mib is not None else "-"
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "-"
         notes = "; ".join(filter(None, [r.note, *specs[r.model].notes]))
-        rows.append(f"| {r.model} | {specs[r.model].shape} | {r.runner} | {ms} | {ratio} | "
-                    f"{mem} | {mfu} | {notes} |")
+        rows.append(
+            f"| {r.model} | {specs[r.model].shape} | {r.runner} | {ms} | {ratio} | "
+            f"{mem} | {mfu} | {notes} |"
+        )
     return "\n".join(rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--models", default="mlp,bert,gpt2",
-                   help="comma-separated: mlp, bert (= bert-hf and bert-sdpa), bert-hf, "
-                        "bert-sdpa, gpt2")
-    p.add_argument("--runners", default=",".join(RUNNERS),
-                   help=f"comma-separated subset of {', '.join(RUNNERS)}")
-    p.add_argument("--steps", type=int, default=None,
-                   help="timed steps per repeat (default 20 on the CPU, 50 on CUDA)")
+    p.add_argument(
+        "--models",
+        default="mlp,bert,gpt2",
+        help="comma-separated: mlp, bert (= bert-hf and bert-sdpa), bert-hf, bert-sdpa, gpt2",
+    )
+    p.add_argument(
+        "--runners",
+        default=",".join(RUNNERS),
+        help=f"comma-separated subset of {', '.join(RUNNERS)}",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per repeat (default 20 on the CPU, 50 on CUDA)",
+    )
     p.add_argument("--warmup", type=int, default=5, help="untimed steps after setup")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (median)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--memory", choices=["all", "eager", "off"], default="eager",
-                   help="CPU memory probes (fresh subprocess per runner): all runners, the "
-                        "uncompiled ones, or none; CUDA always measures")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="dense peak TFLOP/s for MFU (default: from the card's name)")
+    p.add_argument(
+        "--memory",
+        choices=["all", "eager", "off"],
+        default="eager",
+        help="CPU memory probes (fresh subprocess per runner): all runners, the "
+        "uncompiled ones, or none; CUDA always measures",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense peak TFLOP/s for MFU (default: from the card's name)",
+    )
     p.add_argument("--out", default=None, help="write the markdown table to this file")
     p.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -731,8 +918,10 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         print(f"{model}:", flush=True)
         results.extend(bench_model(specs[model], runners, device, args))
-    text = (f"{header}; median of {args.repeats} interleaved repeats of {args.steps} steps "
-            f"after {args.warmup} warm-up steps\n\n{table(results, specs)}\n")
+    text = (
+        f"{header}; median of {args.repeats} interleaved repeats of {args.steps} steps "
+        f"after {args.warmup} warm-up steps\n\n{table(results, specs)}\n"
+    )
     print(text)
     if args.out:
         with open(args.out, "w") as f:

@@ -96,21 +96,25 @@ def _module_owners(module: torch.nn.Module) -> dict[int, tuple[str, str]]:
 
 
 def _state_dict_layout(module: torch.nn.Module) -> OrderedDict:
-    """state_dict key -> ("params" | "buffers", state name), or None for other entries."""
+    """state_dict key -> (("params" | "buffers", state name) or None, the module's value)."""
     owners = _module_owners(module)
     return OrderedDict(
-        (key, owners.get(id(value))) for key, value in module.state_dict(keep_vars=True).items()
+        (key, (owners.get(id(value)), value))
+        for key, value in module.state_dict(keep_vars=True).items()
     )
 
 
 def _model_state(state: TrainState) -> tuple[OrderedDict, OrderedDict]:
-    """The state's values under ``state_dict()`` keys, and the buffers state_dict leaves out."""
-    module_values = state.module.state_dict(keep_vars=True)
+    """The state's values under ``state_dict()`` keys, and the buffers state_dict leaves out.
+
+    Entries that are not parameters or buffers (a module's ``get_extra_state()``) keep the
+    module's value.
+    """
     model_state = OrderedDict()
     covered: set[str] = set()
-    for key, owner in _state_dict_layout(state.module).items():
+    for key, (owner, value) in _state_dict_layout(state.module).items():
         if owner is None:
-            model_state[key] = module_values[key]
+            model_state[key] = value
             continue
         kind, name = owner
         model_state[key] = getattr(state, kind)[name]
@@ -647,9 +651,11 @@ class _Taker:
         return expected
 
 
-def _restore_model(payload: dict, like: TrainState, take: _Taker, source: str):
+def _restore_model(
+    payload: dict, like: TrainState, take: _Taker, source: str
+) -> tuple[OrderedDict, OrderedDict]:
     model_state = payload["model_state"]
-    layout = _state_dict_layout(like.module)
+    layout = OrderedDict((k, owner) for k, (owner, _) in _state_dict_layout(like.module).items())
     missing = [k for k, owner in layout.items() if owner is not None and k not in model_state]
     unexpected = [k for k in model_state if k not in layout]
     if missing or unexpected:

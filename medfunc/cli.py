@@ -95,26 +95,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     name = args.recipe or mapping.get("recipe") or DEFAULT_RECIPE
     recipe_options = mapping.get("recipe_options") or {}
     if not isinstance(recipe_options, dict):
-        raise ConfigError(f"{source}: recipe_options must be a mapping of recipe options, got "
-                          f"{type(recipe_options).__name__}")
+        raise ConfigError(
+            f"{source}: recipe_options must be a mapping of recipe options, got "
+            f"{type(recipe_options).__name__}"
+        )
+    user_options = {k: v for k, v in mapping.items() if k not in RUN_KEYS}
+    TrainerConfig.from_dict(user_options, source=source)  # fail fast, before loading data
     output_dir = Path(args.output_dir or mapping.get("output_dir") or _default_output_dir(name))
     parts = get_recipe(name).build(**recipe_options)
-    options = {**_CLI_DEFAULTS, **parts.config,
-               **{k: v for k, v in mapping.items() if k not in (*RUN_KEYS, "output_dir")}}
-    config = TrainerConfig.from_dict(options, source=source)
+    config = TrainerConfig.from_dict(
+        {**_CLI_DEFAULTS, **parts.config, **user_options}, source=source
+    )
     if config.export_input_example is None:
         config.export_input_example = parts.export_example
     main = distributed.init().rank == 0
     say = print if main else (lambda *a, **k: None)
     say(f"recipe: {name} - {parts.notes}")
     say(f"output: {output_dir}")
-    trainer = MedicalModelTrainer(parts.model, config,
-                                  run_metadata={"recipe": name, "recipe_options": recipe_options})
+    trainer = MedicalModelTrainer(
+        parts.model, config, run_metadata={"recipe": name, "recipe_options": recipe_options}
+    )
     result = trainer.train(parts.train_dataset, parts.eval_dataset, output_dir=output_dir)
     metrics = _final_metrics(trainer, result, parts.eval_dataset)
     shown = [f"{key}={metrics[key]:.4f}" for key in SUMMARY_METRICS if key in metrics]
-    say(f"held-out ({len(parts.eval_dataset)} examples, positive = {parts.positive_label}): "
-        + " ".join(shown))
+    say(
+        f"held-out ({len(parts.eval_dataset)} examples, positive = {parts.positive_label}): "
+        + " ".join(shown)
+    )
     if main:
         plot = plot_metrics(output_dir / "metrics.jsonl", output_dir / "metrics.png")
         if result.checkpoints:
@@ -128,8 +135,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         for fmt, reason in result.export_errors.items():
             say(f"{fmt} export failed: {reason}")
         stopped = " (early stopping)" if result.stopped_early else ""
-        say(f"{result.global_step} optimizer steps, {result.epochs_completed} epochs{stopped} "
-            f"in {time.perf_counter() - started:.1f} s")
+        say(
+            f"{result.global_step} optimizer steps, {result.epochs_completed} epochs{stopped} "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
     return 0
 
 
@@ -168,18 +177,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.checkpoint} does not record its recipe; pass --recipe NAME")
     parts = get_recipe(name).build(**(run.get("recipe_options") or {}))
     if parts.export_example is None:
-        raise ConfigError(f"recipe {name!r} provides no export example; its model cannot be "
-                          "exported from the command line")
+        raise ConfigError(
+            f"recipe {name!r} provides no export example; its model cannot be "
+            "exported from the command line"
+        )
     try:
         parts.model.load_state_dict(payload["model_state"])
     except RuntimeError as err:
-        raise CheckpointMismatchError(f"{args.checkpoint} does not fit the model of recipe "
-                                      f"{name!r}: {_one_line(err)[:300]}") from None
+        raise CheckpointMismatchError(
+            f"{args.checkpoint} does not fit the model of recipe {name!r}: {_one_line(err)[:300]}"
+        ) from None
     state = init_state(parts.model, optim.chain())
     out = Path(args.output_dir or Path(args.checkpoint).parent)
     out.mkdir(parents=True, exist_ok=True)
     if args.torchscript:
-        print(f"torchscript: {export.to_torchscript(state, parts.export_example, out / 'model.pt')}")
+        print(
+            f"torchscript: {export.to_torchscript(state, parts.export_example, out / 'model.pt')}"
+        )
     if args.onnx:
         path = export.to_onnx(state, parts.export_example, out / "model.onnx", opset=args.opset)
         print(f"onnx: {path}")
@@ -199,51 +213,76 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medfunc",
         description="Functional PyTorch fine-tuning for medical models: train a built-in "
-                    "recipe, list recipes, inspect and export checkpoints.")
+        "recipe, list recipes, inspect and export checkpoints.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train = sub.add_parser(
-        "train", help="fine-tune a recipe (default: breast_cancer) and report held-out metrics",
+        "train",
+        help="fine-tune a recipe (default: breast_cancer) and report held-out metrics",
         description="Fine-tune a recipe and print its held-out metrics. Without arguments it "
-                    "runs the default recipe (breast_cancer). Writes checkpoints, metrics.jsonl, "
-                    "TensorBoard logs, model.safetensors and a metrics plot to the output "
-                    "folder.")
-    train.add_argument("config", nargs="?", type=Path,
-                       help="a TOML, YAML or JSON run file: a 'recipe' key, an optional "
-                            "'recipe_options' table and any TrainerConfig options")
-    train.add_argument("--recipe", help="the recipe to run (overrides the file's 'recipe'; see "
-                                        "`medfunc recipes`)")
-    train.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="KEY=VALUE",
-                       help="override an option, e.g. --set num_epochs=3 or --set "
-                            "recipe_options.seed=1; VALUE is parsed as JSON when it can be "
-                            "(repeatable)")
-    train.add_argument("--output-dir", type=Path,
-                       help="run folder (default runs/<recipe>-<timestamp>)")
+        "runs the default recipe (breast_cancer). Writes checkpoints, metrics.jsonl, "
+        "TensorBoard logs, model.safetensors and a metrics plot to the output "
+        "folder.",
+    )
+    train.add_argument(
+        "config",
+        nargs="?",
+        type=Path,
+        help="a TOML, YAML or JSON run file: a 'recipe' key, an optional "
+        "'recipe_options' table and any TrainerConfig options",
+    )
+    train.add_argument(
+        "--recipe", help="the recipe to run (overrides the file's 'recipe'; see `medfunc recipes`)"
+    )
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an option, e.g. --set num_epochs=3 or --set "
+        "recipe_options.seed=1; VALUE is parsed as JSON when it can be "
+        "(repeatable)",
+    )
+    train.add_argument(
+        "--output-dir", type=Path, help="run folder (default runs/<recipe>-<timestamp>)"
+    )
     train.set_defaults(func=cmd_train)
 
-    recipes = sub.add_parser("recipes", help="list the built-in recipes",
-                             description="List the built-in recipes.")
+    recipes = sub.add_parser(
+        "recipes", help="list the built-in recipes", description="List the built-in recipes."
+    )
     recipes.set_defaults(func=cmd_recipes)
 
-    inspect = sub.add_parser("inspect", help="summarise a checkpoint file",
-                             description="Print what a medfunc checkpoint holds.")
+    inspect = sub.add_parser(
+        "inspect",
+        help="summarise a checkpoint file",
+        description="Print what a medfunc checkpoint holds.",
+    )
     inspect.add_argument("checkpoint", type=Path, help="a checkpoint-*.pt file")
     inspect.set_defaults(func=cmd_inspect)
 
     export = sub.add_parser(
-        "export", help="export a recipe checkpoint to ONNX and/or TorchScript",
+        "export",
+        help="export a recipe checkpoint to ONNX and/or TorchScript",
         description="Rebuild the recipe's model from a checkpoint written by `medfunc train` "
-                    "and export it (the exported file is checked against the eager model).")
+        "and export it (the exported file is checked against the eager model).",
+    )
     export.add_argument("checkpoint", type=Path, help="a checkpoint-*.pt file")
     export.add_argument("--onnx", action="store_true", help="write model.onnx")
     export.add_argument("--torchscript", action="store_true", help="write model.pt")
-    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the "
-                                                                  "exporter's)")
-    export.add_argument("--recipe", help="the recipe whose model the checkpoint holds (default: "
-                                         "the one recorded in the checkpoint)")
-    export.add_argument("--output-dir", type=Path,
-                        help="where to write (default: the checkpoint's folder)")
+    export.add_argument(
+        "--opset", type=int, default=None, help="ONNX opset (default: the exporter's)"
+    )
+    export.add_argument(
+        "--recipe",
+        help="the recipe whose model the checkpoint holds (default: "
+        "the one recorded in the checkpoint)",
+    )
+    export.add_argument(
+        "--output-dir", type=Path, help="where to write (default: the checkpoint's folder)"
+    )
     export.set_defaults(func=cmd_export)
     return parser
 

@@ -101,9 +101,7 @@ def resolve_mode(option: bool | str | None, device: str | torch.device) -> str |
     if option is True:
         return default_mode(device)
     if option not in MODES:
-        raise ConfigError(
-            f"compile must be False, True or one of {list(MODES)}, got {option!r}"
-        )
+        raise ConfigError(f"compile must be False, True or one of {list(MODES)}, got {option!r}")
     return option
 
 
@@ -164,8 +162,16 @@ class _Trees(NamedTuple):
 
 
 def _static_of(state: TrainState) -> _Static:
-    return _Static(state.module, state.tx, state.loss_fn, state.policy, state.accumulate_steps,
-                   state.grad_sync, state.trainable, state.device)
+    return _Static(
+        state.module,
+        state.tx,
+        state.loss_fn,
+        state.policy,
+        state.accumulate_steps,
+        state.grad_sync,
+        state.trainable,
+        state.device,
+    )
 
 
 def _same_static(a: _Static, b: _Static) -> bool:
@@ -209,8 +215,11 @@ def _forward_backward(static: _Static, trees: _Trees, batch: Any) -> tuple[list,
         objective = loss / k if k > 1 else loss
         if trees.loss_scale:
             objective = objective * trees.loss_scale.scale
-        grads = list(torch.autograd.grad(objective, list(leaves.values()), allow_unused=True,
-                                         materialize_grads=True))
+        grads = list(
+            torch.autograd.grad(
+                objective, list(leaves.values()), allow_unused=True, materialize_grads=True
+            )
+        )
     loss = loss.detach().float()
     if k == 1:
         return grads, loss
@@ -219,20 +228,26 @@ def _forward_backward(static: _Static, trees: _Trees, batch: Any) -> tuple[list,
     return accumulated, trees.loss_sum.add_(loss).clone()
 
 
-def _not_applied(static: _Static, trees: _Trees, loss: torch.Tensor
-                 ) -> tuple[_Trees, dict[str, torch.Tensor]]:
+def _not_applied(
+    static: _Static, trees: _Trees, loss: torch.Tensor
+) -> tuple[_Trees, dict[str, torch.Tensor]]:
     device = static.device
     nan = torch.full((), float("nan"), device=device)
-    metrics = {"loss": loss, "grad_norm": nan, "lr": nan,
-               "skipped": torch.zeros((), dtype=torch.bool, device=device),
-               "applied": torch.zeros((), dtype=torch.bool, device=device)}
+    metrics = {
+        "loss": loss,
+        "grad_norm": nan,
+        "lr": nan,
+        "skipped": torch.zeros((), dtype=torch.bool, device=device),
+        "applied": torch.zeros((), dtype=torch.bool, device=device),
+    }
     if trees.loss_scale:
         metrics["loss_scale"] = trees.loss_scale.scale.clone()
     return trees, metrics
 
 
-def _apply_update(static: _Static, trees: _Trees, grads: list, loss: torch.Tensor
-                  ) -> tuple[_Trees, dict[str, torch.Tensor]]:
+def _apply_update(
+    static: _Static, trees: _Trees, grads: list, loss: torch.Tensor
+) -> tuple[_Trees, dict[str, torch.Tensor]]:
     """Unscale, measure, clip and apply ``grads``; advance the step and the loss scale."""
     names = static.names
     device = static.device
@@ -248,8 +263,9 @@ def _apply_update(static: _Static, trees: _Trees, grads: list, loss: torch.Tenso
     ctx = UpdateContext(step=trees.step, found_inf=found_inf, grad_norm=grad_norm, metrics={})
     trainable = OrderedDict((n, trees.params[n]) for n in names)
     with torch.no_grad():
-        _, trainable, opt_state = static.tx.update(OrderedDict(zip(names, grads)),
-                                                   trees.opt_state, trainable, ctx)
+        _, trainable, opt_state = static.tx.update(
+            OrderedDict(zip(names, grads)), trees.opt_state, trainable, ctx
+        )
     params = OrderedDict(trees.params)
     params.update(trainable)
     step = trees.step + (found_inf == 0).to(trees.step.dtype)
@@ -258,16 +274,21 @@ def _apply_update(static: _Static, trees: _Trees, grads: list, loss: torch.Tenso
     if static.accumulate_steps > 1:
         torch._foreach_zero_(grads)
         trees.loss_sum.zero_()
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": ctx.metrics.get("lr", nan),
-               "skipped": found_inf > 0,
-               "applied": torch.ones((), dtype=torch.bool, device=device)}
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": ctx.metrics.get("lr", nan),
+        "skipped": found_inf > 0,
+        "applied": torch.ones((), dtype=torch.bool, device=device),
+    }
     if loss_scale:
         metrics["loss_scale"] = loss_scale.scale.clone()
     return trees._replace(params=params, opt_state=opt_state, step=step), metrics
 
 
-def _step_core(static: _Static, apply: bool, trees: _Trees, batch: Any
-               ) -> tuple[_Trees, dict[str, torch.Tensor]]:
+def _step_core(
+    static: _Static, apply: bool, trees: _Trees, batch: Any
+) -> tuple[_Trees, dict[str, torch.Tensor]]:
     """One step's tensor work: ``train_step`` without its host-side prelude and epilogue.
 
     ``trees`` are owned by the call (donated or cloned) and updated in place where the kernels
@@ -293,8 +314,15 @@ class _Inductor:
     """The step core under ``torch.compile``: one whole-step graph, or a compiled
     forward/backward plus the eager update when the optimizer cannot be traced."""
 
-    def __init__(self, static: _Static, stats: CompileStats, *, dynamic: bool | None,
-                 fullgraph: bool, options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        static: _Static,
+        stats: CompileStats,
+        *,
+        dynamic: bool | None,
+        fullgraph: bool,
+        options: dict[str, Any],
+    ) -> None:
         self.static = static
         self.stats = stats
         self.dynamic = dynamic
@@ -304,8 +332,13 @@ class _Inductor:
         self.grads_part: Callable | None = None
 
     def _compile(self, fn: Callable, fullgraph: bool) -> Callable:
-        return torch.compile(fn, fullgraph=fullgraph, dynamic=self.dynamic, backend="inductor",
-                             options=dict(self.options))
+        return torch.compile(
+            fn,
+            fullgraph=fullgraph,
+            dynamic=self.dynamic,
+            backend="inductor",
+            options=dict(self.options),
+        )
 
     def _whole(self, apply: bool) -> Callable:
         fn = self.whole.get(apply)
@@ -387,8 +420,10 @@ class _MetricPack:
         self.buffer = torch.zeros(max(offset, 8), dtype=torch.uint8, device=device)
 
     def _views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: buffer[offset:offset + nbytes].view(dtype).view(shape)
-                for name, offset, nbytes, dtype, shape in self.layout}
+        return {
+            name: buffer[offset : offset + nbytes].view(dtype).view(shape)
+            for name, offset, nbytes, dtype, shape in self.layout
+        }
 
     def write(self, metrics: Mapping[str, torch.Tensor]) -> None:
         """Copy ``metrics`` into the buffer (recorded into the graph during capture)."""
@@ -433,8 +468,9 @@ class _Graphs:
     """The CUDA graphs of one compiled step, all captured against one set of static state
     storages (the "slot"), kept in an LRU cache of at most ``max_graphs`` entries."""
 
-    def __init__(self, run: Callable, stats: CompileStats, *, max_graphs: int,
-                 warmup_steps: int) -> None:
+    def __init__(
+        self, run: Callable, stats: CompileStats, *, max_graphs: int, warmup_steps: int
+    ) -> None:
         self.run = run
         self.stats = stats
         self.max_graphs = max_graphs
@@ -510,8 +546,9 @@ class _Graphs:
 
     # -- capture and replay --------------------------------------------------------------------
 
-    def step(self, state: TrainState, trees: _Trees, batch: Any, apply: bool,
-             device: torch.device) -> dict[str, torch.Tensor]:
+    def step(
+        self, state: TrainState, trees: _Trees, batch: Any, apply: bool, device: torch.device
+    ) -> dict[str, torch.Tensor]:
         leaves, treedef, key = _batch_signature(batch)
         key = (apply, key)
         entry = self.graphs.get(key)
@@ -548,10 +585,18 @@ class _Graphs:
                 )
         self.graphs[key] = entry
 
-    def _capture(self, state: TrainState, trees: _Trees, leaves: list, treedef: Any,
-                 apply: bool, device: torch.device) -> _Graph:
-        inputs = [leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf
-                  for leaf in leaves]
+    def _capture(
+        self,
+        state: TrainState,
+        trees: _Trees,
+        leaves: list,
+        treedef: Any,
+        apply: bool,
+        device: torch.device,
+    ) -> _Graph:
+        inputs = [
+            leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves
+        ]
         static_batch = optree.tree_unflatten(treedef, inputs)
         current = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
@@ -595,8 +640,16 @@ class CompiledStep:
         stats: a :class:`CompileStats` of what ran.
     """
 
-    def __init__(self, mode: str, *, max_graphs: int, warmup_steps: int,
-                 dynamic: bool | None, fullgraph: bool, options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        mode: str,
+        *,
+        max_graphs: int,
+        warmup_steps: int,
+        dynamic: bool | None,
+        fullgraph: bool,
+        options: dict[str, Any],
+    ) -> None:
         self.mode = mode
         self.stats = CompileStats()
         self._max_graphs = max_graphs
@@ -621,12 +674,18 @@ class CompiledStep:
                 )
             self._static = static
             if "inductor" in self.mode:
-                self._inductor = _Inductor(static, self.stats, dynamic=self._dynamic,
-                                           fullgraph=self._fullgraph, options=self._options)
+                self._inductor = _Inductor(
+                    static,
+                    self.stats,
+                    dynamic=self._dynamic,
+                    fullgraph=self._fullgraph,
+                    options=self._options,
+                )
             if self.mode in _GRAPH_MODES:
                 run = self._inductor if self._inductor is not None else self._eager_core
-                self._graphs = _Graphs(run, self.stats, max_graphs=self._max_graphs,
-                                       warmup_steps=self._warmup_steps)
+                self._graphs = _Graphs(
+                    run, self.stats, max_graphs=self._max_graphs, warmup_steps=self._warmup_steps
+                )
         elif not _same_static(static, self._static):
             raise ConfigError(
                 "this compiled step was built for another model, optimizer, loss_fn, precision "
@@ -637,8 +696,9 @@ class CompiledStep:
     def _eager_core(self, trees: _Trees, batch: Any, apply: bool) -> tuple[_Trees, dict]:
         return _step_core(self._static, apply, trees, batch)
 
-    def __call__(self, state: TrainState, batch: Any, *, donate: bool = True
-                 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    def __call__(
+        self, state: TrainState, batch: Any, *, donate: bool = True
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """Run one step; same contract as :func:`medfunc.train_step`.
 
         Args:
@@ -672,12 +732,17 @@ class CompiledStep:
         key, counter = (int(v) for v in state.rng.tolist())
         accum: AccumState | tuple = ()
         if k > 1:
-            accum = AccumState(trees.accum_grads,
-                               torch.tensor((count + 1) % k, dtype=torch.int64), trees.loss_sum)
+            accum = AccumState(
+                trees.accum_grads, torch.tensor((count + 1) % k, dtype=torch.int64), trees.loss_sum
+            )
         new_state = state.replace(
-            params=trees.params, buffers=trees.buffers, opt_state=trees.opt_state,
-            loss_scale=trees.loss_scale, step=trees.step,
-            rng=torch.tensor([key, counter + 1], dtype=torch.int64), accum=accum,
+            params=trees.params,
+            buffers=trees.buffers,
+            opt_state=trees.opt_state,
+            loss_scale=trees.loss_scale,
+            step=trees.step,
+            rng=torch.tensor([key, counter + 1], dtype=torch.int64),
+            accum=accum,
         )
         if donate:
             state.mark_consumed()
@@ -747,13 +812,18 @@ def compile_step(
             f"mode={mode!r} captures CUDA graphs and needs CUDA, which is not available here; "
             f"use mode='inductor' (mf.compile.default_mode('cpu'))"
         )
-    for name, value, minimum in (("max_graphs", max_graphs, 1),
-                                 ("warmup_steps", warmup_steps, 1)):
+    for name, value, minimum in (("max_graphs", max_graphs, 1), ("warmup_steps", warmup_steps, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if dynamic is None and mode == "inductor+cudagraph":
         dynamic = False
     options = dict(_DEFAULT_INDUCTOR_OPTIONS)
     options.update(inductor_options or {})
-    return CompiledStep(mode, max_graphs=max_graphs, warmup_steps=warmup_steps,
-                        dynamic=dynamic, fullgraph=fullgraph, options=options)
+    return CompiledStep(
+        mode,
+        max_graphs=max_graphs,
+        warmup_steps=warmup_steps,
+        dynamic=dynamic,
+        fullgraph=fullgraph,
+        options=options,
+    )

@@ -177,7 +177,8 @@ def compare_outputs(
     atol: float,
     label: str = "export",
 ) -> float:
-    """Compare exported outputs with the eager model's, pairwise in order.
+    """Compare exported outputs with the eager model's, pairwise in order (by name when both
+    sides have the same names in another order).
 
     Floating outputs must agree within ``atol`` (absolute; NaN and infinities must sit at the
     same places), integer and bool outputs exactly.
@@ -207,6 +208,10 @@ def compare_outputs(
             f"{label}: the exported model returns {len(got)} output(s) "
             f"{[n for n, _ in got]} but the eager model returns {len(want)} {[n for n, _ in want]}"
         )
+    want_names, got_names = [n for n, _ in want], [n for n, _ in got]
+    if want_names != got_names and sorted(want_names) == sorted(got_names):
+        by_name = dict(got)  # same outputs in another order (e.g. a dict): match them by name
+        got = [(n, by_name[n]) for n in want_names]
     worst = 0.0
     failures: list[tuple[float, str]] = []
     for (name, ref), (_, out) in zip(want, got):
@@ -396,7 +401,7 @@ def to_torchscript(
                     ) from exc
             for record in caught:
                 if issubclass(record.category, torch.jit.TracerWarning):
-                    tracer_notes.append(str(record.message).splitlines()[0])
+                    tracer_notes.append(str(record.message).split(". ")[0].strip())
                 elif not re.match(_JIT_DEPRECATION, str(record.message)):
                     warnings.warn_explicit(
                         record.message, record.category, record.filename, record.lineno
@@ -711,12 +716,12 @@ def _verify_onnx(
     output_names = [o.name for o in session.get_outputs()]
 
     def run(feed_tensors: list[torch.Tensor], want: list, what: str) -> None:
-        feed = {
-            n: t.detach().cpu().numpy()
-            for n, t in zip(input_names, feed_tensors)
-            if n in graph_inputs
-        }
         try:
+            feed = {
+                n: t.detach().cpu().numpy()
+                for n, t in zip(input_names, feed_tensors)
+                if n in graph_inputs
+            }
             got = session.run(None, feed)
         except Exception as exc:
             raise ExportError(

@@ -4,6 +4,9 @@ Metrics are computed once over every example (never averaged per batch): accurac
 recall and F1 (binary: of class 1; multi-class: macro average over the classes present), and
 for binary tasks the exact AUROC from ranks, ties given their average rank.
 
+:class:`EvalAccumulator` collects an evaluation batch by batch (on every rank under torchrun) and
+computes these metrics once over all examples.
+
 Example:
     >>> logits = torch.tensor([[2.0, -1.0], [0.1, 0.3], [-0.5, 0.5]])
     >>> classification_metrics(logits, torch.tensor([0, 1, 0]))
@@ -12,10 +15,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+
+from medfunc import distributed
+from medfunc.data import to_device
+from medfunc.errors import ConfigError
 
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 IGNORE_INDEX = -100
@@ -39,14 +46,15 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
         0.75
     """
     scores = scores.detach().reshape(-1).double().cpu()
-    positive = (labels.detach().reshape(-1).cpu() == 1)
+    positive = labels.detach().reshape(-1).cpu() == 1
     n_pos = int(positive.sum())
     n_neg = positive.numel() - n_pos
     if n_pos == 0 or n_neg == 0 or not bool(torch.isfinite(scores).all()):
         return float("nan")
     order = torch.argsort(scores, stable=True)
-    _, inverse, counts = torch.unique_consecutive(scores[order], return_inverse=True,
-                                                  return_counts=True)
+    _, inverse, counts = torch.unique_consecutive(
+        scores[order], return_inverse=True, return_counts=True
+    )
     ends = torch.cumsum(counts, 0).double()
     average_rank = ends - (counts.double() - 1) / 2
     ranks = average_rank[inverse]
@@ -185,9 +193,101 @@ def batch_size_of(batch: Any) -> int:
         >>> batch_size_of({"x": torch.zeros(5, 3)})
         5
     """
-    values = batch.values() if isinstance(batch, Mapping) else (
-        batch if isinstance(batch, (tuple, list)) else [batch])
+    values = (
+        batch.values()
+        if isinstance(batch, Mapping)
+        else (batch if isinstance(batch, (tuple, list)) else [batch])
+    )
     for value in values:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
     return 1
+
+
+def _gather_cat(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """This rank's tensors and every other rank's, concatenated in rank order on the CPU."""
+    local = torch.cat([t.cpu() for t in tensors]) if tensors else None
+    parts = [p for p in distributed.all_gather_object(local) if p is not None]
+    return torch.cat(parts) if parts else None
+
+
+class EvalAccumulator:
+    """Collects an evaluation batch by batch and computes its metrics once over every example.
+
+    The loss is summed on the device weighted by batch size (one transfer at the end); logits
+    and labels are kept for the whole-set classification metrics. Under torchrun,
+    :meth:`compute` sums the losses and gathers the logits, labels (and outputs) of all ranks,
+    so every rank returns the metrics of the whole evaluation set.
+
+    Args:
+        device: where the loss total lives.
+        keep_outputs: keep every batch's outputs (on the CPU) for a user metric function.
+
+    Example:
+        >>> acc = EvalAccumulator(torch.device("cpu"))
+        >>> for batch in batches:
+        ...     result = mf.eval_step(state, batch)
+        ...     acc.add(batch, result["outputs"], result["loss"])
+        >>> acc.compute()
+        {'loss': 0.31, 'accuracy': 0.9, ...}
+    """
+
+    def __init__(self, device: torch.device, *, keep_outputs: bool = False) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = 0
+        self.keep_outputs = keep_outputs
+        self.logits: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.outputs: list[Any] = []
+
+    def add(self, batch: Any, outputs: Any, loss: torch.Tensor) -> None:
+        """Record one batch: its inputs (for labels and size), the model outputs and mean loss."""
+        n = batch_size_of(batch)
+        self.loss_sum += loss.detach().double() * n
+        self.count += n
+        logits, labels = find_logits(outputs), find_labels(batch)
+        if labels is not None and (logits is not None or self.keep_outputs):
+            self.labels.append(labels.detach())
+            if logits is not None:
+                self.logits.append(logits.detach().float())
+        if self.keep_outputs:
+            self.outputs.append(to_device(outputs, "cpu"))
+
+    def compute(
+        self, metric_fn: Callable[[list, torch.Tensor | None], Mapping[str, float]] | None = None
+    ) -> dict[str, float]:
+        """The metrics of everything added (on all ranks).
+
+        Args:
+            metric_fn: optional ``metric_fn(outputs_list, labels) -> {name: number}`` over all
+                batches' outputs (rank 0's batches first under torchrun) and all labels.
+
+        Returns:
+            ``loss`` (example-weighted mean), the :func:`classification_metrics` when the
+            outputs hold logits and the batches labels, and ``metric_fn``'s entries.
+
+        Raises:
+            ConfigError: nothing was evaluated, or ``metric_fn`` returned no mapping.
+        """
+        count = torch.tensor(float(self.count), dtype=torch.float64, device=self.loss_sum.device)
+        total_loss, total_count = distributed.all_reduce_sum(
+            torch.stack([self.loss_sum, count])
+        ).tolist()
+        if total_count == 0:
+            raise ConfigError(
+                "the evaluation dataset is empty; pass a dataset with examples or eval_dataset=None"
+            )
+        metrics = {"loss": total_loss / total_count}
+        logits, labels = _gather_cat(self.logits), _gather_cat(self.labels)
+        if logits is not None and labels is not None and len(logits) == len(labels):
+            metrics.update(classification_metrics(logits, labels))
+        if metric_fn is not None:
+            outputs = [out for part in distributed.all_gather_object(self.outputs) for out in part]
+            extra = metric_fn(outputs, labels)
+            if not isinstance(extra, Mapping):
+                raise ConfigError(
+                    "TrainerConfig.eval_compute_metrics must return a dict of "
+                    f"name -> number, returned {type(extra).__name__}"
+                )
+            metrics.update({str(k): float(v) for k, v in extra.items()})
+        return metrics

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import inspect
+import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -102,19 +103,30 @@ class _CheckpointedForward:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.original: Callable[..., Any] = module.forward
+        # An instance-level forward set by someone else is kept; the class's own forward is
+        # looked up when called, so copies and pickles need no bound method of another object.
+        self.instance_forward: Callable[..., Any] | None = module.__dict__.get("forward")
         self.context_fn = _Rebind(module)
-        self.__wrapped__ = self.original  # inspect.signature() shows the real signature
+
+    @property
+    def original(self) -> Callable[..., Any]:
+        """The forward being checkpointed."""
+        if self.instance_forward is not None:
+            return self.instance_forward
+        return types.MethodType(type(self.module).forward, self.module)
+
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:  # inspect.signature() shows the real signature
+        return self.original
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        forward = self.original
         if not torch.is_grad_enabled():
-            return self.original(*args, **kwargs)
+            return forward(*args, **kwargs)
         if torch.compiler.is_compiling():
             # Compiled graphs take the parameters as inputs and recompute from them.
-            return checkpoint(self.original, *args, use_reentrant=False, **kwargs)
-        return checkpoint(
-            self.original, *args, use_reentrant=False, context_fn=self.context_fn, **kwargs
-        )
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=self.context_fn, **kwargs)
 
 
 def is_checkpointed(module: nn.Module) -> bool:

@@ -46,15 +46,29 @@ def read_metrics(metrics_jsonl_path: str | Path) -> list[dict[str, float]]:
                 raise ConfigError(f"{path}:{number} is not valid JSON ({err})") from err
             if not isinstance(record, dict) or "step" not in record:
                 raise ConfigError(f"{path}:{number} is not a metrics record with a 'step' key")
-            records.append(
-                {k: float(v) if isinstance(v, str) else v for k, v in record.items()}
-            )
+            records.append({k: float(v) if isinstance(v, str) else v for k, v in record.items()})
     return records
 
 
-def _series(records: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
-    points = [(r["step"], r[key]) for r in records if key in r]
-    return [p[0] for p in points], [p[1] for p in points]
+def metric_series(records: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
+    """One metric's values ordered by step.
+
+    Args:
+        records: records as :func:`read_metrics` returns them.
+        key: the metric name.
+
+    Returns:
+        ``(steps, values)``; a later record for the same step (a resumed run appending to the
+        same file) replaces the earlier one.
+
+    Example:
+        >>> records = [{"step": 2, "a": 1.0}, {"step": 1, "a": 3.0}, {"step": 2, "a": 0.5}]
+        >>> metric_series(records, "a")
+        ([1, 2], [3.0, 0.5])
+    """
+    by_step = {r["step"]: r[key] for r in records if key in r}
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
 
 
 def plot_metrics(
@@ -63,7 +77,9 @@ def plot_metrics(
     """Draw metrics against the step and save the figure as a PNG.
 
     The top panel shows training keys (``train/...``), the bottom panel every other key
-    (evaluation metrics); a panel with nothing to show is left out.
+    (evaluation metrics); a panel with nothing to show is left out. Points are ordered by step;
+    when the file holds several records of one key at the same step (a resumed run appends to
+    the same file), the last one is drawn.
 
     Args:
         metrics_jsonl_path: a run's ``metrics.jsonl``.
@@ -113,7 +129,7 @@ def plot_metrics(
     for index, (title, panel_keys) in enumerate(panels, start=1):
         axes = figure.add_subplot(len(panels), 1, index)
         for key in panel_keys:
-            steps, values = _series(records, key)
+            steps, values = metric_series(records, key)
             marker = "o" if len(steps) < 30 else None
             axes.plot(steps, values, label=key, marker=marker, markersize=3)
         axes.set_title(title)

@@ -17,27 +17,25 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
-import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, default_collate
 
 from medfunc import distributed, optim, schedules
 from medfunc.checkpoint import read_checkpoint, restore_state, save_state
 from medfunc.data import to_device
-from medfunc.errors import BatchError, ConfigError, NonFiniteError
+from medfunc.errors import ConfigError, NonFiniteError
 from medfunc.logging import create_logger
-from medfunc.metrics import batch_size_of, classification_metrics, find_labels, find_logits
+from medfunc.metrics import EvalAccumulator, find_logits
 from medfunc.modeling import prepare_model
 from medfunc.state import TrainState, bind_module, init_state
 from medfunc.step import apply_model, eval_step, train_step
 from medfunc.trainer_config import TrainerConfig
+from medfunc.trainer_data import DatasetBatches
 
 __all__ = ["MedicalModelTrainer", "TrainResult", "TrainerConfig", "resolve_device"]
 
@@ -96,133 +94,21 @@ def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"TrainerConfig.device={spec!r} but CUDA is not available in this "
-                          "PyTorch build or machine; use device='auto' or 'cpu'")
+        raise ConfigError(
+            f"TrainerConfig.device={spec!r} but CUDA is not available in this "
+            "PyTorch build or machine; use device='auto' or 'cpu'"
+        )
     if spec == "xla":
         try:
             import torch_xla.core.xla_model as xm
         except ImportError:
-            raise ConfigError("TrainerConfig.device='xla' needs the torch_xla package, which is "
-                              "not installed; install torch-xla on a TPU host or use "
-                              "device='auto'") from None
+            raise ConfigError(
+                "TrainerConfig.device='xla' needs the torch_xla package, which is "
+                "not installed; install torch-xla on a TPU host or use "
+                "device='auto'"
+            ) from None
         return xm.xla_device()
     return torch.device(spec)
-
-
-# ----------------------------------------------------------------------------------------------
-# data
-# ----------------------------------------------------------------------------------------------
-
-
-def _is_map_style(data: Any) -> bool:
-    if isinstance(data, (DataLoader, IterableDataset, list, tuple, Mapping, str)):
-        return False
-    if isinstance(data, torch.utils.data.Dataset):
-        return True
-    return hasattr(data, "__getitem__") and hasattr(data, "__len__")
-
-
-class _Batches:
-    """The batches of one dataset, epoch by epoch.
-
-    Map-style datasets are batched here: for training, the order of epoch ``e`` is that of a
-    ``DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)``
-    after ``set_epoch(e)`` (a ``torch.randperm`` seeded with ``seed + e``), so a resumed epoch
-    replays it exactly; evaluation takes the examples ``rank, rank + world, ...`` in order.
-    DataLoaders and iterables of batches are used as given (their sampler's ``set_epoch`` is
-    called every epoch); for evaluation under torchrun they are split by batch index unless
-    their sampler already is a ``DistributedSampler``.
-    """
-
-    def __init__(self, data: Any, *, role: str, batch_size: int, shuffle: bool, seed: int,
-                 rank: int, world: int, train: bool) -> None:
-        if data is None or isinstance(data, (str, bytes, Mapping)) or not (
-                _is_map_style(data) or isinstance(data, Iterable)):
-            raise ConfigError(
-                f"{role} must be a map-style Dataset, a DataLoader or an iterable of batches; "
-                f"got {type(data).__name__}"
-            )
-        self.data, self.role, self.rank, self.world = data, role, rank, world
-        self.map_style = _is_map_style(data)
-        self.batch_size = batch_size
-        self.sampler = None
-        if self.map_style and train:
-            self.sampler = DistributedSampler(data, num_replicas=world, rank=rank,
-                                              shuffle=shuffle, seed=seed, drop_last=False)
-        self.one_shot = not self.map_style and iter(data) is data
-        self._shard_batches = (not train and world > 1 and not self.map_style
-                               and not isinstance(_inner_sampler(data), DistributedSampler))
-
-    def __len__(self) -> int:
-        if self.map_style:
-            n = len(self.sampler) if self.sampler is not None else len(
-                range(self.rank, len(self.data), self.world))
-            return math.ceil(n / self.batch_size)
-        length = len(self.data)
-        return len(range(self.rank, length, self.world)) if self._shard_batches else length
-
-    @property
-    def has_length(self) -> bool:
-        """Whether the number of batches per epoch is known in advance."""
-        try:
-            len(self)
-        except TypeError:
-            return False
-        return True
-
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
-        """Yield the batches of ``epoch``, skipping its first ``start`` batches."""
-        if self.map_style:
-            if self.sampler is not None:
-                self.sampler.set_epoch(epoch)
-                indices = list(self.sampler)
-            else:
-                indices = list(range(self.rank, len(self.data), self.world))
-            size = self.batch_size
-            for begin in range(start * size, len(indices), size):
-                yield self._fetch(indices[begin:begin + size])
-            return
-        sampler = _inner_sampler(self.data)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        batches: Iterable[Any] = self.data
-        if self._shard_batches:
-            batches = itertools.islice(batches, self.rank, None, self.world)
-        yield from itertools.islice(batches, start, None)
-
-    def _fetch(self, indices: list[int]) -> Any:
-        items = []
-        for index in indices:
-            try:
-                items.append(self.data[index])
-            except Exception as err:
-                raise BatchError(f"{self.role}[{index}] could not be read: "
-                                 f"{type(err).__name__}: {err}") from err
-        try:
-            return default_collate(items)
-        except Exception as err:
-            raise BatchError(f"{self.role} items {indices[:4]}... could not be batched together "
-                             f"({type(err).__name__}: {err}); return tensors or numbers of equal "
-                             "shapes (or dicts of them) from the dataset") from err
-
-
-def _inner_sampler(data: Any) -> Any:
-    if isinstance(data, DataLoader):
-        batch_sampler = getattr(data, "batch_sampler", None)
-        return getattr(batch_sampler, "sampler", None) or getattr(data, "sampler", None)
-    return None
-
-
-def _windows(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    """Group micro-batches into optimizer-step windows; an incomplete last window is dropped."""
-    while True:
-        window = list(itertools.islice(batches, size))
-        if len(window) < size:
-            if window:
-                log.warning("dropped the last %d micro-batch(es) of the epoch: fewer than "
-                            "gradient_accumulation_steps=%d remained", len(window), size)
-            return
-        yield window
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,29 +136,41 @@ def build_schedule(config: TrainerConfig, total_steps: int | None) -> schedules.
     lr, name = config.learning_rate, config.scheduler
     needs_total = name in ("linear_warmup", "one_cycle") or (name == "cosine" and not config.t_max)
     if needs_total and total_steps is None:
-        raise ConfigError(f"TrainerConfig.scheduler={name!r} needs the run length, but the "
-                          "training data has no len(); set TrainerConfig.total_steps")
+        raise ConfigError(
+            f"TrainerConfig.scheduler={name!r} needs the run length, but the "
+            "training data has no len(); set TrainerConfig.total_steps"
+        )
     if name == "none":
         return schedules.constant(lr)
     if name == "linear_warmup":
         warmup = config.warmup_steps
         if warmup > total_steps:
-            log.warning("warmup_steps=%d exceeds the run's %d optimizer steps; the learning "
-                        "rate warms up over all %d steps", warmup, total_steps, total_steps)
+            log.warning(
+                "warmup_steps=%d exceeds the run's %d optimizer steps; the learning "
+                "rate warms up over all %d steps",
+                warmup,
+                total_steps,
+                total_steps,
+            )
             warmup = total_steps
         return schedules.linear_warmup(lr, warmup, total_steps)
     if name == "step":
         return schedules.step(lr, config.step_size, config.gamma)
     if name == "cosine":
         return schedules.cosine(lr, config.t_max or total_steps, config.eta_min)
-    return schedules.one_cycle(lr, total_steps, pct_start=config.pct_start,
-                               anneal_strategy=config.anneal_strategy,
-                               div_factor=config.div_factor,
-                               final_div_factor=config.final_div_factor)
+    return schedules.one_cycle(
+        lr,
+        total_steps,
+        pct_start=config.pct_start,
+        anneal_strategy=config.anneal_strategy,
+        div_factor=config.div_factor,
+        final_div_factor=config.final_div_factor,
+    )
 
 
-def build_optimizer(config: TrainerConfig, schedule: schedules.Schedule
-                    ) -> optim.GradientTransformation:
+def build_optimizer(
+    config: TrainerConfig, schedule: schedules.Schedule
+) -> optim.GradientTransformation:
     """The gradient transformation the config selects: clipping, then the optimizer.
 
     Args:
@@ -285,8 +183,11 @@ def build_optimizer(config: TrainerConfig, schedule: schedules.Schedule
     Example:
         >>> tx = build_optimizer(TrainerConfig(), schedules.constant(1e-3))
     """
-    kwargs: dict[str, Any] = {"lr": schedule, "weight_decay": config.weight_decay,
-                              "lr_multipliers": config.layer_wise_lrs}
+    kwargs: dict[str, Any] = {
+        "lr": schedule,
+        "weight_decay": config.weight_decay,
+        "lr_multipliers": config.layer_wise_lrs,
+    }
     if config.optimizer == "sgd":
         kwargs["momentum"] = config.sgd_momentum
     else:
@@ -339,9 +240,13 @@ class _TrainTracker:
             values.append(self.loss_scale.to(self.lr.device, torch.float64))
         numbers = torch.stack(values).tolist()
         loss_sum, norm_sum, good, skipped, max_run, lr = numbers[:6]
-        out = {"train/loss": loss_sum / max(self.steps, 1), "train/lr": lr,
-               "train/grad_norm": norm_sum / good if good else float("nan"),
-               "train/skipped_steps": skipped, "_max_run": max_run}
+        out = {
+            "train/loss": loss_sum / max(self.steps, 1),
+            "train/lr": lr,
+            "train/grad_norm": norm_sum / good if good else float("nan"),
+            "train/skipped_steps": skipped,
+            "_max_run": max_run,
+        }
         if self.loss_scale is not None:
             out["train/loss_scale"] = numbers[6]
         for t in (self.loss_sum, self.norm_sum, self.good, self.skipped, self.max_run):
@@ -367,10 +272,15 @@ class _Progress:
     last_eval_step: int = -1
 
     def as_extra(self, metric: str, run: Mapping[str, Any] | None) -> dict[str, Any]:
-        extra = {"epoch": self.epoch, "batch_index": self.batch_index,
-                 "loop_step": self.global_step, "best_metric": self.best_metric,
-                 "patience_counter": self.patience_counter,
-                 "last_eval_step": self.last_eval_step, "eval_metric": metric}
+        extra = {
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "loop_step": self.global_step,
+            "best_metric": self.best_metric,
+            "patience_counter": self.patience_counter,
+            "last_eval_step": self.last_eval_step,
+            "eval_metric": metric,
+        }
         if run:
             extra["run"] = dict(run)
         return extra
@@ -393,9 +303,14 @@ class MedicalModelTrainer:
         >>> trainer.evaluate(eval_ds)["accuracy"]
     """
 
-    def __init__(self, model: torch.nn.Module, config: TrainerConfig | None = None, *,
-                 loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-                 run_metadata: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: TrainerConfig | None = None,
+        *,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        run_metadata: Mapping[str, Any] | None = None,
+    ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if config is None:
@@ -424,16 +339,23 @@ class MedicalModelTrainer:
     def _prepare_model(self) -> torch.nn.Module:
         if not self._prepared:
             cfg = self.config
-            self.model = prepare_model(self.model, gradient_checkpointing=cfg.gradient_checkpointing,
-                                       channels_last=cfg.channels_last,
-                                       dropout_prob=cfg.dropout_prob, device=self.device)
+            self.model = prepare_model(
+                self.model,
+                gradient_checkpointing=cfg.gradient_checkpointing,
+                channels_last=cfg.channels_last,
+                dropout_prob=cfg.dropout_prob,
+                device=self.device,
+            )
             self._prepared = True
         return self.model
 
     def _init_kwargs(self) -> dict[str, Any]:
-        return {"loss_fn": self.loss_fn, "precision": self.config.precision,
-                "seed": self.config.seed,
-                "accumulate_steps": self.config.gradient_accumulation_steps}
+        return {
+            "loss_fn": self.loss_fn,
+            "precision": self.config.precision,
+            "seed": self.config.seed,
+            "accumulate_steps": self.config.gradient_accumulation_steps,
+        }
 
     def _build_state(self, tx: optim.GradientTransformation) -> TrainState:
         cfg = self.config
@@ -441,8 +363,9 @@ class MedicalModelTrainer:
         if cfg.fsdp:
             return distributed.fully_shard_state(model, tx, **self._init_kwargs())
         if cfg.deepspeed:
-            return distributed.deepspeed_state(model, tx, cfg.deepspeed_config,
-                                               **self._init_kwargs())
+            return distributed.deepspeed_state(
+                model, tx, cfg.deepspeed_config, **self._init_kwargs()
+            )
         state = init_state(model, tx, device=self.device, **self._init_kwargs())
         if distributed.is_distributed():
             state = distributed.data_parallel(state)
@@ -463,8 +386,14 @@ class MedicalModelTrainer:
         if self.state is not None:
             return self.state
         model = self._prepare_model()
-        return init_state(model, optim.chain(), device=self.device, loss_fn=self.loss_fn,
-                          precision=self.config.precision, seed=self.config.seed)
+        return init_state(
+            model,
+            optim.chain(),
+            device=self.device,
+            loss_fn=self.loss_fn,
+            precision=self.config.precision,
+            seed=self.config.seed,
+        )
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -474,8 +403,13 @@ class MedicalModelTrainer:
         if self._sharded():
             distributed.save_full(state, path, extra=extra)
         elif self.is_main_process:
-            save_state(state, path, extra=extra, save_optimizer=cfg.save_optimizer,
-                       save_scheduler=cfg.save_scheduler)
+            save_state(
+                state,
+                path,
+                extra=extra,
+                save_optimizer=cfg.save_optimizer,
+                save_scheduler=cfg.save_scheduler,
+            )
         distributed.barrier()
 
     def _resume(self, state: TrainState, path: str) -> tuple[TrainState, _Progress]:
@@ -493,58 +427,38 @@ class MedicalModelTrainer:
             patience_counter=int(saved.get("patience_counter", 0)),
             last_eval_step=int(saved.get("last_eval_step", -1)),
         )
-        log.info("resumed from %s at epoch %d, batch %d, step %d", path, progress.epoch,
-                 progress.batch_index, progress.global_step)
+        log.info(
+            "resumed from %s at epoch %d, batch %d, step %d",
+            path,
+            progress.epoch,
+            progress.batch_index,
+            progress.global_step,
+        )
         return state, progress
 
     # -- evaluation -----------------------------------------------------------------------------
 
-    def _eval_batches(self, dataset: Any) -> _Batches:
+    def _eval_batches(self, dataset: Any) -> DatasetBatches:
         cfg = self.config
-        return _Batches(dataset, role="eval_dataset", train=False,
-                        batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
-                        seed=cfg.seed, rank=self.dist.rank, world=self.dist.world_size)
+        return DatasetBatches(
+            dataset,
+            role="eval_dataset",
+            train=False,
+            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            shuffle=False,
+            seed=cfg.seed,
+            rank=self.dist.rank,
+            world=self.dist.world_size,
+        )
 
-    def _run_eval(self, state: TrainState, batches: _Batches) -> dict[str, float]:
+    def _run_eval(self, state: TrainState, batches: DatasetBatches) -> dict[str, float]:
         user_fn = self.config.eval_compute_metrics
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = 0
-        logits, labels, outputs_list = [], [], []
+        accumulator = EvalAccumulator(state.device, keep_outputs=user_fn is not None)
         for batch in batches.epoch(0):
             batch = to_device(batch, self.device)
             result = eval_step(state, batch)
-            n = batch_size_of(batch)
-            loss_sum += result["loss"].double() * n
-            count += n
-            batch_logits, batch_labels = find_logits(result["outputs"]), find_labels(batch)
-            if batch_labels is not None and (batch_logits is not None or user_fn is not None):
-                labels.append(batch_labels.detach())
-                if batch_logits is not None:
-                    logits.append(batch_logits.detach().float())
-            if user_fn is not None:
-                outputs_list.append(to_device(result["outputs"], "cpu"))
-        totals = distributed.all_reduce_sum(
-            torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64,
-                                                device=loss_sum.device)]))
-        total_loss, total_count = totals.tolist()
-        if total_count == 0:
-            raise ConfigError("the evaluation dataset is empty; pass a dataset with examples or "
-                              "eval_dataset=None")
-        metrics = {"loss": total_loss / total_count}
-        all_logits = _gather_cat([t.cpu() for t in logits])
-        all_labels = _gather_cat([t.cpu() for t in labels])
-        if all_logits is not None and all_labels is not None and len(all_logits) == len(
-                all_labels):
-            metrics.update(classification_metrics(all_logits, all_labels))
-        if user_fn is not None:
-            gathered = distributed.all_gather_object(outputs_list)
-            every_output = [out for part in gathered for out in part]
-            user = user_fn(every_output, all_labels)
-            if not isinstance(user, Mapping):
-                raise ConfigError("TrainerConfig.eval_compute_metrics must return a dict of "
-                                  f"name -> number, returned {type(user).__name__}")
-            metrics.update({str(k): float(v) for k, v in user.items()})
-        return metrics
+            accumulator.add(batch, result["outputs"], result["loss"])
+        return accumulator.compute(user_fn)
 
     def evaluate(self, eval_dataset: Any) -> dict[str, float]:
         """Evaluate the current model on the whole of ``eval_dataset``.
@@ -583,9 +497,16 @@ class MedicalModelTrainer:
         """
         cfg = self.config
         state = self._inference_state()
-        batches = _Batches(dataset, role="dataset", train=False,
-                           batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
-                           seed=cfg.seed, rank=0, world=1)
+        batches = DatasetBatches(
+            dataset,
+            role="dataset",
+            train=False,
+            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            shuffle=False,
+            seed=cfg.seed,
+            rank=0,
+            world=1,
+        )
         outputs = [apply_model(state, to_device(b, self.device)) for b in batches.epoch(0)]
         tensors = [o if isinstance(o, torch.Tensor) else find_logits(o) for o in outputs]
         if tensors and all(t is not None for t in tensors):
@@ -594,8 +515,12 @@ class MedicalModelTrainer:
 
     # -- training -------------------------------------------------------------------------------
 
-    def train(self, train_dataset: Any, eval_dataset: Any = None,
-              output_dir: str | os.PathLike = "./fine_tuned_model") -> TrainResult:
+    def train(
+        self,
+        train_dataset: Any,
+        eval_dataset: Any = None,
+        output_dir: str | os.PathLike = "./fine_tuned_model",
+    ) -> TrainResult:
         """Train for ``num_epochs`` epochs, evaluating, checkpointing and exporting as configured.
 
         Args:
@@ -621,49 +546,79 @@ class MedicalModelTrainer:
         out = Path(output_dir)
         k = cfg.gradient_accumulation_steps
         self._check_exports()
-        train_batches = _Batches(train_dataset, role="train_dataset", train=True,
-                                 batch_size=cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed,
-                                 rank=self.dist.rank, world=self.dist.world_size)
+        train_batches = DatasetBatches(
+            train_dataset,
+            role="train_dataset",
+            train=True,
+            batch_size=cfg.batch_size,
+            shuffle=cfg.shuffle,
+            seed=cfg.seed,
+            rank=self.dist.rank,
+            world=self.dist.world_size,
+        )
         if train_batches.one_shot and cfg.num_epochs > 1:
-            raise ConfigError("train_dataset is a one-shot iterator but num_epochs > 1; pass a "
-                              "list, a Dataset or a DataLoader that can be iterated again")
+            raise ConfigError(
+                "train_dataset is a one-shot iterator but num_epochs > 1; pass a "
+                "list, a Dataset or a DataLoader that can be iterated again"
+            )
         eval_batches = self._eval_batches(eval_dataset) if eval_dataset is not None else None
         steps_per_epoch = len(train_batches) // k if train_batches.has_length else None
         if steps_per_epoch == 0:
-            raise ConfigError(f"train_dataset gives {len(train_batches)} batch(es) per epoch, "
-                              f"fewer than gradient_accumulation_steps={k}: no optimizer step "
-                              "would run; lower batch_size or gradient_accumulation_steps")
+            raise ConfigError(
+                f"train_dataset gives {len(train_batches)} batch(es) per epoch, "
+                f"fewer than gradient_accumulation_steps={k}: no optimizer step "
+                "would run; lower batch_size or gradient_accumulation_steps"
+            )
         total_steps = cfg.total_steps or (
-            steps_per_epoch * cfg.num_epochs if steps_per_epoch else None)
+            steps_per_epoch * cfg.num_epochs if steps_per_epoch else None
+        )
         tx = build_optimizer(cfg, build_schedule(cfg, total_steps))
         state = self._build_state(tx)
         progress = _Progress()
         if cfg.resume_from:
             state, progress = self._resume(state, cfg.resume_from)
-        result = TrainResult(output_dir=out, global_step=progress.global_step,
-                             epochs_completed=progress.epoch, best_metric=progress.best_metric)
+        result = TrainResult(
+            output_dir=out,
+            global_step=progress.global_step,
+            epochs_completed=progress.epoch,
+            best_metric=progress.best_metric,
+        )
         if self.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-        logger = create_logger(out, enable_tensorboard=cfg.enable_tensorboard,
-                               tb_log_dir=cfg.tb_log_dir, enable_wandb=cfg.enable_wandb,
-                               wandb_project=cfg.wandb_project,
-                               wandb_run_name=cfg.wandb_run_name, run_config=cfg.to_dict(),
-                               is_main_process=self.is_main_process, progress=cfg.progress_bar,
-                               total_steps=total_steps)
+        logger = create_logger(
+            out,
+            enable_tensorboard=cfg.enable_tensorboard,
+            tb_log_dir=cfg.tb_log_dir,
+            enable_wandb=cfg.enable_wandb,
+            wandb_project=cfg.wandb_project,
+            wandb_run_name=cfg.wandb_run_name,
+            run_config=cfg.to_dict(),
+            is_main_process=self.is_main_process,
+            progress=cfg.progress_bar,
+            total_steps=total_steps,
+        )
         try:
             if progress.global_step:
                 logger.progress_update(progress.global_step)
-            state = self._loop(state, progress, train_batches, eval_batches, logger, result,
-                               steps_per_epoch)
+            state = self._loop(
+                state, progress, train_batches, eval_batches, logger, result, steps_per_epoch
+            )
             self.state = state
             self._finish(state, result)
         finally:
             logger.close()
         return result
 
-    def _loop(self, state: TrainState, progress: _Progress, train_batches: _Batches,
-              eval_batches: _Batches | None, logger: Any, result: TrainResult,
-              steps_per_epoch: int | None) -> TrainState:
+    def _loop(
+        self,
+        state: TrainState,
+        progress: _Progress,
+        train_batches: DatasetBatches,
+        eval_batches: DatasetBatches | None,
+        logger: Any,
+        result: TrainResult,
+        steps_per_epoch: int | None,
+    ) -> TrainState:
         cfg = self.config
         out = result.output_dir
         step_fn = self._step_fn()
@@ -673,9 +628,8 @@ class MedicalModelTrainer:
         for epoch in range(start_epoch, cfg.num_epochs):
             progress.epoch = epoch
             progress.batch_index = start_batch if epoch == start_epoch else 0
-            batches = train_batches.epoch(epoch, progress.batch_index)
             stop = False
-            for window in _windows(batches, k):
+            for window in train_batches.windows(epoch, progress.batch_index, k):
                 for batch in window:
                     state, metrics = step_fn(state, to_device(batch, self.device), donate=True)
                 progress.batch_index += k
@@ -685,10 +639,14 @@ class MedicalModelTrainer:
                 step = progress.global_step
                 if step % cfg.log_every == 0:
                     self._log_train(tracker, logger, step, epoch, progress, steps_per_epoch)
-                if eval_batches is not None and cfg.eval_every_steps and (
-                        step % cfg.eval_every_steps == 0):
-                    stop = self._evaluate_and_track(state, eval_batches, logger, progress,
-                                                    result, epoch + 1)
+                if (
+                    eval_batches is not None
+                    and cfg.eval_every_steps
+                    and (step % cfg.eval_every_steps == 0)
+                ):
+                    stop = self._evaluate_and_track(
+                        state, eval_batches, logger, progress, result, epoch + 1
+                    )
                 if cfg.save_every_steps and step % cfg.save_every_steps == 0:
                     path = out / f"checkpoint-step{step}.pt"
                     self._save_checkpoint(state, path, progress)
@@ -701,10 +659,14 @@ class MedicalModelTrainer:
                 break
             progress.epoch, progress.batch_index = epoch + 1, 0
             result.epochs_completed = epoch + 1
-            if eval_batches is not None and cfg.eval_at_epoch_end and (
-                    progress.last_eval_step != progress.global_step):
-                stop = self._evaluate_and_track(state, eval_batches, logger, progress, result,
-                                                epoch + 1)
+            if (
+                eval_batches is not None
+                and cfg.eval_at_epoch_end
+                and (progress.last_eval_step != progress.global_step)
+            ):
+                stop = self._evaluate_and_track(
+                    state, eval_batches, logger, progress, result, epoch + 1
+                )
             if cfg.save_every_epochs and (epoch + 1) % cfg.save_every_epochs == 0:
                 path = out / f"checkpoint-epoch{epoch + 1}.pt"
                 self._save_checkpoint(state, path, progress)
@@ -713,13 +675,19 @@ class MedicalModelTrainer:
                 result.stopped_early = True
                 break
         if tracker.steps:
-            self._log_train(tracker, logger, progress.global_step, progress.epoch, progress,
-                            None)
+            self._log_train(tracker, logger, progress.global_step, progress.epoch, progress, None)
         result.best_metric = progress.best_metric
         return state
 
-    def _log_train(self, tracker: _TrainTracker, logger: Any, step: int, epoch: int,
-                   progress: _Progress, steps_per_epoch: int | None) -> None:
+    def _log_train(
+        self,
+        tracker: _TrainTracker,
+        logger: Any,
+        step: int,
+        epoch: int,
+        progress: _Progress,
+        steps_per_epoch: int | None,
+    ) -> None:
         scalars = tracker.flush()
         max_run = scalars.pop("_max_run")
         limit = self.config.max_consecutive_skipped_steps
@@ -732,12 +700,20 @@ class MedicalModelTrainer:
             )
         if steps_per_epoch:
             scalars["train/epoch"] = epoch + progress.batch_index / (
-                steps_per_epoch * self.config.gradient_accumulation_steps)
+                steps_per_epoch * self.config.gradient_accumulation_steps
+            )
         logger.log(scalars, step=step)
         logger.progress_update(0, loss=scalars["train/loss"], lr=scalars["train/lr"])
 
-    def _evaluate_and_track(self, state: TrainState, eval_batches: _Batches, logger: Any,
-                            progress: _Progress, result: TrainResult, epoch: int) -> bool:
+    def _evaluate_and_track(
+        self,
+        state: TrainState,
+        eval_batches: DatasetBatches,
+        logger: Any,
+        progress: _Progress,
+        result: TrainResult,
+        epoch: int,
+    ) -> bool:
         """Evaluate, log, update the best metric and patience; True when training should stop."""
         cfg = self.config
         metrics = self._run_eval(state, eval_batches)
@@ -749,8 +725,10 @@ class MedicalModelTrainer:
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
             log.info("epoch %d step %d eval: %s", epoch, step, shown)
         if cfg.eval_metric not in metrics:
-            raise ConfigError(f"TrainerConfig.eval_metric={cfg.eval_metric!r} is not among the "
-                              f"evaluation results {sorted(metrics)}; pick one of them")
+            raise ConfigError(
+                f"TrainerConfig.eval_metric={cfg.eval_metric!r} is not among the "
+                f"evaluation results {sorted(metrics)}; pick one of them"
+            )
         value = metrics[cfg.eval_metric]
         best = progress.best_metric
         delta = cfg.early_stopping_min_delta
@@ -766,9 +744,13 @@ class MedicalModelTrainer:
         stop = patience is not None and progress.patience_counter >= patience
         stop = distributed.agree(stop, op="any")
         if stop and self.is_main_process:
-            log.info("early stopping at step %d: %s did not improve for %d evaluation(s) "
-                     "(best %.6g)", step, cfg.eval_metric, progress.patience_counter,
-                     progress.best_metric)
+            log.info(
+                "early stopping at step %d: %s did not improve for %d evaluation(s) (best %.6g)",
+                step,
+                cfg.eval_metric,
+                progress.patience_counter,
+                progress.best_metric,
+            )
         return stop
 
     # -- final outputs --------------------------------------------------------------------------
@@ -777,9 +759,11 @@ class MedicalModelTrainer:
         cfg = self.config
         for flag in ("export_torchscript", "export_onnx"):
             if getattr(cfg, flag) and cfg.export_input_example is None:
-                raise ConfigError(f"TrainerConfig.{flag}=True needs export_input_example, a dict "
-                                  "of example model inputs such as {'input_ids': "
-                                  "torch.zeros(1, 8, dtype=torch.long)}")
+                raise ConfigError(
+                    f"TrainerConfig.{flag}=True needs export_input_example, a dict "
+                    "of example model inputs such as {'input_ids': "
+                    "torch.zeros(1, 8, dtype=torch.long)}"
+                )
 
     def _finish(self, state: TrainState, result: TrainResult) -> None:
         bind_module(state)
@@ -790,8 +774,11 @@ class MedicalModelTrainer:
 
     def _export(self, state: TrainState, result: TrainResult) -> None:
         cfg = self.config
-        wanted = [name for name, flag in (("torchscript", cfg.export_torchscript),
-                                          ("onnx", cfg.export_onnx)) if flag]
+        wanted = [
+            name
+            for name, flag in (("torchscript", cfg.export_torchscript), ("onnx", cfg.export_onnx))
+            if flag
+        ]
         if not wanted:
             return
         from medfunc import export
@@ -828,8 +815,10 @@ def save_weights(state: TrainState, path: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {name: t.detach().to("cpu").clone().contiguous()
-               for name, t in (*state.params.items(), *state.buffers.items())}
+    tensors = {
+        name: t.detach().to("cpu").clone().contiguous()
+        for name, t in (*state.params.items(), *state.buffers.items())
+    }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -840,10 +829,3 @@ def save_weights(state: TrainState, path: str | os.PathLike) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
-
-
-def _gather_cat(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """Concatenate this rank's tensors and every other rank's, in rank order (CPU)."""
-    local = torch.cat(tensors) if tensors else None
-    parts = [p for p in distributed.all_gather_object(local) if p is not None]
-    return torch.cat(parts) if parts else None

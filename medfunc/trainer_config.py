@@ -44,7 +44,7 @@ AMP_DTYPES = {
     "bf16": torch.bfloat16,
 }
 #: Keys of a run file that belong to the ``medfunc`` command, not to TrainerConfig.
-RUN_KEYS = ("recipe", "recipe_options")
+RUN_KEYS = ("recipe", "recipe_options", "output_dir")
 #: Fields that hold Python objects and cannot come from a config file.
 _OBJECT_FIELDS = ("eval_compute_metrics", "export_input_example")
 
@@ -196,8 +196,9 @@ class TrainerConfig:
             >>> TrainerConfig.from_dict({"num_epochs": 2, "learning_rate": "1e-3"})
         """
         if not isinstance(options, Mapping):
-            raise ConfigError(f"{source}: expected a mapping of options, got "
-                              f"{type(options).__name__}")
+            raise ConfigError(
+                f"{source}: expected a mapping of options, got {type(options).__name__}"
+            )
         names = [f.name for f in dataclasses.fields(cls)]
         values = {}
         for key, value in options.items():
@@ -217,8 +218,9 @@ class TrainerConfig:
     ) -> TrainerConfig:
         """Load a config from a TOML, YAML or JSON file, then apply dotted ``overrides``.
 
-        The file is a mapping of option names to values. The run keys ``recipe`` and
-        ``recipe_options`` (read by the ``medfunc`` command) are ignored here.
+        The file is a mapping of option names to values. The run keys ``recipe``,
+        ``recipe_options`` and ``output_dir`` (read by the ``medfunc`` command) are ignored
+        here.
 
         Args:
             path: a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file.
@@ -260,8 +262,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".yaml", ".yml", ".json"):
-        raise ConfigError(f"{path}: unsupported config format {suffix or '(no extension)'!r}; "
-                          "use a .toml, .yaml, .yml or .json file")
+        raise ConfigError(
+            f"{path}: unsupported config format {suffix or '(no extension)'!r}; "
+            "use a .toml, .yaml, .yml or .json file"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -277,8 +281,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of options, got "
-                          f"{type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of options, got {type(data).__name__}"
+        )
     return data
 
 
@@ -310,8 +315,10 @@ def apply_overrides(mapping: Mapping[str, Any], overrides: Mapping[str, Any]) ->
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 prefix = ".".join(parts[: depth + 1])
-                raise ConfigError(f"override {dotted!r}: {prefix!r} holds "
-                                  f"{type(child).__name__}, not a mapping of options")
+                raise ConfigError(
+                    f"override {dotted!r}: {prefix!r} holds "
+                    f"{type(child).__name__}, not a mapping of options"
+                )
             node = child
         node[parts[-1]] = value
     return result
@@ -340,8 +347,10 @@ def _parse_yaml(text: str, path: Path) -> Any:
     try:
         import yaml
     except ImportError:
-        raise ConfigError(f"{path}: reading YAML needs PyYAML: run `pip install pyyaml` or use "
-                          "a .toml or .json file") from None
+        raise ConfigError(
+            f"{path}: reading YAML needs PyYAML: run `pip install pyyaml` or use "
+            "a .toml or .json file"
+        ) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -448,9 +457,13 @@ def _optional_string(name: str, value: Any) -> str | None:
 
 
 def _betas(name: str, value: Any) -> tuple[float, float]:
-    ok = (isinstance(value, (tuple, list)) and len(value) == 2
-          and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1
-                  for b in value))
+    ok = (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(
+            isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1 for b in value
+        )
+    )
     if not ok:
         raise _fail(name, "a pair of numbers in [0, 1), e.g. (0.9, 0.999)", value)
     return (float(value[0]), float(value[1]))
@@ -460,15 +473,24 @@ def _layer_wise_lrs(name: str, value: Any) -> list[tuple[str, float]] | None:
     if value is None:
         return None
     items = list(value.items()) if isinstance(value, Mapping) else value
-    expected = ("a list of (name substring, LR multiplier) pairs, e.g. [('encoder', 0.5)], "
-                "a mapping {substring: multiplier}, or None")
+    expected = (
+        "a list of (name substring, LR multiplier) pairs, e.g. [('encoder', 0.5)], "
+        "a mapping {substring: multiplier}, or None"
+    )
     if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)):
         raise _fail(name, expected, value)
     pairs = []
     for item in items:
-        ok = (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
-              and item[0] and isinstance(item[1], numbers.Real) and not isinstance(item[1], bool)
-              and math.isfinite(float(item[1])) and float(item[1]) >= 0)
+        ok = (
+            isinstance(item, (tuple, list))
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and item[0]
+            and isinstance(item[1], numbers.Real)
+            and not isinstance(item[1], bool)
+            and math.isfinite(float(item[1]))
+            and float(item[1]) >= 0
+        )
         if not ok:
             raise _fail(name, expected, value)
         pairs.append((item[0], float(item[1])))
@@ -480,8 +502,11 @@ def _amp_dtype(name: str, value: Any) -> torch.dtype:
         return value
     key = value.strip().lower().removeprefix("torch.") if isinstance(value, str) else None
     if key not in AMP_DTYPES:
-        raise _fail(name, "torch.float16 or torch.bfloat16 (or 'float16', 'bfloat16', 'fp16', "
-                    "'bf16')", value)
+        raise _fail(
+            name,
+            "torch.float16 or torch.bfloat16 (or 'float16', 'bfloat16', 'fp16', 'bf16')",
+            value,
+        )
     return AMP_DTYPES[key]
 
 
@@ -493,8 +518,11 @@ def _device(name: str, value: Any) -> str:
     key = value.strip().lower() if isinstance(value, str) else None
     base = key.split(":")[0] if key else None
     index_ok = key is not None and (":" not in key or key.split(":", 1)[1].isdigit())
-    if base not in ("auto", "cpu", "cuda", "xla") or not index_ok or (
-            base in ("auto", "cpu") and ":" in key):
+    if (
+        base not in ("auto", "cpu", "cuda", "xla")
+        or not index_ok
+        or (base in ("auto", "cpu") and ":" in key)
+    ):
         raise _fail(name, "'auto', 'cpu', 'cuda', 'cuda:N' or 'xla'", value)
     return key
 
@@ -504,8 +532,12 @@ def _compile(name: str, value: Any) -> bool | str:
         return value
     if isinstance(value, str) and value.strip().lower() in COMPILE_MODES:
         return value.strip().lower()
-    raise _fail(name, "false, true (the device's default mode) or one of "
-                + ", ".join(repr(m) for m in COMPILE_MODES), value)
+    raise _fail(
+        name,
+        "false, true (the device's default mode) or one of "
+        + ", ".join(repr(m) for m in COMPILE_MODES),
+        value,
+    )
 
 
 def _eval_metric(name: str, value: Any) -> str:
@@ -600,11 +632,23 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "deepspeed": _boolean,
     "deepspeed_config": _deepspeed_config,
 }
-_FLOAT_FIELDS = frozenset((
-    "learning_rate", "weight_decay", "eps", "sgd_momentum", "gamma", "eta_min", "pct_start",
-    "div_factor", "final_div_factor", "max_grad_norm", "grad_clip_value",
-    "early_stopping_min_delta", "dropout_prob",
-))
+_FLOAT_FIELDS = frozenset(
+    (
+        "learning_rate",
+        "weight_decay",
+        "eps",
+        "sgd_momentum",
+        "gamma",
+        "eta_min",
+        "pct_start",
+        "div_factor",
+        "final_div_factor",
+        "max_grad_norm",
+        "grad_clip_value",
+        "early_stopping_min_delta",
+        "dropout_prob",
+    )
+)
 
 
 def _check_combinations(config: TrainerConfig) -> None:
@@ -614,8 +658,11 @@ def _check_combinations(config: TrainerConfig) -> None:
             f"({config.total_steps})"
         )
     if config.grad_clip_mode == "norm" and config.max_grad_norm is None:
-        raise ConfigError("TrainerConfig.max_grad_norm is None but grad_clip_mode='norm'; set "
-                          "a max_grad_norm > 0 or grad_clip_mode='none'")
+        raise ConfigError(
+            "TrainerConfig.max_grad_norm is None but grad_clip_mode='norm'; set "
+            "a max_grad_norm > 0 or grad_clip_mode='none'"
+        )
     if config.fsdp and config.deepspeed:
-        raise ConfigError("TrainerConfig.fsdp and TrainerConfig.deepspeed are both true; choose "
-                          "one")
+        raise ConfigError(
+            "TrainerConfig.fsdp and TrainerConfig.deepspeed are both true; choose one"
+        )

@@ -22,8 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "medfunc.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "medfunc.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _auroc(text: str) -> float:
@@ -49,11 +55,23 @@ def one_epoch_run(tmp_path_factory):
     """``medfunc train run.toml --set num_epochs=1`` (in process)."""
     folder = tmp_path_factory.mktemp("cli")
     config = folder / "run.toml"
-    config.write_text('recipe = "breast_cancer"\nnum_epochs = 4\nlog_every = 5\n'
-                      "enable_tensorboard = false\n[recipe_options]\nseed = 1\n")
+    config.write_text(
+        'recipe = "breast_cancer"\nnum_epochs = 4\nlog_every = 5\n'
+        "enable_tensorboard = false\n[recipe_options]\nseed = 1\n"
+    )
     out = folder / "out"
-    status = main(["train", str(config), "--set", "num_epochs=1", "--set",
-                   "save_every_steps=10", "--output-dir", str(out)])
+    status = main(
+        [
+            "train",
+            str(config),
+            "--set",
+            "num_epochs=1",
+            "--set",
+            "save_every_steps=10",
+            "--output-dir",
+            str(out),
+        ]
+    )
     return status, out
 
 
@@ -61,7 +79,9 @@ def test_train_with_a_config_file_and_overrides(one_epoch_run, capsys):
     status, out = one_epoch_run
     assert status == 0
     assert sorted(p.name for p in out.glob("checkpoint-*.pt")) == [
-        "checkpoint-epoch1.pt", "checkpoint-step10.pt"]
+        "checkpoint-epoch1.pt",
+        "checkpoint-step10.pt",
+    ]
     assert not (out / "tb_logs").exists()
     state = read_checkpoint(out / "checkpoint-epoch1.pt")["trainer_state"]
     assert state["run"] == {"recipe": "breast_cancer", "recipe_options": {"seed": 1}}
@@ -79,8 +99,9 @@ def test_inspect_prints_the_checkpoint_summary(one_epoch_run, capsys):
 def test_export_writes_onnx_that_matches_the_checkpoint_model(one_epoch_run, tmp_path, capsys):
     _, out = one_epoch_run
     ckpt = out / "checkpoint-epoch1.pt"
-    assert main(["export", str(ckpt), "--onnx", "--torchscript", "--output-dir",
-                 str(tmp_path)]) == 0
+    assert (
+        main(["export", str(ckpt), "--onnx", "--torchscript", "--output-dir", str(tmp_path)]) == 0
+    )
     assert f"onnx: {tmp_path / 'model.onnx'}" in capsys.readouterr().out
     parts = get_recipe("breast_cancer").build(seed=1)
     parts.model.load_state_dict(read_checkpoint(ckpt)["model_state"])
@@ -105,13 +126,22 @@ def test_recipes_lists_the_built_in_recipes(capsys):
 @pytest.mark.parametrize(
     ("files", "args", "message"),
     [
-        ({"bad.toml": "num_epochs = 2\nlearning_rate = = 1\n"}, ["bad.toml"],
-         r"bad\.toml: invalid TOML: .*line 2"),
+        (
+            {"bad.toml": "num_epochs = 2\nlearning_rate = = 1\n"},
+            ["bad.toml"],
+            r"bad\.toml: invalid TOML: .*line 2",
+        ),
         ({"bad.yaml": "num_epochs: [1\n"}, ["bad.yaml"], r"bad\.yaml, line 2: invalid YAML"),
-        ({"typo.json": '{"lerning_rate": 0.1}'}, ["typo.json"],
-         r"typo\.json: unknown option 'lerning_rate'; did you mean 'learning_rate'\?"),
-        ({}, ["--set", "optimizer=adagrad"],
-         r"--set: TrainerConfig\.optimizer must be one of 'adamw', 'adam', 'sgd'; got 'adagrad'"),
+        (
+            {"typo.json": '{"lerning_rate": 0.1}'},
+            ["typo.json"],
+            r"typo\.json: unknown option 'lerning_rate'; did you mean 'learning_rate'\?",
+        ),
+        (
+            {},
+            ["--set", "optimizer=adagrad"],
+            r"--set: TrainerConfig\.optimizer must be one of 'adamw', 'adam', 'sgd'; got 'adagrad'",
+        ),
         ({}, ["--set", "batch_size=0"], r"TrainerConfig\.batch_size must be an integer >= 1"),
         ({}, ["--set", "num_epochs"], r"--set expects KEY=VALUE"),
         ({}, ["--recipe", "xray"], r"unknown recipe 'xray'; choose one of: breast_cancer"),
@@ -119,8 +149,9 @@ def test_recipes_lists_the_built_in_recipes(capsys):
         ({}, ["--set", "recipe_options.depth=3"], r"unknown breast_cancer option\(s\) \['depth'\]"),
     ],
 )
-def test_train_errors_are_one_line_with_status_2(tmp_path, monkeypatch, capsys, files, args,
-                                                 message):
+def test_train_errors_are_one_line_with_status_2(
+    tmp_path, monkeypatch, capsys, files, args, message
+):
     monkeypatch.chdir(tmp_path)
     for name, text in files.items():
         (tmp_path / name).write_text(text)
@@ -146,7 +177,8 @@ def test_an_error_in_a_real_process_prints_no_traceback(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "medfunc: error: run.yaml: TrainerConfig.grad_clip_mode must be one of 'norm', "
-        "'value', 'none'; got 'l3'"]
+        "'value', 'none'; got 'l3'"
+    ]
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["recipes"], ["inspect"], ["export"]])
@@ -167,9 +199,23 @@ def test_override_values_are_parsed_as_json_when_possible():
 
 @pytest.mark.slow
 def test_drug_reviews_recipe_end_to_end(tmp_path):
-    done = _run(["train", "--recipe", "drug_reviews", "--set", "recipe_options.max_train=240",
-                 "--set", "recipe_options.max_eval=160", "--set", "log_every=5",
-                 "--output-dir", "out"], cwd=tmp_path, timeout=600)
+    done = _run(
+        [
+            "train",
+            "--recipe",
+            "drug_reviews",
+            "--set",
+            "recipe_options.max_train=240",
+            "--set",
+            "recipe_options.max_eval=160",
+            "--set",
+            "log_every=5",
+            "--output-dir",
+            "out",
+        ],
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     assert _auroc(done.stdout) >= 0.85
     assert (tmp_path / "out" / "checkpoint-epoch1.pt").is_file()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,7 +248,9 @@ def test_torchscript_hf_model_output_becomes_dict(tmp_path):
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config)
     example = text_batch(2)
-    path = to_torchscript(model, example, tmp_path / "bert.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' own deprecations, the tracer note
+        path = to_torchscript(model, example, tmp_path / "bert.pt")
     with torch.no_grad():
         out = torch.jit.load(str(path))(**example)
         expected = model.eval()(**example).logits
@@ -321,3 +325,15 @@ def test_compare_outputs_reports_the_output_and_max_difference():
     ids = torch.tensor([1, 2])
     with pytest.raises(ExportError, match="'ids'"):
         compare_outputs({"ids": ids}, {"ids": ids + 1}, atol=10.0)  # integers compare exactly
+
+
+def test_round_trip_example_in_the_docs_runs(tmp_path, monkeypatch, capsys):
+    text = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "jit.load" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "docs/export.md", "exec"), namespace)
+    assert float(namespace["torch_diff"]) <= 1e-6
+    assert float(namespace["onnx_diff"]) <= 1e-4
+    assert "TorchScript max diff" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "export_demo")) == ["model.onnx", "model.pt"]

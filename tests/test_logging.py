@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from medfunc.errors import ConfigError
 from medfunc.logging import create_logger
-from medfunc.plots import plot_metrics, read_metrics
+from medfunc.plots import metric_series, plot_metrics, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -31,8 +33,12 @@ def test_metrics_jsonl_holds_each_log_call(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 2]
     assert records[0]["train/loss"] == 0.75
     assert records[0]["train/lr"] == 1e-3
-    assert records[1] == {"step": 2, "time": records[1]["time"], "train/loss": 0.5,
-                          "train/grad_norm": 2.0}
+    assert records[1] == {
+        "step": 2,
+        "time": records[1]["time"],
+        "train/loss": 0.5,
+        "train/grad_norm": 2.0,
+    }
     assert records[2]["eval/auroc"] == 0.93
     assert records[2]["eval/bad"] == "nan"
     assert records[0]["time"] <= records[1]["time"] <= records[2]["time"]
@@ -73,8 +79,9 @@ def test_tensorboard_event_files_hold_the_scalars(tmp_path):
 
 
 def test_tensorboard_custom_dir(tmp_path):
-    with create_logger(tmp_path / "run", enable_tensorboard=True, tb_log_dir=tmp_path / "tb",
-                       progress=False) as logger:
+    with create_logger(
+        tmp_path / "run", enable_tensorboard=True, tb_log_dir=tmp_path / "tb", progress=False
+    ) as logger:
         logger.log({"train/loss": 0.25}, step=3)
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
@@ -98,9 +105,14 @@ def _files_under(path):
 
 def test_wandb_offline_run_starts_on_first_log(wandb_offline):
     run_dir = wandb_offline / "run"
-    logger = create_logger(run_dir, enable_wandb=True, wandb_project="medfunc-test",
-                           wandb_run_name="unit", run_config={"learning_rate": 1e-3},
-                           progress=False)
+    logger = create_logger(
+        run_dir,
+        enable_wandb=True,
+        wandb_project="medfunc-test",
+        wandb_run_name="unit",
+        run_config={"learning_rate": 1e-3},
+        progress=False,
+    )
     assert logger.wandb_run is None
     assert not (run_dir / "wandb").exists()
     logger.log({"train/loss": 0.5}, step=1)
@@ -118,9 +130,15 @@ def test_wandb_offline_run_starts_on_first_log(wandb_offline):
 
 def test_non_main_process_writes_nothing(wandb_offline):
     run_dir = wandb_offline / "rank1"
-    logger = create_logger(run_dir, enable_tensorboard=True, enable_wandb=True,
-                           wandb_project="medfunc-test", is_main_process=False, progress=True,
-                           total_steps=10)
+    logger = create_logger(
+        run_dir,
+        enable_tensorboard=True,
+        enable_wandb=True,
+        wandb_project="medfunc-test",
+        is_main_process=False,
+        progress=True,
+        total_steps=10,
+    )
     logger.log({"train/loss": 0.5, "train/lr": 1e-3}, step=1)
     logger.progress_update(1, loss=0.5)
     logger.close()
@@ -159,8 +177,9 @@ def test_plot_writes_a_png_with_train_and_eval_panels(tmp_path):
             logger.log({"train/loss": 1.0 / step, "train/lr": 1e-3}, step=step)
             if step % 10 == 0:
                 logger.log({"eval/loss": 0.5 / step, "eval/auroc": 0.9 + step / 1000}, step=step)
-    one_panel = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "a" / "train.png",
-                             keys=["train/loss"])
+    one_panel = plot_metrics(
+        tmp_path / "metrics.jsonl", tmp_path / "a" / "train.png", keys=["train/loss"]
+    )
     both = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "b" / "metrics.png")
     assert both == tmp_path / "b" / "metrics.png"
     (width, height), size = _png_size(both)
@@ -178,3 +197,34 @@ def test_plot_rejects_unknown_keys_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         plot_metrics(tmp_path / "missing.jsonl", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_resumed_run_records_replace_earlier_ones_at_the_same_step(tmp_path):
+    with create_logger(tmp_path, progress=False) as logger:
+        for step in (10, 20, 30):
+            logger.log({"train/loss": 1.0 / step}, step=step)
+    with create_logger(tmp_path, progress=False) as resumed:
+        for step in (20, 30, 40):
+            resumed.log({"train/loss": 2.0 / step}, step=step)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(records) == 6
+    assert metric_series(records, "train/loss") == (
+        [10, 20, 30, 40],
+        [0.1, 2.0 / 20, 2.0 / 30, 2.0 / 40],
+    )
+
+
+def test_logging_guide_example_runs():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "logging.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    namespace: dict = {}
+    exec(compile(block, "docs/logging.md", "exec"), namespace)
+    run_dir = Path(namespace["run_dir"])
+    records = _records(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [10, 20, 30, 30]
+    assert records[2]["train/loss"] == pytest.approx(1 / 30)
+    assert records[3]["eval/auroc"] == 0.98
+    assert _png_size(namespace["png"])[1] > 10_000
+    events = EventAccumulator(str(run_dir / "tb_logs"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/lr")] == [10, 20, 30]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import warnings
 from collections import OrderedDict
 
@@ -153,7 +154,10 @@ def test_default_rule_wraps_the_repeated_blocks_without_changing_keys():
 
 def test_patterns_choose_blocks_by_name_or_class():
     model = DeepMLP(depth=4)
-    assert enable_gradient_checkpointing(model, ["blocks.1", "blocks.3"]) == ["blocks.1", "blocks.3"]
+    assert enable_gradient_checkpointing(model, ["blocks.1", "blocks.3"]) == [
+        "blocks.1",
+        "blocks.3",
+    ]
     assert not is_checkpointed(model.blocks[0])
     assert enable_gradient_checkpointing(DeepMLP(depth=2), "Block") == ["blocks.0", "blocks.1"]
     with pytest.raises(ConfigError, match=r"no submodule.*top-level children are \['inp'"):
@@ -250,7 +254,9 @@ def saved_activation_bytes(model: nn.Module, batch: dict) -> int:
         for a in args:
             keep(a)
 
-    hooks = [m.register_forward_pre_hook(keep_inputs) for m in model.modules() if is_checkpointed(m)]
+    hooks = [
+        m.register_forward_pre_hook(keep_inputs) for m in model.modules() if is_checkpointed(m)
+    ]
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = torch.func.functional_call(model, params, (), batch)
@@ -282,6 +288,11 @@ def test_checkpointed_model_copies_and_exports(tmp_path):
     enable_gradient_checkpointing(model)
     clone = copy.deepcopy(model)
     assert clone.blocks[0].forward.module is clone.blocks[0]  # bound to the copy, not the original
+    restored = pickle.loads(pickle.dumps(model))
+    assert is_checkpointed(restored.blocks[1]) and restored.blocks[1].forward.module is not None
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        assert torch.equal(restored.eval()(x)["logits"], model.eval()(x)["logits"])
     from medfunc.export import to_torchscript
 
     path = to_torchscript(model, {"x": torch.randn(3, 6)}, tmp_path / "m.pt")
@@ -372,7 +383,9 @@ def test_prepare_model_combines_the_options():
     assert all(is_checkpointed(b) for b in model.blocks)
     assert all(b.drop.p == 0.0 for b in model.blocks)
     assert list(model.state_dict()) == keys
-    assert is_checkpointed(prepare_model(DeepMLP(depth=2), gradient_checkpointing=["blocks.1"]).blocks[1])
+    assert is_checkpointed(
+        prepare_model(DeepMLP(depth=2), gradient_checkpointing=["blocks.1"]).blocks[1]
+    )
     with pytest.warns(UserWarning, match="only benefits CUDA"):
         prepare_model(cnn(), channels_last=True, device="cpu")
     with pytest.raises(ConfigError):

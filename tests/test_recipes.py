@@ -127,20 +127,26 @@ def test_breast_cancer_config_reaches_target_auroc_with_torch_optim():
     assert config["optimizer"] == "adamw" and config["scheduler"] == "linear_warmup"
     steps_per_epoch = -(-len(parts.train_dataset) // config["batch_size"])
     total, warmup = steps_per_epoch * config["num_epochs"], config["warmup_steps"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"])
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config["learning_rate"], weight_decay=config["weight_decay"]
+    )
     scheduler = torch.optim.lr_scheduler.SequentialLR(
         optimizer,
-        [torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / warmup, 1.0, warmup),
-         torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total - warmup)],
+        [
+            torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / warmup, 1.0, warmup),
+            torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total - warmup),
+        ],
         milestones=[warmup],
     )
     torch.manual_seed(0)
     model.train()
     for epoch in range(config["num_epochs"]):
-        for batch in iterate_batches(parts.train_dataset.tensors, config["batch_size"],
-                                     shuffle=True, seed=epoch):
+        for batch in iterate_batches(
+            parts.train_dataset.tensors, config["batch_size"], shuffle=True, seed=epoch
+        ):
             optimizer.zero_grad()
             model(**batch)["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
             optimizer.step()
             scheduler.step()
     model.eval()

@@ -22,8 +22,11 @@ from medfunc.trainer import MedicalModelTrainer, TrainerConfig
 def _data(n: int, classes: int = 3, seed: int = 0, features: int = 6) -> TensorDictDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=g)
-    labels = (x[:, 0] + 0.5 * torch.randn(n, generator=g) > 0).long() if classes == 2 else \
-        torch.randint(0, classes, (n,), generator=g)
+    labels = (
+        (x[:, 0] + 0.5 * torch.randn(n, generator=g) > 0).long()
+        if classes == 2
+        else torch.randint(0, classes, (n,), generator=g)
+    )
     return TensorDictDataset({"x": x, "labels": labels})
 
 
@@ -49,28 +52,39 @@ def test_training_equals_an_imperative_pytorch_loop(tmp_path):
     reference = copy.deepcopy(model)
     data = _data(70)
     epochs, k, bs, seed = 3, 2, 8, 7
-    config = _quiet(num_epochs=epochs, batch_size=bs, learning_rate=1e-2, weight_decay=0.05,
-                    warmup_steps=3, max_grad_norm=0.5, gradient_accumulation_steps=k,
-                    log_every=1, seed=seed)
+    config = _quiet(
+        num_epochs=epochs,
+        batch_size=bs,
+        learning_rate=1e-2,
+        weight_decay=0.05,
+        warmup_steps=3,
+        max_grad_norm=0.5,
+        gradient_accumulation_steps=k,
+        log_every=1,
+        seed=seed,
+    )
     trainer = MedicalModelTrainer(model, config)
     result = trainer.train(data, output_dir=tmp_path)
 
     decay = [p for n, p in reference.named_parameters() if not n.endswith("bias")]
     no_decay = [p for n, p in reference.named_parameters() if n.endswith("bias")]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=1e-2)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-2,
+    )
     steps_per_epoch = (70 // bs + 1) // k  # 9 batches -> 4 windows, the 9th batch is dropped
     total = epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: s / 3 if s < 3 else max(0.0, (total - s) / (total - 3)))
+        opt, lambda s: s / 3 if s < 3 else max(0.0, (total - s) / (total - 3))
+    )
     x, y = data.tensors["x"], data.tensors["labels"]
     lrs, losses = [], []
     for epoch in range(epochs):
         order = torch.randperm(70, generator=torch.Generator().manual_seed(seed + epoch))
-        batches = [order[i:i + bs] for i in range(0, 70, bs)]
+        batches = [order[i : i + bs] for i in range(0, 70, bs)]
         for w in range(steps_per_epoch):
             window_loss = 0.0
-            for index in batches[w * k:(w + 1) * k]:
+            for index in batches[w * k : (w + 1) * k]:
                 loss = reference(x[index], labels=y[index])["loss"]
                 (loss / k).backward()
                 window_loss += loss.item() / k
@@ -93,8 +107,9 @@ def test_training_equals_an_imperative_pytorch_loop(tmp_path):
 def test_evaluate_computes_metrics_over_the_whole_set_like_sklearn(tmp_path):
     model = _model(classes=2)
     train, held_out = _data(64, classes=2), _data(53, classes=2, seed=1)
-    trainer = MedicalModelTrainer(model, _quiet(num_epochs=2, batch_size=16, learning_rate=1e-2,
-                                                eval_batch_size=10))
+    trainer = MedicalModelTrainer(
+        model, _quiet(num_epochs=2, batch_size=16, learning_rate=1e-2, eval_batch_size=10)
+    )
     trainer.train(train, output_dir=tmp_path)
     metrics = trainer.evaluate(held_out)
 
@@ -109,7 +124,8 @@ def test_evaluate_computes_metrics_over_the_whole_set_like_sklearn(tmp_path):
     assert metrics["recall"] == pytest.approx(recall_score(labels, predictions))
     assert metrics["f1"] == pytest.approx(f1_score(labels, predictions))
     assert metrics["auroc"] == pytest.approx(
-        roc_auc_score(labels, out["logits"].softmax(-1)[:, 1]), abs=1e-6)
+        roc_auc_score(labels, out["logits"].softmax(-1)[:, 1]), abs=1e-6
+    )
     torch.testing.assert_close(trainer.predict(held_out), out["logits"])
 
 
@@ -128,11 +144,19 @@ class _CountingModel(TinyClassifier):
 
 def test_log_and_eval_fire_per_optimizer_step_and_training_stays_in_train_mode(tmp_path):
     model = _CountingModel()
-    config = _quiet(num_epochs=1, batch_size=4, gradient_accumulation_steps=3, log_every=1,
-                    eval_every_steps=1, eval_at_epoch_end=True, eval_batch_size=5,
-                    learning_rate=1e-2)
-    result = MedicalModelTrainer(model, config).train(_data(48), _data(10, seed=3),
-                                                      output_dir=tmp_path)
+    config = _quiet(
+        num_epochs=1,
+        batch_size=4,
+        gradient_accumulation_steps=3,
+        log_every=1,
+        eval_every_steps=1,
+        eval_at_epoch_end=True,
+        eval_batch_size=5,
+        learning_rate=1e-2,
+    )
+    result = MedicalModelTrainer(model, config).train(
+        _data(48), _data(10, seed=3), output_dir=tmp_path
+    )
     train_calls = [c for c in model.calls if c[1]]
     eval_calls = [c for c in model.calls if not c[1]]
     assert len(train_calls) == 12 and all(training for training, _ in train_calls)
@@ -161,17 +185,28 @@ def test_early_stopping_uses_patience_min_delta_and_mode(tmp_path):
         seen.append((len(outputs_list), len(labels)))
         return {"score": 0.5 + 1e-4 * len(seen)}
 
-    config = _quiet(num_epochs=10, batch_size=8, eval_metric="score", eval_metric_mode="max",
-                    early_stopping_patience=2, early_stopping_min_delta=1e-3,
-                    eval_compute_metrics=slowly_improving, eval_batch_size=4,
-                    save_every_epochs=1)
-    result = MedicalModelTrainer(_model(), config).train(_data(16), _data(10, seed=2),
-                                                         output_dir=tmp_path)
+    config = _quiet(
+        num_epochs=10,
+        batch_size=8,
+        eval_metric="score",
+        eval_metric_mode="max",
+        early_stopping_patience=2,
+        early_stopping_min_delta=1e-3,
+        eval_compute_metrics=slowly_improving,
+        eval_batch_size=4,
+        save_every_epochs=1,
+    )
+    result = MedicalModelTrainer(_model(), config).train(
+        _data(16), _data(10, seed=2), output_dir=tmp_path
+    )
     assert result.stopped_early and result.epochs_completed == 3
     assert seen == [(3, 10)] * 3
     assert result.best_metric == pytest.approx(0.5001)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == [
-        "checkpoint-epoch1.pt", "checkpoint-epoch2.pt", "checkpoint-epoch3.pt"]
+        "checkpoint-epoch1.pt",
+        "checkpoint-epoch2.pt",
+        "checkpoint-epoch3.pt",
+    ]
 
 
 def test_consecutive_non_finite_steps_stop_with_a_clear_error(tmp_path):
@@ -198,8 +233,11 @@ class _BrokenDataset(torch.utils.data.Dataset):
 
 def test_an_unreadable_item_is_named_by_its_index(tmp_path):
     config = _quiet(num_epochs=1, batch_size=4, shuffle=False)
-    with pytest.raises(BatchError, match=r"train_dataset\[13\] could not be read: OSError: "
-                                         "image file truncated"):
+    with pytest.raises(
+        BatchError,
+        match=r"train_dataset\[13\] could not be read: OSError: "
+        "image file truncated",
+    ):
         MedicalModelTrainer(_model(), config).train(_BrokenDataset(), output_dir=tmp_path)
 
 
@@ -214,8 +252,9 @@ def test_dataloaders_and_lists_of_batches_are_accepted(tmp_path):
     for name, value in a.state.params.items():
         assert torch.equal(value, b.state.params[name]), name
     with pytest.raises(ConfigError, match="one-shot iterator"):
-        MedicalModelTrainer(_model(), _quiet(num_epochs=2)).train(iter(batches),
-                                                                  output_dir=tmp_path / "it")
+        MedicalModelTrainer(_model(), _quiet(num_epochs=2)).train(
+            iter(batches), output_dir=tmp_path / "it"
+        )
 
 
 def test_final_weights_are_saved_as_safetensors(tmp_path):
@@ -230,8 +269,13 @@ def test_final_weights_are_saved_as_safetensors(tmp_path):
 
 
 def test_a_failed_export_is_recorded_and_keeps_the_training_outputs(tmp_path, caplog):
-    config = _quiet(num_epochs=1, batch_size=8, save_every_epochs=1, export_onnx=True,
-                    export_input_example={"x": torch.zeros(1, 5)})  # wrong width: 5, not 6
+    config = _quiet(
+        num_epochs=1,
+        batch_size=8,
+        save_every_epochs=1,
+        export_onnx=True,
+        export_input_example={"x": torch.zeros(1, 5)},
+    )  # wrong width: 5, not 6
     with caplog.at_level(logging.WARNING, logger="medfunc.trainer"):
         result = MedicalModelTrainer(_model(), config).train(_data(16), output_dir=tmp_path)
     assert "onnx" in result.export_errors and "onnx" not in result.exports
@@ -244,7 +288,8 @@ def test_a_failed_export_is_recorded_and_keeps_the_training_outputs(tmp_path, ca
 def test_export_without_an_example_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match="export_torchscript=True needs export_input_example"):
         MedicalModelTrainer(_model(), _quiet(export_torchscript=True)).train(
-            _data(16), output_dir=tmp_path)
+            _data(16), output_dir=tmp_path
+        )
     assert not (tmp_path / "metrics.jsonl").exists()
 
 

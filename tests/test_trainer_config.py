@@ -50,9 +50,15 @@ def test_a_wrong_value_names_the_field_and_the_allowed_values(options, field, al
 
 
 def test_values_are_normalised():
-    config = TrainerConfig(optimizer="AdamW", amp_dtype="bf16", betas=[0.8, 0.99],
-                           layer_wise_lrs={"encoder": 0.5, "head": 2}, device="CPU",
-                           eval_metric="eval_auroc", learning_rate=1)
+    config = TrainerConfig(
+        optimizer="AdamW",
+        amp_dtype="bf16",
+        betas=[0.8, 0.99],
+        layer_wise_lrs={"encoder": 0.5, "head": 2},
+        device="CPU",
+        eval_metric="eval_auroc",
+        learning_rate=1,
+    )
     assert config.optimizer == "adamw"
     assert config.amp_dtype is torch.bfloat16
     assert config.betas == (0.8, 0.99)
@@ -83,9 +89,11 @@ def test_inconsistent_combinations_are_refused():
 
 
 def test_to_dict_is_json_serialisable():
-    config = TrainerConfig(eval_compute_metrics=lambda outputs, labels: {},
-                           export_input_example={"x": torch.zeros(1, 3)},
-                           layer_wise_lrs=[("fc", 2.0)])
+    config = TrainerConfig(
+        eval_compute_metrics=lambda outputs, labels: {},
+        export_input_example={"x": torch.zeros(1, 3)},
+        layer_wise_lrs=[("fc", 2.0)],
+    )
     record = json.loads(json.dumps(config.to_dict()))
     assert record["amp_dtype"] == "float16"
     assert record["betas"] == [0.9, 0.999]
@@ -96,20 +104,30 @@ def test_to_dict_is_json_serialisable():
 
 @pytest.mark.parametrize("suffix", [".toml", ".yaml", ".json"])
 def test_from_file_reads_each_format_and_applies_overrides(tmp_path, suffix):
-    options = {"recipe": "breast_cancer", "num_epochs": 4, "learning_rate": 0.001,
-               "betas": [0.8, 0.9], "deepspeed_config": {"zero_optimization": {"stage": 1}}}
+    options = {
+        "recipe": "breast_cancer",
+        "num_epochs": 4,
+        "learning_rate": 0.001,
+        "betas": [0.8, 0.9],
+        "deepspeed_config": {"zero_optimization": {"stage": 1}},
+    }
     path = tmp_path / f"run{suffix}"
     if suffix == ".toml":
-        path.write_text('recipe = "breast_cancer"\nnum_epochs = 4\nlearning_rate = 1e-3\n'
-                        "betas = [0.8, 0.9]\n[deepspeed_config.zero_optimization]\nstage = 1\n")
+        path.write_text(
+            'recipe = "breast_cancer"\nnum_epochs = 4\nlearning_rate = 1e-3\n'
+            "betas = [0.8, 0.9]\n[deepspeed_config.zero_optimization]\nstage = 1\n"
+        )
     elif suffix == ".yaml":
-        path.write_text("recipe: breast_cancer\nnum_epochs: 4\nlearning_rate: 1e-3\n"
-                        "betas: [0.8, 0.9]\ndeepspeed_config:\n  zero_optimization:\n"
-                        "    stage: 1\n")
+        path.write_text(
+            "recipe: breast_cancer\nnum_epochs: 4\nlearning_rate: 1e-3\n"
+            "betas: [0.8, 0.9]\ndeepspeed_config:\n  zero_optimization:\n"
+            "    stage: 1\n"
+        )
     else:
         path.write_text(json.dumps(options))
     config = TrainerConfig.from_file(
-        path, overrides={"num_epochs": 2, "deepspeed_config.zero_optimization.stage": 2})
+        path, overrides={"num_epochs": 2, "deepspeed_config.zero_optimization.stage": 2}
+    )
     assert config.num_epochs == 2
     assert config.learning_rate == 1e-3
     assert config.betas == (0.8, 0.9)
@@ -132,7 +150,7 @@ def test_unknown_key_gives_one_line_naming_key_and_suggestion(tmp_path):
 @pytest.mark.parametrize(
     ("suffix", "text", "line"),
     [
-        (".toml", 'num_epochs = 3\nlearning_rate = = 2\n', 2),
+        (".toml", "num_epochs = 3\nlearning_rate = = 2\n", 2),
         (".yaml", "num_epochs: 3\nbatch_size: [1, 2\nseed: 1\n", 3),
         (".json", '{\n  "num_epochs": 3,\n  "batch_size": 8,,\n}', 3),
     ],
@@ -169,8 +187,7 @@ def test_missing_and_unsupported_files(tmp_path):
 
 def test_apply_overrides_is_pure_and_checks_the_path():
     original = {"a": {"b": 1}, "c": 2}
-    assert apply_overrides(original, {"a.b": 5, "d.e": 3}) == {"a": {"b": 5}, "c": 2,
-                                                                "d": {"e": 3}}
+    assert apply_overrides(original, {"a.b": 5, "d.e": 3}) == {"a": {"b": 5}, "c": 2, "d": {"e": 3}}
     assert original == {"a": {"b": 1}, "c": 2}
     with pytest.raises(ConfigError, match="'c' holds int"):
         apply_overrides(original, {"c.x": 1})
@@ -188,8 +205,11 @@ def test_docs_table_lists_every_option_with_its_default():
     defaults = TrainerConfig().to_dict()
     for name, shown in documented.items():
         value = defaults[name]
-        expected = {None: "None", True: "True", False: "False"}.get(value, None) \
-            if isinstance(value, (bool, type(None))) else repr(value)
+        expected = (
+            {None: "None", True: "True", False: "False"}.get(value, None)
+            if isinstance(value, (bool, type(None)))
+            else repr(value)
+        )
         if isinstance(value, str):
             expected = f'"{value}"'
         if isinstance(value, list):

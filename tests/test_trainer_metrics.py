@@ -28,7 +28,8 @@ def test_auroc_equals_sklearn_with_ties(pairs):
         assert math.isnan(auroc(scores, labels))
         return
     assert auroc(scores, labels) == pytest.approx(
-        roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12)
+        roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12
+    )
 
 
 def test_auroc_of_continuous_scores_equals_sklearn():

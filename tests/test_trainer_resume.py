@@ -42,10 +42,22 @@ def _model(seed: int) -> TinyClassifier:
 
 
 def _config(**options) -> TrainerConfig:
-    base = dict(num_epochs=3, batch_size=BATCH, learning_rate=1e-2, warmup_steps=4,
-                weight_decay=0.01, scheduler="linear_warmup", save_every_epochs=1,
-                save_every_steps=3, log_every=1, eval_every_steps=4, device="cpu",
-                early_stopping_patience=50, eval_metric="accuracy", progress_bar=False)
+    base = dict(
+        num_epochs=3,
+        batch_size=BATCH,
+        learning_rate=1e-2,
+        warmup_steps=4,
+        weight_decay=0.01,
+        scheduler="linear_warmup",
+        save_every_epochs=1,
+        save_every_steps=3,
+        log_every=1,
+        eval_every_steps=4,
+        device="cpu",
+        early_stopping_patience=50,
+        eval_metric="accuracy",
+        progress_bar=False,
+    )
     base.update(options)
     return TrainerConfig(**base)
 
@@ -59,8 +71,9 @@ def _lrs(folder) -> dict[int, float]:
 def uninterrupted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("full")
     trainer = MedicalModelTrainer(_model(0), _config())
-    result = trainer.train(TensorDictDataset(_tensors()), TensorDictDataset(_tensors()),
-                           output_dir=folder)
+    result = trainer.train(
+        TensorDictDataset(_tensors()), TensorDictDataset(_tensors()), output_dir=folder
+    )
     return trainer, result, folder
 
 
@@ -70,19 +83,29 @@ def crashed(tmp_path_factory):
     folder = tmp_path_factory.mktemp("crashed")
     data = _CrashingDataset(_tensors(), crash_after=7 * BATCH + 3)
     with pytest.raises(BatchError, match="the machine went away"):
-        MedicalModelTrainer(_model(0), _config()).train(data, TensorDictDataset(_tensors()),
-                                                        output_dir=folder)
+        MedicalModelTrainer(_model(0), _config()).train(
+            data, TensorDictDataset(_tensors()), output_dir=folder
+        )
     return folder
 
 
 def test_checkpoints_are_written_during_the_run(crashed, uninterrupted):
     assert sorted(p.name for p in crashed.glob("checkpoint-*.pt")) == [
-        "checkpoint-epoch1.pt", "checkpoint-step3.pt", "checkpoint-step6.pt"]
+        "checkpoint-epoch1.pt",
+        "checkpoint-step3.pt",
+        "checkpoint-step6.pt",
+    ]
     _, result, folder = uninterrupted
     assert [p.name for p in result.checkpoints] == [
-        "checkpoint-step3.pt", "checkpoint-epoch1.pt", "checkpoint-step6.pt",
-        "checkpoint-step9.pt", "checkpoint-epoch2.pt", "checkpoint-step12.pt",
-        "checkpoint-step15.pt", "checkpoint-epoch3.pt"]
+        "checkpoint-step3.pt",
+        "checkpoint-epoch1.pt",
+        "checkpoint-step6.pt",
+        "checkpoint-step9.pt",
+        "checkpoint-epoch2.pt",
+        "checkpoint-step12.pt",
+        "checkpoint-step15.pt",
+        "checkpoint-epoch3.pt",
+    ]
     saved = read_checkpoint(folder / "checkpoint-step6.pt")["trainer_state"]
     assert (saved["epoch"], saved["batch_index"], saved["loop_step"]) == (1, 1, 6)
     assert saved["global_step"] == 6
@@ -92,12 +115,14 @@ def test_checkpoints_are_written_during_the_run(crashed, uninterrupted):
 
 
 @pytest.mark.parametrize("checkpoint", ["checkpoint-epoch1.pt", "checkpoint-step6.pt"])
-def test_resuming_equals_the_uninterrupted_run_bitwise(tmp_path, crashed, uninterrupted,
-                                                       checkpoint):
+def test_resuming_equals_the_uninterrupted_run_bitwise(
+    tmp_path, crashed, uninterrupted, checkpoint
+):
     full, full_result, full_folder = uninterrupted
     resumed = MedicalModelTrainer(_model(123), _config(resume_from=str(crashed / checkpoint)))
-    result = resumed.train(TensorDictDataset(_tensors()), TensorDictDataset(_tensors()),
-                           output_dir=tmp_path)
+    result = resumed.train(
+        TensorDictDataset(_tensors()), TensorDictDataset(_tensors()), output_dir=tmp_path
+    )
     assert result.global_step == full_result.global_step == 15
     for name, value in full.state.params.items():
         assert torch.equal(resumed.state.params[name], value), name

@@ -163,6 +163,19 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> DistInfo
     return _info
 
 
+def ensure_process_group() -> None:
+    """Make sure a process group exists: in a single process, a one-rank group on a HashStore.
+
+    Libraries such as DeepSpeed need ``torch.distributed`` initialized even on one device; this
+    needs no network port. After :func:`init` in a multi-process job it does nothing.
+    """
+    info = get_info()
+    if dist.is_initialized():
+        return
+    backend = "nccl" if info.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def get_info() -> DistInfo:
     """The current :class:`DistInfo` (calls :func:`init` if nobody has yet).
 

@@ -8,7 +8,7 @@ Example:
     >>> from medfunc.recipes import get_recipe
     >>> parts = get_recipe("breast_cancer").build(seed=0)
     >>> parts.config["num_epochs"]
-    25
+    20
 """
 
 from __future__ import annotations

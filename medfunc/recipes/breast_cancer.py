@@ -140,7 +140,9 @@ class MLPClassifier(nn.Module):
     """
 
     def __init__(
-        self, in_features: int = NUM_FEATURES, hidden: tuple[int, ...] = (64, 32),
+        self,
+        in_features: int = NUM_FEATURES,
+        hidden: tuple[int, ...] = (64, 32),
         dropout: float = 0.2,
     ) -> None:
         super().__init__()
@@ -163,8 +165,12 @@ class MLPClassifier(nn.Module):
 
 
 def build(
-    *, seed: int = 0, eval_fraction: float = 0.2, hidden: tuple[int, ...] = (64, 32),
-    dropout: float = 0.2, **unknown: Any,
+    *,
+    seed: int = 0,
+    eval_fraction: float = 0.2,
+    hidden: tuple[int, ...] = (64, 32),
+    dropout: float = 0.2,
+    **unknown: Any,
 ) -> RecipeParts:
     """Build the breast cancer recipe.
 
@@ -195,12 +201,15 @@ def build(
         torch.manual_seed(seed)
         model = MLPClassifier(hidden=tuple(hidden), dropout=dropout)
     config = {
-        "num_epochs": 25,
+        "num_epochs": 20,
         "batch_size": 32,
         "learning_rate": 3e-3,
         "optimizer": "adamw",
+        "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
         "scheduler": "linear_warmup",
         "warmup_steps": 20,
+        "seed": seed,
         "eval_metric": "auroc",
         "eval_metric_mode": "max",
     }

@@ -177,14 +177,19 @@ def tokenize(reviews: Reviews, tokenizer: Any, max_length: int = 128) -> TensorD
         A dataset of ``{"input_ids", "attention_mask": (max_length,) int64, "labels": ()}``.
     """
     encoded = tokenizer(
-        reviews.texts, max_length=max_length, truncation=True, padding="max_length",
+        reviews.texts,
+        max_length=max_length,
+        truncation=True,
+        padding="max_length",
         return_tensors="pt",
     )
-    return TensorDictDataset({
-        "input_ids": encoded["input_ids"].to(torch.int64),
-        "attention_mask": encoded["attention_mask"].to(torch.int64),
-        "labels": reviews.labels.clone(),
-    })
+    return TensorDictDataset(
+        {
+            "input_ids": encoded["input_ids"].to(torch.int64),
+            "attention_mask": encoded["attention_mask"].to(torch.int64),
+            "labels": reviews.labels.clone(),
+        }
+    )
 
 
 class MiniLMClassifier(nn.Module):
@@ -207,7 +212,9 @@ class MiniLMClassifier(nn.Module):
         self.head = nn.Linear(encoder.config.hidden_size, 2)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Return ``{"logits": (B, 2)}`` and, given ``labels``, the mean cross-entropy ``loss``."""
@@ -237,8 +244,12 @@ def load_encoder(path: str | Path | None = None) -> nn.Module:
 
 
 def build(
-    *, seed: int = 0, max_train: int | None = None, max_eval: int | None = None,
-    max_length: int = 128, **unknown: Any,
+    *,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_eval: int | None = None,
+    max_length: int = 128,
+    **unknown: Any,
 ) -> RecipeParts:
     """Build the drug-review recipe.
 
@@ -279,10 +290,14 @@ def build(
     config = {
         "num_epochs": 1,
         "batch_size": batch_size,
+        "eval_batch_size": 64,
         "learning_rate": 1e-4,
         "optimizer": "adamw",
+        "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
         "scheduler": "linear_warmup",
         "warmup_steps": max(1, steps // 10),
+        "seed": seed,
         "eval_metric": "auroc",
         "eval_metric_mode": "max",
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -36,11 +37,15 @@ def marked_state(state: mf.TrainState, marker: int) -> mf.TrainState:
     )
 
 
-def save_forever(path: Path, ready: int) -> None:
-    """The child: save marked states (about 6 MB each) until killed."""
-    torch.set_num_threads(1)
+def make_state() -> mf.TrainState:
+    """An MLP state of about 6 MB (params and AdamW moments)."""
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 8))
-    state = mf.init_state(model, mf.optim.adamw(1e-3))
+    return mf.init_state(model, mf.optim.adamw(1e-3))
+
+
+def save_forever(path: Path, ready: int) -> None:
+    """The child: save marked states until killed."""
+    state = make_state()
     marker = 1
     while True:
         save_state(marked_state(state, marker), path, extra={"marker": marker})
@@ -51,6 +56,12 @@ def save_forever(path: Path, ready: int) -> None:
 
 
 def main(folder: Path, trials: int, seed: int) -> None:
+    # One thread (no OpenMP pool to inherit across fork), and one save here first so that the
+    # children do not each pay torch's lazy imports before their first save.
+    torch.set_num_threads(1)
+    warm_up = folder / "warm-up"
+    save_state(make_state(), warm_up / "ckpt.pt")
+    shutil.rmtree(warm_up)
     rng = random.Random(seed)
     for trial in range(trials):
         path = folder / f"trial-{trial}" / "ckpt.pt"
