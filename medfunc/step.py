@@ -60,15 +60,18 @@ def seeded_rng(rng: torch.Tensor, device: torch.device) -> Iterator[None]:
 
 @contextlib.contextmanager
 def module_mode(module: torch.nn.Module, training: bool) -> Iterator[None]:
-    """Put ``module`` in train/eval mode for the block and restore its mode afterwards."""
-    previous = module.training
-    if previous != training:
-        module.train(training)
+    """Put ``module`` in train/eval mode for the block, then restore every submodule's own mode
+    (so e.g. a BatchNorm a user froze with ``.eval()`` stays frozen)."""
+    if module.training == training:
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    module.train(training)
     try:
         yield
     finally:
-        if module.training != previous:
-            module.train(previous)
+        for m, mode in modes:
+            m.training = mode
 
 
 def split_batch(batch: Any) -> tuple[tuple, dict]:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
-import onnxruntime
 import pytest
 import torch
 from torch import nn
@@ -132,25 +130,6 @@ def test_export_snippet_writes_a_verified_torchscript_file(namespace, tmp_path):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**example)["logits"], model(**example)["logits"])
-
-
-def test_export_to_onnx_from_the_trainer(tmp_path):
-    model = _model(0)
-    config = TrainerConfig(
-        export_onnx=True,
-        export_input_example={"input_ids": torch.zeros(1, 8, dtype=torch.long)},
-        progress_bar=False,
-    )
-    result = MedicalModelTrainer(model, config).train(_token_data(32), output_dir=tmp_path)
-    assert result.exports == {"onnx": tmp_path / "model.onnx"}
-    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
-    ids = torch.randint(0, 32, (1, 8))
-    (logits, *_) = session.run(None, {"input_ids": ids.numpy()})
-    model.eval()
-    with torch.no_grad():
-        np.testing.assert_allclose(
-            logits, model(input_ids=ids)["logits"].numpy(), rtol=1e-4, atol=1e-5
-        )
 
 
 def test_logging_section_tensorboard_under_tb_logs(tmp_path):

@@ -295,3 +295,13 @@ def test_metrics_are_zero_dim_tensors():
     _, metrics = mf.train_step(state, make_batches(1)[0])
     assert set(metrics) >= {"loss", "grad_norm", "lr", "skipped", "applied", "loss_scale"}
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())
+
+
+def test_step_restores_each_submodules_mode():
+    model = _model(dropout=0.5, batchnorm=True)
+    model.eval()
+    model.fc1.train()
+    state = mf.init_state(model, mf.optim.sgd(0.1))
+    mf.train_step(state, make_batches(1)[0])
+    mf.eval_step(state, make_batches(1)[0])
+    assert [m.training for m in model.modules()] == [m is model.fc1 for m in model.modules()]

@@ -32,7 +32,7 @@ from medfunc.checkpoint import restore_state, save_state
 from medfunc.distributed.deepspeed import deepspeed_engine_of
 from medfunc.distributed.env import barrier, collective_guard, is_main_process
 from medfunc.errors import CheckpointNotFoundError, ConfigError
-from medfunc.optim import AdamState, SGDState, find_optimizer
+from medfunc.optim import find_optimizer
 from medfunc.optim.base import get_substate, replace_substate
 from medfunc.state import TrainState, tree_leaves_with_path, tree_map
 
@@ -85,8 +85,10 @@ def _ds_gather(state: TrainState, engine: Any) -> TrainState:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if state.tx is None:
-        raise ConfigError("save_full of a DeepSpeed state needs the medfunc optimizer it was "
-                          "built with; use save_sharded for a config-defined optimizer")
+        raise ConfigError(
+            "save_full of a DeepSpeed state needs the medfunc optimizer it was "
+            "built with; use save_sharded for a config-defined optimizer"
+        )
     zero, group_of = _ds_groups(engine)
     named = dict(engine.module.named_parameters())
     params = OrderedDict(state.params)
@@ -106,8 +108,7 @@ def _ds_gather(state: TrainState, engine: Any) -> TrainState:
         for field, key in _ds_keys(spec).items():
             for name in trainable:
                 if started:
-                    getattr(sub, field)[name].copy_(
-                        safe_get_full_optimizer_state(named[name], key))
+                    getattr(sub, field)[name].copy_(safe_get_full_optimizer_state(named[name], key))
     if spec.is_adam and started:
         flats = zero.single_partition_of_fp32_groups
         for name in trainable:
@@ -185,8 +186,9 @@ def gather_full_state(state: TrainState) -> TrainState:
         return tree_map(_full_tensor, state)
 
 
-def save_full(state: TrainState, path: str | Path, *, extra: dict | None = None,
-              **save_options: Any) -> Path:
+def save_full(
+    state: TrainState, path: str | Path, *, extra: dict | None = None, **save_options: Any
+) -> Path:
     """Write ``state`` as one ordinary checkpoint from rank 0 (every rank must call it).
 
     Args:
@@ -214,8 +216,11 @@ def _full_template(like: TrainState) -> TrainState:
     engine = deepspeed_engine_of(like)
     if engine is not None:
         trainable = _trainable_of(like, like.params)
-        return like.replace(opt_state=like.tx.init(
-            OrderedDict((n, torch.empty_like(p)) for n, p in trainable.items())))
+        return like.replace(
+            opt_state=like.tx.init(
+                OrderedDict((n, torch.empty_like(p)) for n, p in trainable.items())
+            )
+        )
 
     def empty(value: Any) -> Any:
         if isinstance(value, DTensor):
@@ -233,8 +238,12 @@ def _copy_into_(like: TrainState, restored: TrainState) -> None:
         for name, target in targets:
             source = sources[name]
             if isinstance(target, DTensor):
-                local = distribute_tensor(source.to(target.dtype), target.device_mesh,
-                                          target.placements, src_data_rank=None).to_local()
+                local = distribute_tensor(
+                    source.to(target.dtype),
+                    target.device_mesh,
+                    target.placements,
+                    src_data_rank=None,
+                ).to_local()
                 target.to_local().copy_(local)
             elif isinstance(target, torch.Tensor):
                 target.copy_(source)
@@ -281,8 +290,9 @@ def load_full(path: str | Path, like: TrainState) -> TrainState:
 
 
 def _flat(state: TrainState) -> dict[str, Any]:
-    return {name: leaf for name, leaf in tree_leaves_with_path(state)
-            if isinstance(leaf, torch.Tensor)}
+    return {
+        name: leaf for name, leaf in tree_leaves_with_path(state) if isinstance(leaf, torch.Tensor)
+    }
 
 
 def save_sharded(state: TrainState, directory: str | Path) -> Path:
@@ -307,9 +317,11 @@ def save_sharded(state: TrainState, directory: str | Path) -> Path:
     if engine is not None:
         key, counter = (int(v) for v in state.rng.tolist())
         with collective_guard("DeepSpeed save_checkpoint"):
-            engine.save_checkpoint(str(directory), tag=_DS_TAG,
-                                   client_state={"medfunc_rng": [key, counter],
-                                                 "medfunc_step": int(state.step)})
+            engine.save_checkpoint(
+                str(directory),
+                tag=_DS_TAG,
+                client_state={"medfunc_rng": [key, counter], "medfunc_step": int(state.step)},
+            )
         return directory
     import torch.distributed.checkpoint as dcp
 
@@ -341,18 +353,22 @@ def load_sharded(directory: str | Path, like: TrainState) -> TrainState:
     like.check_alive()
     directory = Path(directory)
     if not directory.is_dir():
-        raise CheckpointNotFoundError(f"sharded checkpoint folder {str(directory)!r} does not "
-                                      "exist; pass the folder save_sharded wrote")
+        raise CheckpointNotFoundError(
+            f"sharded checkpoint folder {str(directory)!r} does not "
+            "exist; pass the folder save_sharded wrote"
+        )
     engine = deepspeed_engine_of(like)
     if engine is not None:
         with collective_guard("DeepSpeed load_checkpoint"):
             loaded, client = engine.load_checkpoint(str(directory), tag=_DS_TAG)
         if loaded is None:
-            raise CheckpointNotFoundError(f"no DeepSpeed checkpoint with tag {_DS_TAG!r} in "
-                                          f"{str(directory)!r}")
+            raise CheckpointNotFoundError(
+                f"no DeepSpeed checkpoint with tag {_DS_TAG!r} in {str(directory)!r}"
+            )
         new_state = like.replace(
             step=torch.tensor(client["medfunc_step"], dtype=torch.int64, device=like.device),
-            rng=torch.tensor(client["medfunc_rng"], dtype=torch.int64))
+            rng=torch.tensor(client["medfunc_rng"], dtype=torch.int64),
+        )
         like.mark_consumed()
         return new_state
     import torch.distributed.checkpoint as dcp

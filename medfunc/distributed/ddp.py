@@ -22,11 +22,15 @@ import torch
 import torch.distributed as dist
 
 from medfunc.distributed.env import collective_guard, get_info, is_distributed, world_size
-from medfunc.errors import DistributedError
+from medfunc.errors import ConfigError, DistributedError
 from medfunc.state import TrainState
 
 DEBUG_ENV = "MEDFUNC_DIST_DEBUG"
-DEFAULT_BUCKET_MB = 25.0
+# Measured on Gloo (2 CPU ranks, 129 gradients / 7.1M floats, median of 12): 4 MiB buckets
+# 54-131 ms, 25 MiB 88-176 ms, one flat buffer 109-216 ms, all_reduce_coalesced 90-153 ms,
+# per-tensor async all-reduces 126-329 ms. NCCL keeps DistributedDataParallel's 25 MiB.
+GLOO_BUCKET_MB = 4.0
+NCCL_BUCKET_MB = 25.0
 
 
 def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
@@ -46,11 +50,12 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
     return buckets
 
 
-def make_grad_sync(bucket_mb: float = DEFAULT_BUCKET_MB) -> Callable[[list[torch.Tensor]], None]:
+def make_grad_sync(bucket_mb: float | None = None) -> Callable[[list[torch.Tensor]], None]:
     """A ``grad_sync`` hook that averages a gradient list across ranks in place.
 
     Args:
-        bucket_mb: size of the flat buffers each all-reduce carries, in MiB.
+        bucket_mb: size of the flat buffers each all-reduce carries, in MiB (default: 4 on
+            Gloo, 25 on NCCL).
 
     Returns:
         ``grad_sync(grads)``: replaces each gradient with its mean over ranks.
@@ -58,6 +63,11 @@ def make_grad_sync(bucket_mb: float = DEFAULT_BUCKET_MB) -> Callable[[list[torch
     Example:
         >>> state = state.replace(grad_sync=make_grad_sync(bucket_mb=50))
     """
+    if bucket_mb is None:
+        nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+        bucket_mb = NCCL_BUCKET_MB if nccl else GLOO_BUCKET_MB
+    if not bucket_mb > 0:
+        raise ConfigError(f"bucket_mb must be a positive number of MiB, got {bucket_mb!r}")
     bucket_bytes = max(1, int(bucket_mb * 2**20))
     plan: dict[tuple, list[list[int]]] = {}
 
@@ -79,8 +89,10 @@ def make_grad_sync(bucket_mb: float = DEFAULT_BUCKET_MB) -> Callable[[list[torch
                 work.wait()
                 flat.div_(n)
                 views = flat.split([grads[i].numel() for i in members])
-                torch._foreach_copy_([grads[i] for i in members],
-                                     [v.view_as(grads[i]) for i, v in zip(members, views)])
+                torch._foreach_copy_(
+                    [grads[i] for i in members],
+                    [v.view_as(grads[i]) for i, v in zip(members, views)],
+                )
 
     return grad_sync
 
@@ -125,7 +137,7 @@ def check_in_sync(params: OrderedDict | TrainState, *, what: str = "parameters")
         offset = 0
         for n in names:
             size = params[n].numel()
-            part = spread[offset:offset + size]
+            part = spread[offset : offset + size]
             if bool((part > 0).any()):
                 raise DistributedError(
                     f"{what} differ across ranks: {n!r} has a max difference of "
@@ -148,8 +160,9 @@ def _checked_tx(tx: object) -> object:
     return tx._replace(update=checked_update)
 
 
-def data_parallel(state: TrainState, *, debug: bool | None = None,
-                  bucket_mb: float = DEFAULT_BUCKET_MB) -> TrainState:
+def data_parallel(
+    state: TrainState, *, debug: bool | None = None, bucket_mb: float | None = None
+) -> TrainState:
     """Make ``state`` a data-parallel replica: same start on every rank, averaged gradients.
 
     Call it on every rank after :func:`~medfunc.distributed.init`. In a single process it returns
@@ -162,7 +175,8 @@ def data_parallel(state: TrainState, *, debug: bool | None = None,
         debug: check before and after each update that the parameters are bitwise equal on every
             rank (raises :class:`DistributedError` naming the first that differs). Default: the
             environment variable ``MEDFUNC_DIST_DEBUG=1``.
-        bucket_mb: size of the flat all-reduce buffers in MiB.
+        bucket_mb: size of the flat all-reduce buffers in MiB (default: 4 on Gloo, where it
+            measured fastest, 25 on NCCL).
 
     Returns:
         A state equal to rank 0's, whose steps average gradients across ranks.

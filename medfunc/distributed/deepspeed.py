@@ -88,8 +88,11 @@ class ScheduleLR(torch.optim.lr_scheduler.LRScheduler):
 
     def state_dict(self) -> dict[str, Any]:
         """The position only (the schedule itself is code, rebuilt from the optimizer)."""
-        return {"last_epoch": self.last_epoch, "_step_count": self._step_count,
-                "_last_lr": list(self._last_lr)}
+        return {
+            "last_epoch": self.last_epoch,
+            "_step_count": self._step_count,
+            "_last_lr": list(self._last_lr),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the position and set the group LRs for it."""
@@ -119,8 +122,10 @@ def load_config(deepspeed_config: Mapping | str | Path | None) -> dict:
         return copy.deepcopy(dict(deepspeed_config))
     path = Path(deepspeed_config)
     if not path.is_file():
-        raise ConfigError(f"deepspeed_config file {str(path)!r} does not exist; pass a dict or "
-                          "the path of a DeepSpeed JSON config")
+        raise ConfigError(
+            f"deepspeed_config file {str(path)!r} does not exist; pass a dict or "
+            "the path of a DeepSpeed JSON config"
+        )
     try:
         loaded = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -130,8 +135,14 @@ def load_config(deepspeed_config: Mapping | str | Path | None) -> dict:
     return loaded
 
 
-def default_config(*, stage: int = 2, micro_batch_size: int = 1, accumulate_steps: int = 1,
-                   max_grad_norm: float | None = None, precision: str = "fp32") -> dict:
+def default_config(
+    *,
+    stage: int = 2,
+    micro_batch_size: int = 1,
+    accumulate_steps: int = 1,
+    max_grad_norm: float | None = None,
+    precision: str = "fp32",
+) -> dict:
     """The DeepSpeed config used when none is given: ZeRO-2, medfunc's clipping and precision.
 
     Args:
@@ -153,8 +164,7 @@ def default_config(*, stage: int = 2, micro_batch_size: int = 1, accumulate_step
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": accumulate_steps,
         "gradient_clipping": float(max_grad_norm) if max_grad_norm else 0.0,
-        "zero_optimization": {"stage": stage, "overlap_comm": False,
-                              "contiguous_gradients": True},
+        "zero_optimization": {"stage": stage, "overlap_comm": False, "contiguous_gradients": True},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
@@ -193,8 +203,9 @@ class DeepSpeedStep:
         self.engine = engine
         self.scheduler = scheduler
 
-    def __call__(self, state: TrainState, batch: Any, *, donate: bool = False
-                 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    def __call__(
+        self, state: TrainState, batch: Any, *, donate: bool = False
+    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """Run one micro-batch; the given state is consumed (the engine updates in place)."""
         state.check_alive()
         engine = self.engine
@@ -217,8 +228,9 @@ class DeepSpeedStep:
         applied = boundary and bool(getattr(engine, "_step_applied", True))
         if boundary:
             norm = engine.get_global_grad_norm()
-            metrics["grad_norm"] = (nan if norm is None else
-                                    torch.as_tensor(norm, dtype=torch.float32).to(device))
+            metrics["grad_norm"] = (
+                nan if norm is None else torch.as_tensor(norm, dtype=torch.float32).to(device)
+            )
             metrics["lr"] = torch.tensor(lr_before, dtype=torch.float64, device=device)
             count, loss_sum = 0, torch.zeros_like(loss_sum)
         else:
@@ -226,8 +238,7 @@ class DeepSpeedStep:
         metrics["skipped"] = torch.tensor(boundary and not applied, device=device)
         metrics["applied"] = torch.tensor(boundary, device=device)
         if engine.fp16_enabled():
-            metrics["loss_scale"] = torch.tensor(float(engine.optimizer.cur_scale),
-                                                 device=device)
+            metrics["loss_scale"] = torch.tensor(float(engine.optimizer.cur_scale), device=device)
         key, counter = (int(v) for v in state.rng.tolist())
         new_state = state.replace(
             step=state.step + int(applied),
@@ -317,16 +328,35 @@ def deepspeed_state(
         user_config = load_config(deepspeed_config)
     else:
         if deepspeed_config is not None:
-            raise ConfigError("pass the DeepSpeed config once: either as tx_or_config (with an "
-                              "'optimizer' section) or as deepspeed_config with a medfunc tx")
+            raise ConfigError(
+                "pass the DeepSpeed config once: either as tx_or_config (with an "
+                "'optimizer' section) or as deepspeed_config with a medfunc tx"
+            )
         user_config = load_config(tx_or_config)
     if tx is not None and "optimizer" in user_config:
-        raise ConfigError("the DeepSpeed config has an 'optimizer' section and a medfunc "
-                          "optimizer was given too; remove one of them")
+        raise ConfigError(
+            "the DeepSpeed config has an 'optimizer' section and a medfunc "
+            "optimizer was given too; remove one of them"
+        )
     if tx is None and "optimizer" not in user_config:
-        raise ConfigError("no optimizer: pass a medfunc optimizer as tx_or_config or an "
-                          "'optimizer' section in the DeepSpeed config")
+        raise ConfigError(
+            "no optimizer: pass a medfunc optimizer as tx_or_config or an "
+            "'optimizer' section in the DeepSpeed config"
+        )
     policy = get_policy(precision)
+    if (
+        tx is not None
+        and len(tx.children) > 1
+        and max_grad_norm is None
+        and "gradient_clipping" not in user_config
+    ):
+        warnings.warn(
+            "under DeepSpeed only the optimizer of the chain runs; its other transformations "
+            "(e.g. clip_by_global_norm) are not applied. Pass max_grad_norm=... to "
+            "deepspeed_state (or 'gradient_clipping' in the DeepSpeed config) to clip",
+            UserWarning,
+            stacklevel=2,
+        )
     if not deepspeed_available():
         warnings.warn(
             "deepspeed is not installed (pip install 'medfunc[deepspeed]'); training with "
@@ -336,20 +366,35 @@ def deepspeed_state(
             stacklevel=2,
         )
         if tx is None:
-            raise ConfigError("cannot fall back to data parallelism: the optimizer is defined "
-                              "in the DeepSpeed config; pass a medfunc optimizer instead")
+            raise ConfigError(
+                "cannot fall back to data parallelism: the optimizer is defined "
+                "in the DeepSpeed config; pass a medfunc optimizer instead"
+            )
         info = get_info()
-        state = init_state(model, tx, loss_fn=loss_fn, precision=policy, seed=seed,
-                           accumulate_steps=accumulate_steps, device=info.device)
+        state = init_state(
+            model,
+            tx,
+            loss_fn=loss_fn,
+            precision=policy,
+            seed=seed,
+            accumulate_steps=accumulate_steps,
+            device=info.device,
+        )
         return data_parallel(state)
 
     import deepspeed
 
     info = get_info()
     model.to(info.device)
-    config = _merge_defaults(user_config, default_config(
-        micro_batch_size=micro_batch_size or 1, accumulate_steps=accumulate_steps,
-        max_grad_norm=max_grad_norm, precision=policy.name))
+    config = _merge_defaults(
+        user_config,
+        default_config(
+            micro_batch_size=micro_batch_size or 1,
+            accumulate_steps=accumulate_steps,
+            max_grad_norm=max_grad_norm,
+            precision=policy.name,
+        ),
+    )
     optimizer = scheduler = None
     if tx is not None:
         spec, _ = find_optimizer(tx)
@@ -360,8 +405,12 @@ def deepspeed_state(
     ensure_process_group()
     with collective_guard("deepspeed.initialize"):
         engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
-            dist_init_required=False)
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=config,
+            dist_init_required=False,
+        )
     module = engine.module
     device = next(module.parameters()).device
     params = OrderedDict((n, p.detach()) for n, p in module.named_parameters())
@@ -371,11 +420,15 @@ def deepspeed_state(
         buffers=buffers,
         opt_state=(),
         loss_scale=(),
-        step=torch.tensor(int(engine.global_steps - engine.skipped_steps), dtype=torch.int64,
-                          device=device),
+        step=torch.tensor(
+            int(engine.global_steps - engine.skipped_steps), dtype=torch.int64, device=device
+        ),
         rng=torch.tensor([seed, 0], dtype=torch.int64),
-        accum=AccumState(OrderedDict(), torch.zeros((), dtype=torch.int64),
-                         torch.zeros((), dtype=torch.float32, device=device)),
+        accum=AccumState(
+            OrderedDict(),
+            torch.zeros((), dtype=torch.int64),
+            torch.zeros((), dtype=torch.float32, device=device),
+        ),
         module=module,
         tx=tx,
         loss_fn=loss_fn,

@@ -126,9 +126,14 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> DistInfo
     rank_ = _env_int("RANK", 0)
     local = _env_int("LOCAL_RANK", rank_)
     if dist.is_available() and dist.is_initialized():
-        _info = DistInfo(dist.get_rank(), dist.get_world_size(), local,
-                         _default_device(local, dist.get_backend()), dist.get_backend(),
-                         _resolve_timeout(timeout_s))
+        _info = DistInfo(
+            dist.get_rank(),
+            dist.get_world_size(),
+            local,
+            _default_device(local, dist.get_backend()),
+            dist.get_backend(),
+            _resolve_timeout(timeout_s),
+        )
         return _info
     if world <= 1:
         _info = DistInfo(0, 1, 0, _default_device(0, backend))
@@ -151,8 +156,9 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> DistInfo
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout),
-                                rank=rank_, world_size=world)
+        dist.init_process_group(
+            backend, timeout=datetime.timedelta(seconds=timeout), rank=rank_, world_size=world
+        )
     except (RuntimeError, ValueError) as err:
         raise DistributedError(
             f"rank {rank_} of {world} could not join the process group at "
@@ -300,7 +306,7 @@ def reduce_tensors_(tensors: list[torch.Tensor], what: str = "all_reduce") -> No
             dist.all_reduce(flat)
             offset = 0
             for t in group:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
 
@@ -308,9 +314,7 @@ def _reduce(value: Any, mean: bool) -> Any:
     if isinstance(value, torch.Tensor):
         return _reduce({"v": value}, mean)["v"]
     if not isinstance(value, Mapping):
-        raise ConfigError(
-            f"expected a tensor or a mapping of tensors, got {type(value).__name__}"
-        )
+        raise ConfigError(f"expected a tensor or a mapping of tensors, got {type(value).__name__}")
     out: dict[str, torch.Tensor] = {}
     for key, t in value.items():
         if not isinstance(t, torch.Tensor):

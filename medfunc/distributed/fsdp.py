@@ -62,9 +62,12 @@ def _bind_params(state: TrainState) -> None:
                 local_target.copy_(local_value)
 
 
-def fsdp_value_and_grad(state: TrainState, buffers: Mapping, batch: Any,
-                        objective: Callable[[torch.Tensor], torch.Tensor]
-                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def fsdp_value_and_grad(
+    state: TrainState,
+    buffers: Mapping,
+    batch: Any,
+    objective: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The FSDP gradient path (the state's ``grad_fn``): module forward, ``backward()``.
 
     Args:
@@ -100,8 +103,9 @@ def fsdp_value_and_grad(state: TrainState, buffers: Mapping, batch: Any,
     return loss.detach().float(), grads
 
 
-def fsdp_step(state: TrainState, batch: Any, *, donate: bool = False
-              ) -> tuple[TrainState, dict[str, torch.Tensor]]:
+def fsdp_step(
+    state: TrainState, batch: Any, *, donate: bool = False
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """The FSDP state's ``step_fn``: the ordinary step, always donating (see module docs)."""
     inner = state.replace(step_fn=None)
     new_state, metrics = train_step(inner, batch, donate=True)
@@ -132,9 +136,15 @@ def _broadcast_module_(model: torch.nn.Module) -> None:
             torch.distributed.broadcast(t.data, src=0)
 
 
-def fully_shard_state(model: torch.nn.Module, tx: Any, *, shard_modules: ShardModules = None,
-                      reshard_after_forward: bool = True, mp_policy: Any = None,
-                      **init_state_kwargs: Any) -> TrainState:
+def fully_shard_state(
+    model: torch.nn.Module,
+    tx: Any,
+    *,
+    shard_modules: ShardModules = None,
+    reshard_after_forward: bool = True,
+    mp_policy: Any = None,
+    **init_state_kwargs: Any,
+) -> TrainState:
     """Shard ``model`` with FSDP2 and build its TrainState.
 
     Call it on every rank after :func:`~medfunc.distributed.init`. Rank 0's initial weights are
@@ -161,8 +171,9 @@ def fully_shard_state(model: torch.nn.Module, tx: Any, *, shard_modules: ShardMo
         ...                                          precision="bf16")
     """
     if "device" in init_state_kwargs:
-        raise ConfigError("fully_shard_state places the model on DistInfo.device; do not pass "
-                          "device=")
+        raise ConfigError(
+            "fully_shard_state places the model on DistInfo.device; do not pass device="
+        )
     info = get_info()
     if not is_distributed():
         return init_state(model, tx, device=info.device, **init_state_kwargs)
@@ -173,8 +184,10 @@ def fully_shard_state(model: torch.nn.Module, tx: Any, *, shard_modules: ShardMo
     options: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         if not isinstance(mp_policy, MixedPrecisionPolicy):
-            raise ConfigError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy, "
-                              f"got {type(mp_policy).__name__}")
+            raise ConfigError(
+                f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy, "
+                f"got {type(mp_policy).__name__}"
+            )
         options["mp_policy"] = mp_policy
     for sub in _select(model, shard_modules):
         fully_shard(sub, **options)

@@ -52,7 +52,7 @@ def batches(n: int = 2 * STEPS) -> list[dict]:
 def shard(batch: dict, rank: int, world: int) -> dict:
     """This rank's equal slice of a global batch."""
     size = BATCH // world
-    return {k: v[rank * size:(rank + 1) * size] for k, v in batch.items()}
+    return {k: v[rank * size : (rank + 1) * size] for k, v in batch.items()}
 
 
 def full_params(state: mf.TrainState) -> dict:
@@ -69,8 +69,9 @@ def out_dir() -> Path:
     return Path(os.environ["MEDFUNC_TEST_OUT"])
 
 
-def reference_run(start: int = 0, stop: int = STEPS, state: mf.TrainState | None = None
-                  ) -> mf.TrainState:
+def reference_run(
+    start: int = 0, stop: int = STEPS, state: mf.TrainState | None = None
+) -> mf.TrainState:
     """One process on the full batches ``start..stop`` (from a fresh state unless given)."""
     if state is None:
         state = mf.init_state(make_model(), make_tx())

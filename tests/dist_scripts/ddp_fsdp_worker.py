@@ -73,14 +73,16 @@ def main() -> None:
     fsdp = train(fsdp, STEPS // 2, STEPS, rank, world)
     torch.save(full_params(fsdp), out / f"fsdp_rank{rank}.pt")
 
-    resumed = dist.load_sharded(out / "fsdp_sharded",
-                                like=dist.fully_shard_state(make_model(), make_tx()))
+    resumed = dist.load_sharded(
+        out / "fsdp_sharded", like=dist.fully_shard_state(make_model(), make_tx())
+    )
     record["sharded_resume_step"] = int(resumed.step)
     resumed = train(resumed, STEPS // 2, STEPS, rank, world)
     torch.save(full_params(resumed), out / f"fsdp_sharded_resumed_rank{rank}.pt")
 
-    resumed = dist.load_full(out / "fsdp_full.pt",
-                             like=dist.fully_shard_state(make_model(), make_tx()))
+    resumed = dist.load_full(
+        out / "fsdp_full.pt", like=dist.fully_shard_state(make_model(), make_tx())
+    )
     record["full_resume_step"] = int(resumed.step)
     resumed = train(resumed, STEPS // 2, STEPS, rank, world)
     torch.save(full_params(resumed), out / f"fsdp_full_resumed_rank{rank}.pt")

@@ -16,12 +16,18 @@ HALF = STEPS // 2
 
 
 def build(stage: int) -> mf.TrainState:
-    return dist.deepspeed_state(make_model(), make_tx(), {"zero_optimization": {"stage": stage}},
-                                max_grad_norm=0.5, micro_batch_size=4)
+    return dist.deepspeed_state(
+        make_model(),
+        make_tx(),
+        {"zero_optimization": {"stage": stage}},
+        max_grad_norm=0.5,
+        micro_batch_size=4,
+    )
 
 
-def train(state: mf.TrainState, start: int, stop: int, rank: int, world: int,
-          losses: list | None = None) -> mf.TrainState:
+def train(
+    state: mf.TrainState, start: int, stop: int, rank: int, world: int, losses: list | None = None
+) -> mf.TrainState:
     data = batches()
     for i in range(start, stop):
         state, metrics = mf.train_step(state, shard(data[i], rank, world))
