@@ -16,7 +16,9 @@ Every runner trains the same model (same init, same batch, dropout on) with Adam
   difference of consecutive ``on_step_end`` timestamps after the warm-up steps (CUDA: the
   callback synchronizes first). It includes the Trainer's own data loading and collation of
   the same examples; ``train()``'s setup is not counted.
-* ``lightning``: reported as skipped when ``lightning`` is not importable.
+* ``lightning``: the model in a ``LightningModule`` fit by ``lightning.Trainer`` (same optimizer,
+  schedule and clipping), timed like the HF Trainer; skipped with a note when ``lightning`` is
+  not importable (likewise the HF Trainer without ``accelerate``).
 
 Timing: all runners of a model are set up (and warmed up/compiled) first; then each repeat runs
 ``--steps`` steps of every runner in turn (interleaved, the order rotating per repeat) and the
@@ -62,17 +64,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import medfunc as mf  # noqa: E402
 from medfunc.compile import compile_step  # noqa: E402
 
+STARTED = time.perf_counter()
 WARMUP_LR_STEPS = 10
 TOTAL_LR_STEPS = 100_000
-RUNNERS = (
+RUNNERS = (  # in priority order: with --time-budget, later runners are the first to go
     "plain",
-    "plain-compile",
-    "plain-cudagraph",
     "medfunc",
-    "medfunc-inductor",
+    "plain-cudagraph",
     "medfunc-cudagraph",
     "medfunc-inductor+cudagraph",
     "hf-trainer",
+    "plain-compile",
+    "medfunc-inductor",
     "lightning",
 )
 # Libraries a runner imports, loaded before a memory probe's baseline (import is not training).
@@ -751,6 +754,8 @@ def bench_model(
     persistent: dict[str, int] = {}
     for name in runners:
         reason = skip_reason(name, device)
+        if not reason and args.time_budget and time.perf_counter() - STARTED > args.time_budget:
+            reason = f"skipped: past --time-budget {args.time_budget:.0f} s"
         if reason:
             results[name] = Result(spec.name, name, note=reason)
             continue
@@ -759,6 +764,9 @@ def bench_model(
         t0 = time.perf_counter()
         try:
             r.setup(args.warmup)
+        except ImportError as e:
+            results[name] = Result(spec.name, name, note=f"skipped: {e}")
+            continue
         except Exception as e:  # a runner that cannot run here is reported, not fatal
             results[name] = Result(
                 spec.name,
@@ -779,12 +787,20 @@ def bench_model(
     for rep in range(args.repeats):
         shift = rep % max(len(order), 1)
         for name in order[shift:] + order[:shift]:
+            if name not in live:
+                continue
             r = live[name]
             if device.type == "cuda":
                 sync(device)
                 start = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            times[name].append(r.timed(args.steps))
+            try:
+                times[name].append(r.timed(args.steps))
+            except Exception as e:  # reported in the table, the other runners go on
+                results[name].note = f"failed while timing: {type(e).__name__}: {e}"[:160]
+                del live[name]
+                order.remove(name)
+                continue
             if device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(device)
                 transient[name] = max(transient[name], peak - start)
@@ -792,10 +808,11 @@ def bench_model(
     flops = None
     peak = peak_flops(device, spec.precision, args.peak_tflops)
     if peak and live:
-        flops = flops_per_step(spec, device, batch)
+        with contextlib.suppress(Exception):
+            flops = flops_per_step(spec, device, batch)
     for name, r in live.items():
         res = results[name]
-        res.ms = statistics.median(times[name])
+        res.ms = statistics.median(times[name]) if times[name] else None
         res.note = r.note or res.note
         if device.type == "cuda":
             res.mem_mib = (persistent[name] + transient[name]) / 2**20
@@ -880,6 +897,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="dense peak TFLOP/s for MFU (default: from the card's name)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds after which runners not yet set up are skipped (noted in the table)",
     )
     p.add_argument("--out", default=None, help="write the markdown table to this file")
     p.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)

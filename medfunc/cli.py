@@ -63,9 +63,12 @@ def _one_line(err: BaseException) -> str:
 def _run_options(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from medfunc.trainer_config import apply_overrides, load_config_file
 
-    source = str(args.config) if args.config else "--set"
-    mapping = load_config_file(args.config) if args.config else {}
     overrides = dict(parse_override(text) for text in args.overrides)
+    if args.config:
+        source = f"{args.config} (with --set)" if overrides else str(args.config)
+    else:
+        source = "--set"
+    mapping = load_config_file(args.config) if args.config else {}
     return apply_overrides(mapping, overrides), source
 
 

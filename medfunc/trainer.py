@@ -28,6 +28,7 @@ import torch
 from medfunc import distributed, optim, schedules
 from medfunc.checkpoint import read_checkpoint, restore_state, save_state
 from medfunc.data import to_device
+from medfunc.distributed.checkpoint import gather_full_state
 from medfunc.errors import ConfigError, NonFiniteError
 from medfunc.logging import create_logger
 from medfunc.metrics import EvalAccumulator, find_logits
@@ -169,16 +170,18 @@ def build_schedule(config: TrainerConfig, total_steps: int | None) -> schedules.
 
 
 def build_optimizer(
-    config: TrainerConfig, schedule: schedules.Schedule
+    config: TrainerConfig, schedule: schedules.Schedule, *, clip: bool = True
 ) -> optim.GradientTransformation:
     """The gradient transformation the config selects: clipping, then the optimizer.
 
     Args:
         config: the options.
         schedule: the learning rate (see :func:`build_schedule`).
+        clip: include the clipping of ``grad_clip_mode`` (DeepSpeed clips by itself).
 
     Returns:
-        ``chain(clip, optimizer)`` (or the optimizer alone with ``grad_clip_mode="none"``).
+        ``chain(clip, optimizer)`` (or the optimizer alone with ``grad_clip_mode="none"`` or
+        ``clip=False``).
 
     Example:
         >>> tx = build_optimizer(TrainerConfig(), schedules.constant(1e-3))
@@ -193,6 +196,8 @@ def build_optimizer(
     else:
         kwargs.update(betas=config.betas, eps=config.eps)
     tx = optim.get_optimizer(config.optimizer, **kwargs)
+    if not clip:
+        return tx
     if config.grad_clip_mode == "norm":
         return optim.chain(optim.clip_by_global_norm(config.max_grad_norm), tx)
     if config.grad_clip_mode == "value":
@@ -357,14 +362,26 @@ class MedicalModelTrainer:
             "accumulate_steps": self.config.gradient_accumulation_steps,
         }
 
-    def _build_state(self, tx: optim.GradientTransformation) -> TrainState:
+    def _build_state(self, schedule: schedules.Schedule) -> TrainState:
         cfg = self.config
         model = self._prepare_model()
+        tx = build_optimizer(cfg, schedule)
         if cfg.fsdp:
             return distributed.fully_shard_state(model, tx, **self._init_kwargs())
         if cfg.deepspeed:
+            if cfg.grad_clip_mode == "value":
+                raise ConfigError(
+                    "TrainerConfig.grad_clip_mode='value' is not available with deepspeed=True "
+                    "(DeepSpeed clips by global norm); use 'norm' or 'none'"
+                )
+            clip = cfg.max_grad_norm if cfg.grad_clip_mode == "norm" else None
             return distributed.deepspeed_state(
-                model, tx, cfg.deepspeed_config, **self._init_kwargs()
+                model,
+                build_optimizer(cfg, schedule, clip=False),
+                cfg.deepspeed_config,
+                max_grad_norm=clip,
+                micro_batch_size=cfg.batch_size,
+                **self._init_kwargs(),
             )
         state = init_state(model, tx, device=self.device, **self._init_kwargs())
         if distributed.is_distributed():
@@ -401,7 +418,13 @@ class MedicalModelTrainer:
         cfg = self.config
         extra = progress.as_extra(cfg.eval_metric, self.run_metadata)
         if self._sharded():
-            distributed.save_full(state, path, extra=extra)
+            distributed.save_full(
+                state,
+                path,
+                extra=extra,
+                save_optimizer=cfg.save_optimizer,
+                save_scheduler=cfg.save_scheduler,
+            )
         elif self.is_main_process:
             save_state(
                 state,
@@ -572,8 +595,7 @@ class MedicalModelTrainer:
         total_steps = cfg.total_steps or (
             steps_per_epoch * cfg.num_epochs if steps_per_epoch else None
         )
-        tx = build_optimizer(cfg, build_schedule(cfg, total_steps))
-        state = self._build_state(tx)
+        state = self._build_state(build_schedule(cfg, total_steps))
         progress = _Progress()
         if cfg.resume_from:
             state, progress = self._resume(state, cfg.resume_from)
@@ -766,9 +788,13 @@ class MedicalModelTrainer:
                 )
 
     def _finish(self, state: TrainState, result: TrainResult) -> None:
-        bind_module(state)
+        if self._sharded():
+            full = gather_full_state(state)
+        else:
+            full = state
+            bind_module(state)
         if self.is_main_process:
-            result.weights_path = save_weights(state, result.output_dir / WEIGHTS_FILE)
+            result.weights_path = save_weights(full, result.output_dir / WEIGHTS_FILE)
             self._export(state, result)
         distributed.barrier()
 
@@ -780,6 +806,15 @@ class MedicalModelTrainer:
             if flag
         ]
         if not wanted:
+            return
+        if self._sharded():
+            for name in wanted:
+                result.export_errors[name] = (
+                    "exports are not made from fsdp/deepspeed runs; load model.safetensors into "
+                    "the unsharded model and call medfunc.export, or run `medfunc export` on "
+                    "a checkpoint"
+                )
+                log.warning("%s export skipped: %s", name, result.export_errors[name])
             return
         from medfunc import export
 

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,46 @@ def test_tied_weights_are_saved_under_both_keys_once(tmp_path):
     assert torch.equal(model.head.weight, state.params["embed.weight"])
     restored = restore_state(path, mf.init_state(_Tied(), _adamw()))
     assert_trees_equal(restored.params, state.params)
+
+
+def _counting() -> mf.optim.GradientTransformation:
+    """A stateful transformation no torch optimizer knows: counts updates, sums gradients."""
+
+    def init(params):
+        return OrderedDict(
+            count=torch.zeros((), dtype=torch.int64),
+            grad_sum=OrderedDict((n, torch.zeros_like(p)) for n, p in params.items()),
+        )
+
+    def update(grads, state, params, ctx):
+        state["count"].add_(1)
+        torch._foreach_add_(list(state["grad_sum"].values()), list(grads.values()))
+        return grads, params, state
+
+    return mf.optim.GradientTransformation(init, update)
+
+
+def test_state_of_other_chain_members_is_kept_in_medfunc_state(tmp_path):
+    tx = mf.optim.chain(_counting(), _adamw())
+    state = _train(mf.init_state(_model(), tx), make_batches(3))
+    path = save_state(state, tmp_path / "c.pt")
+    ckpt = torch.load(path, weights_only=True)
+    rest = ckpt["medfunc_state"]["opt_state"]
+    assert list(rest) == ["0/count"] + [f"0/grad_sum/{n}" for n in state.params]
+    assert int(rest["0/count"]) == 3 and "optimizer_state" in ckpt
+    restored = restore_state(path, mf.init_state(_model(), tx))
+    assert_trees_equal(restored, state)
+
+
+def test_a_transformation_without_torch_optimizer_is_saved_natively(tmp_path):
+    state = _train(mf.init_state(_model(), _counting()), make_batches(2))
+    path = save_state(state, tmp_path / "c.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert "optimizer_state" not in ckpt and "scheduler_state" not in ckpt
+    assert int(ckpt["medfunc_state"]["opt_state"]["count"]) == 2
+    assert_trees_equal(restore_state(path, mf.init_state(_model(), _counting())), state)
+    with pytest.raises(CheckpointMismatchError, match=r"medfunc_state\['opt_state'\]"):
+        restore_state(path, mf.init_state(_model(), mf.optim.chain(_counting(), _adamw())))
 
 
 # ------------------------------------------------------------------------------------------------

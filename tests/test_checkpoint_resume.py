@@ -55,7 +55,11 @@ def test_resume_in_a_fresh_process_is_bitwise_equal_to_the_straight_run(tmp_path
         # the resumed part really trained: params, moments and rng moved on after the split
         before, after_split = at_split[config.name], logs[config.name][config.split :]
         assert not torch.equal(want["params/fc1.weight"], before["params/fc1.weight"])
-        assert not torch.equal(want["opt_state/1/1/fc1.weight"], before["opt_state/1/1/fc1.weight"])
+        assert any(
+            not torch.equal(value, before[path])
+            for path, value in want.items()
+            if path.startswith("opt_state/")
+        )
         assert int(want["rng"][1]) == worker.TOTAL
         if config.precision == "fp16":
             # after the split the scaler both skipped (backed off) and applied updates

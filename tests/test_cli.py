@@ -43,7 +43,9 @@ def test_train_without_arguments_runs_the_default_recipe(tmp_path):
     assert _auroc(done.stdout) >= 0.97
     (run,) = (tmp_path / "runs").glob("breast_cancer-*")
     assert f"output: {Path('runs') / run.name}" in done.stdout
-    assert (run / "checkpoint-epoch25.pt").is_file()
+    checkpoint = Path(re.search(r"^checkpoint: (.+)$", done.stdout, flags=re.M).group(1))
+    assert re.fullmatch(r"checkpoint-epoch\d+\.pt", checkpoint.name)
+    assert (tmp_path / checkpoint).is_file()
     assert (run / "model.safetensors").is_file()
     assert list((run / "tb_logs").glob("events.out.tfevents.*"))
     assert (run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,6 +6,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,3 +305,12 @@ def test_missing_eval_metric_and_unavailable_devices_are_config_errors(tmp_path)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             MedicalModelTrainer(_model(), TrainerConfig(device="cuda"))
+
+
+def test_quickstart_example_runs(tmp_path, monkeypatch, capsys):
+    example = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+    monkeypatch.setattr(sys, "argv", [str(example), "--output-dir", str(tmp_path), "--epochs", "3"])
+    runpy.run_path(str(example), run_name="__main__")
+    out = capsys.readouterr().out
+    assert float(out.split("held-out AUROC ")[1].split(",")[0]) > 0.95
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "model.safetensors").is_file()

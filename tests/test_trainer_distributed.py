@@ -37,6 +37,7 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import TinyClassifier
     from medfunc import distributed
+    from medfunc.distributed.checkpoint import gather_full_state
     from medfunc.recipes.base import TensorDictDataset
     from medfunc.trainer import MedicalModelTrainer, TrainerConfig
 
@@ -52,9 +53,11 @@ SCRIPT = textwrap.dedent("""
     trainer = MedicalModelTrainer(model, config)
     result = trainer.train(data(48, 0), data(37, 1), output_dir={out!r})
     rank = distributed.rank()
+    sharded = config.fsdp or config.deepspeed
+    full = gather_full_state(trainer.state) if sharded else trainer.state
     record = {{"world": distributed.world_size(), "history": result.history,
               "evaluate": trainer.evaluate(data(37, 1)),
-              "params": {{n: p.tolist() for n, p in trainer.state.params.items()}}}}
+              "params": {{n: p.tolist() for n, p in full.params.items()}}}}
     with open({out!r} + f"/../rank{{rank}}.json", "w") as handle:
         json.dump(record, handle)
 """)
@@ -73,11 +76,25 @@ def _data(n: int, seed: int) -> TensorDictDataset:
     return TensorDictDataset({"x": x, "labels": labels})
 
 
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """One process training on the global batch (2 ranks x 4 examples)."""
+    torch.manual_seed(0)
+    options = {**OPTIONS, "enable_tensorboard": False}
+    trainer = MedicalModelTrainer(TinyClassifier(classes=2), TrainerConfig(batch_size=8, **options))
+    trainer.train(_data(48, 0), _data(37, 1), output_dir=tmp_path_factory.mktemp("single"))
+    return trainer.state.params
+
+
 @pytest.mark.slow
-def test_two_process_training_writes_once_and_reduces_metrics_over_all_ranks(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "deepspeed"])
+def test_two_process_training_writes_once_and_reduces_metrics_over_all_ranks(
+    tmp_path, single_process, mode
+):
     out = tmp_path / "run"
     script = tmp_path / "train.py"
-    script.write_text(SCRIPT.format(tests=str(ROOT / "tests"), options=OPTIONS, out=str(out)))
+    options = {**OPTIONS, "fsdp": mode == "fsdp", "deepspeed": mode == "deepspeed"}
+    script.write_text(SCRIPT.format(tests=str(ROOT / "tests"), options=options, out=str(out)))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     done = subprocess.run(
         [
@@ -100,17 +117,11 @@ def test_two_process_training_writes_once_and_reduces_metrics_over_all_ranks(tmp
     assert [r["world"] for r in ranks] == [2, 2]
     assert sorted(p.name for p in out.glob("*.pt")) == ["checkpoint-epoch1.pt"]
     assert len(list((out / "tb_logs").glob("events.out.tfevents.*"))) == 1
-    assert not list(tmp_path.glob("run/.*tmp*"))
+    assert not list(out.glob(".*tmp*"))
 
-    # the replicas agree, and equal one process training on the global batch (2 x 4)
+    # the replicas agree, and equal one process training on the global batch
     assert ranks[0]["params"] == ranks[1]["params"]
-    torch.manual_seed(0)
-    single = MedicalModelTrainer(
-        TinyClassifier(classes=2),
-        TrainerConfig(batch_size=8, **{**OPTIONS, "enable_tensorboard": False}),
-    )
-    single.train(_data(48, 0), _data(37, 1), output_dir=tmp_path / "single")
-    for name, value in single.state.params.items():
+    for name, value in single_process.items():
         torch.testing.assert_close(
             torch.tensor(ranks[0]["params"][name]), value, rtol=0, atol=1e-6, msg=name
         )

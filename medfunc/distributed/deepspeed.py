@@ -344,19 +344,15 @@ def deepspeed_state(
             "'optimizer' section in the DeepSpeed config"
         )
     policy = get_policy(precision)
-    if (
-        tx is not None
-        and len(tx.children) > 1
-        and max_grad_norm is None
-        and "gradient_clipping" not in user_config
-    ):
-        warnings.warn(
-            "under DeepSpeed only the optimizer of the chain runs; its other transformations "
-            "(e.g. clip_by_global_norm) are not applied. Pass max_grad_norm=... to "
-            "deepspeed_state (or 'gradient_clipping' in the DeepSpeed config) to clip",
-            UserWarning,
-            stacklevel=2,
-        )
+    config = _merge_defaults(
+        user_config,
+        default_config(
+            micro_batch_size=micro_batch_size or 1,
+            accumulate_steps=accumulate_steps,
+            max_grad_norm=max_grad_norm,
+            precision=policy.name,
+        ),
+    )
     if not deepspeed_available():
         warnings.warn(
             "deepspeed is not installed (pip install 'medfunc[deepspeed]'); training with "
@@ -382,19 +378,23 @@ def deepspeed_state(
         )
         return data_parallel(state)
 
+    if (
+        tx is not None
+        and len(tx.children) > 1
+        and max_grad_norm is None
+        and "gradient_clipping" not in user_config
+    ):
+        warnings.warn(
+            "under DeepSpeed only the optimizer of the chain runs; its other transformations "
+            "(e.g. clip_by_global_norm) are not applied. Pass max_grad_norm=... to "
+            "deepspeed_state (or 'gradient_clipping' in the DeepSpeed config) to clip",
+            UserWarning,
+            stacklevel=2,
+        )
     import deepspeed
 
     info = get_info()
     model.to(info.device)
-    config = _merge_defaults(
-        user_config,
-        default_config(
-            micro_batch_size=micro_batch_size or 1,
-            accumulate_steps=accumulate_steps,
-            max_grad_norm=max_grad_norm,
-            precision=policy.name,
-        ),
-    )
     optimizer = scheduler = None
     if tx is not None:
         spec, _ = find_optimizer(tx)

@@ -8,7 +8,7 @@ import sys
 import warnings
 
 import torch
-from common import STEPS, batches, full_params, make_model, make_tx, out_dir, shard
+from dist_common import STEPS, batches, full_params, make_model, make_tx, out_dir, shard
 
 import medfunc as mf
 from medfunc import distributed as dist

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import torch
-from common import STEPS, batches, full_params, make_model, make_tx, out_dir, shard
+from dist_common import STEPS, batches, full_params, make_model, make_tx, out_dir, shard
 
 import medfunc as mf
 from medfunc import distributed as dist

@@ -45,11 +45,15 @@ class Config(NamedTuple):
     schedule: str
     split: int
     with_like: bool
+    optimizer: str = "adamw"
 
     @property
     def name(self) -> str:
         like = "like" if self.with_like else "model"
-        return f"{self.precision}-k{self.accumulate}-{self.schedule}-at{self.split}-{like}"
+        return (
+            f"{self.optimizer}-{self.precision}-k{self.accumulate}-{self.schedule}-"
+            f"at{self.split}-{like}"
+        )
 
 
 CONFIGS = [
@@ -61,6 +65,7 @@ CONFIGS = [
 ] + [
     Config("fp16", 3, "cosine", 9, True),  # at an accumulation-window boundary
     Config("fp32", 3, "one_cycle", 7, False),  # after the first micro-batch of a window
+    Config("fp16", 1, "step", 8, True, optimizer="sgd"),
 ]
 
 
@@ -71,11 +76,13 @@ def make_model() -> TinyClassifier:
 
 
 def make_tx(config: Config) -> mf.optim.GradientTransformation:
-    """Global-norm clipping then AdamW on the configuration's schedule."""
-    return mf.optim.chain(
-        mf.optim.clip_by_global_norm(0.5),
-        mf.optim.adamw(SCHEDULES[config.schedule](), weight_decay=0.05),
-    )
+    """Global-norm clipping then AdamW (or Nesterov SGD) on the configuration's schedule."""
+    lr = SCHEDULES[config.schedule]()
+    if config.optimizer == "sgd":
+        optimizer = mf.optim.sgd(lr, momentum=0.9, nesterov=True, weight_decay=0.01)
+    else:
+        optimizer = mf.optim.adamw(lr, weight_decay=0.05)
+    return mf.optim.chain(mf.optim.clip_by_global_norm(0.5), optimizer)
 
 
 def make_state(config: Config) -> mf.TrainState:
