@@ -43,7 +43,7 @@ def build_state(mode: str, zero_stage: int, steps: int, device: torch.device) ->
 
 def evaluate(state: mf.TrainState, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Loss and accuracy over the whole held-out set (each rank scores its slice)."""
-    rows = dist.shard_indices(len(y))
+    rows = dist.shard_indices(len(y), drop_last=False)
     batch = {"features": x[rows.start : rows.stop], "labels": y[rows.start : rows.stop]}
     metrics = mf.eval_step(state, batch)
     logits = metrics["outputs"]["logits"]

@@ -6,7 +6,9 @@ Example:
     >>> state, metrics = mf.train_step(state, batch, donate=True)
 """
 
-from medfunc import data, optim, schedules, testing
+from medfunc import data, export, modeling, optim, schedules, testing
+from medfunc.checkpoint import inspect_checkpoint, read_checkpoint, restore_state, save_state
+from medfunc.compile import compile_step
 from medfunc.errors import (
     BatchError,
     CheckpointError,
@@ -22,6 +24,15 @@ from medfunc.step import apply_model, eval_step, train_step
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    """Import ``medfunc.distributed`` on first use (it pulls in torch.distributed.tensor)."""
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module("medfunc.distributed")
+    raise AttributeError(f"module 'medfunc' has no attribute {name!r}")
+
 __all__ = [
     "BatchError",
     "CheckpointError",
@@ -33,6 +44,14 @@ __all__ = [
     "Policy",
     "TrainState",
     "apply_model",
+    "compile_step",
+    "distributed",
+    "export",
+    "inspect_checkpoint",
+    "modeling",
+    "read_checkpoint",
+    "restore_state",
+    "save_state",
     "bind_module",
     "data",
     "eval_step",

@@ -280,20 +280,28 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _remove_stray_temporaries(folder: Path) -> None:
-    """Delete temporaries of saves that died, i.e. whose process no longer runs."""
-    with _temporaries_lock:
-        active = set(_active_temporaries)
+    """Delete temporaries of saves that died, i.e. whose process no longer runs, and those of
+    this process that no save is writing (a save registers its temporary before creating it)."""
     for entry in os.scandir(folder):
         match = _TEMPORARY.match(entry.name)
-        if match is None or entry.path in active or not entry.is_file(follow_symlinks=False):
+        if match is None or not entry.is_file(follow_symlinks=False):
             continue
         pid = int(match.group(1))
-        if pid == os.getpid() or not _pid_running(pid):
-            try:
-                os.unlink(entry.path)
-            except FileNotFoundError:
-                pass
+        if pid != os.getpid():
+            if not _pid_running(pid):
+                _unlink(entry.path)
+            continue
+        with _temporaries_lock:
+            if os.path.realpath(entry.path) not in _active_temporaries:
+                _unlink(entry.path)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -313,8 +321,9 @@ def _write_atomic(payload: dict, path: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _remove_stray_temporaries(folder)
     temporary = _temporary_path(path)
+    key = os.path.realpath(temporary)
     with _temporaries_lock:
-        _active_temporaries.add(str(temporary))
+        _active_temporaries.add(key)
     crc_was_on = torch.serialization.get_crc32_options()
     try:
         if not crc_was_on:
@@ -331,7 +340,7 @@ def _write_atomic(payload: dict, path: Path) -> None:
         if not crc_was_on:
             torch.serialization.set_crc32_options(False)
         with _temporaries_lock:
-            _active_temporaries.discard(str(temporary))
+            _active_temporaries.discard(key)
     _fsync_folder(folder)
 
 

@@ -36,7 +36,7 @@ from medfunc.modeling import prepare_model
 from medfunc.state import TrainState, bind_module, init_state
 from medfunc.step import apply_model, eval_step, train_step
 from medfunc.trainer_config import TrainerConfig
-from medfunc.trainer_data import DatasetBatches
+from medfunc.trainer_data import DatasetBatches, pin_memory
 
 __all__ = ["MedicalModelTrainer", "TrainResult", "TrainerConfig", "resolve_device"]
 
@@ -354,6 +354,13 @@ class MedicalModelTrainer:
             self._prepared = True
         return self.model
 
+    def _to_device(self, batch: Any) -> Any:
+        """Move a batch to the training device; to CUDA through pinned memory, without
+        waiting for the copy (no host sync per step)."""
+        if self.device.type != "cuda":
+            return to_device(batch, self.device)
+        return to_device(pin_memory(batch), self.device, non_blocking=True)
+
     def _init_kwargs(self) -> dict[str, Any]:
         return {
             "loss_fn": self.loss_fn,
@@ -478,7 +485,7 @@ class MedicalModelTrainer:
         user_fn = self.config.eval_compute_metrics
         accumulator = EvalAccumulator(state.device, keep_outputs=user_fn is not None)
         for batch in batches.epoch(0):
-            batch = to_device(batch, self.device)
+            batch = self._to_device(batch)
             result = eval_step(state, batch)
             accumulator.add(batch, result["outputs"], result["loss"])
         return accumulator.compute(user_fn)
@@ -530,7 +537,7 @@ class MedicalModelTrainer:
             rank=0,
             world=1,
         )
-        outputs = [apply_model(state, to_device(b, self.device)) for b in batches.epoch(0)]
+        outputs = [apply_model(state, self._to_device(b)) for b in batches.epoch(0)]
         tensors = [o if isinstance(o, torch.Tensor) else find_logits(o) for o in outputs]
         if tensors and all(t is not None for t in tensors):
             return torch.cat([t.detach().cpu() for t in tensors])
@@ -653,7 +660,7 @@ class MedicalModelTrainer:
             stop = False
             for window in train_batches.windows(epoch, progress.batch_index, k):
                 for batch in window:
-                    state, metrics = step_fn(state, to_device(batch, self.device), donate=True)
+                    state, metrics = step_fn(state, self._to_device(batch), donate=True)
                 progress.batch_index += k
                 progress.global_step += 1
                 tracker.record(metrics)
@@ -712,6 +719,9 @@ class MedicalModelTrainer:
     ) -> None:
         scalars = tracker.flush()
         max_run = scalars.pop("_max_run")
+        if self.dist.world_size > 1:
+            mean = distributed.all_reduce_mean(torch.tensor(scalars["train/loss"]))
+            scalars["train/loss"] = float(mean)
         limit = self.config.max_consecutive_skipped_steps
         if limit is not None and max_run >= limit:
             raise NonFiniteError(

@@ -9,6 +9,7 @@ import random
 import struct
 import subprocess
 import sys
+import threading
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -578,6 +579,30 @@ def test_saving_over_an_existing_checkpoint_replaces_it(tmp_path):
     save_state(second, path)
     assert read_checkpoint(path)["trainer_state"]["global_step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def test_concurrent_saves_into_one_folder_do_not_remove_each_others_files(tmp_path):
+    state = mf.init_state(_model(), _adamw())
+    errors = []
+
+    def save_many(name: str, folder: Path) -> None:
+        try:
+            for i in range(8):
+                save_state(state, folder / name, extra={"i": i})
+        except Exception as error:  # noqa: BLE001 - reported by the assert below
+            errors.append(error)
+
+    spellings = [tmp_path, Path(os.path.relpath(tmp_path))]  # one folder, two spellings
+    threads = [
+        threading.Thread(target=save_many, args=(f"c{k}.pt", spellings[k % 2])) for k in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"c{k}.pt" for k in range(4)]
+    assert all(read_checkpoint(tmp_path / f"c{k}.pt")["trainer_state"]["i"] == 7 for k in range(4))
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ single-process medfunc run computed here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -103,6 +104,10 @@ def test_single_process_helpers_report_rank_zero_of_one():
     assert dist.broadcast_object({"a": 1}) == {"a": 1}
     assert dist.all_gather_object(5) == [5]
     assert dist.shard_indices(10, rank_=1, world=3) == range(3, 6)
+    covered = [
+        i for r in range(3) for i in dist.shard_indices(10, drop_last=False, rank_=r, world=3)
+    ]
+    assert covered == list(range(10))
     dist.barrier()
 
 
@@ -279,12 +284,13 @@ def test_failed_rank_makes_the_other_raise_distributed_error(tmp_path, how):
             str(SCRIPTS / "kill_worker.py"),
             how,
         ]
+        stream = subprocess.PIPE if node == 0 else subprocess.DEVNULL
         nodes.append(
             subprocess.Popen(
                 command,
                 cwd=SCRIPTS,
                 env=env,
-                stdout=subprocess.PIPE,
+                stdout=stream,
                 stderr=subprocess.STDOUT,
                 text=True,
                 start_new_session=True,
@@ -298,7 +304,11 @@ def test_failed_rank_makes_the_other_raise_distributed_error(tmp_path, how):
         for proc in nodes:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            proc.wait(timeout=60)
+        hung = tmp_path / "hung.pid"
+        if hung.exists():  # the hung worker outlives its killed launcher; end it too
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(hung.read_text()), signal.SIGKILL)
     assert nodes[0].returncode != 0
     assert "medfunc.errors.DistributedError: gradient all-reduce" in output
     assert "most likely rank 1" in output

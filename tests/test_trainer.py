@@ -314,3 +314,41 @@ def test_quickstart_example_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert float(out.split("held-out AUROC ")[1].split(",")[0]) > 0.95
     assert (tmp_path / "model.pt").is_file() and (tmp_path / "model.safetensors").is_file()
+
+
+def test_fp16_amp_equals_autocast_with_gradscaler(tmp_path):
+    """use_amp with float16 (on the CPU) against autocast + torch.amp.GradScaler + AdamW."""
+    model = _model(hidden=32)
+    reference = copy.deepcopy(model)
+    data = _data(48)
+    config = _quiet(
+        num_epochs=2,
+        batch_size=8,
+        learning_rate=1e-2,
+        scheduler="none",
+        grad_clip_mode="none",
+        use_amp=True,
+        amp_dtype="fp16",
+        shuffle=False,
+        log_every=1,
+    )
+    trainer = MedicalModelTrainer(model, config)
+    trainer.train(data, output_dir=tmp_path)
+
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = data.tensors["x"], data.tensors["labels"]
+    scales = []
+    for _ in range(2):
+        for start in range(0, 48, 8):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = reference(x[start : start + 8], labels=y[start : start + 8])["loss"]
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+            opt.zero_grad()
+    for (name, got), want in zip(trainer.state.params.items(), reference.parameters()):
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-6, msg=name)
+    logged = [r["train/loss_scale"] for r in _records(tmp_path, "train/")]
+    assert logged == scales

@@ -227,25 +227,34 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def shard_indices(n: int, *, rank_: int | None = None, world: int | None = None) -> range:
-    """The contiguous slice of ``range(n)`` this rank should train on (equal sizes, tail dropped).
+def shard_indices(
+    n: int, *, drop_last: bool = True, rank_: int | None = None, world: int | None = None
+) -> range:
+    """The contiguous slice of ``range(n)`` this rank should take.
 
     Args:
         n: number of examples.
+        drop_last: equal slices of ``n // world`` (the tail is dropped), as training needs for
+            an exact mean over ranks; False: slices differing by at most one that cover all
+            ``n`` (for evaluation with summed metrics).
         rank_: the rank (default: this process's).
         world: the world size (default: this job's).
 
     Returns:
-        A ``range`` of ``n // world`` indices.
+        A ``range`` of indices.
 
     Example:
-        >>> shard_indices(10, rank_=1, world=2)
+        >>> shard_indices(11, rank_=1, world=2)
         range(5, 10)
+        >>> shard_indices(11, drop_last=False, rank_=1, world=2)
+        range(5, 11)
     """
     rank_ = rank() if rank_ is None else rank_
     world = world_size() if world is None else world
-    per_rank = n // world
-    return range(rank_ * per_rank, (rank_ + 1) * per_rank)
+    if drop_last:
+        per_rank = n // world
+        return range(rank_ * per_rank, (rank_ + 1) * per_rank)
+    return range(rank_ * n // world, (rank_ + 1) * n // world)
 
 
 def _likely_failed_ranks() -> str:

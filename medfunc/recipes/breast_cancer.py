@@ -210,6 +210,7 @@ def build(
         "scheduler": "linear_warmup",
         "warmup_steps": 20,
         "seed": seed,
+        "log_every": 15,
         "eval_metric": "auroc",
         "eval_metric_mode": "max",
     }

@@ -298,6 +298,7 @@ def build(
         "scheduler": "linear_warmup",
         "warmup_steps": max(1, steps // 10),
         "seed": seed,
+        "log_every": 5,
         "eval_metric": "auroc",
         "eval_metric_mode": "max",
     }

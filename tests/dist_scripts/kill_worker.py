@@ -30,7 +30,8 @@ def main() -> None:
             if how == "sigkill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if how == "hang":
-                time.sleep(3600)
+                (out_dir() / "hung.pid").write_text(str(os.getpid()))
+                time.sleep(5 * info.timeout_s)  # long past rank 0's timeout, yet bounded
             os._exit(7)
         started = time.monotonic()
         try:
