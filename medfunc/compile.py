@@ -35,7 +35,7 @@ import torch
 from torch.func import functional_call
 
 from medfunc.errors import BatchError, ConfigError
-from medfunc.optim import UpdateContext
+from medfunc.optim import UpdateContext, find_optimizer
 from medfunc.precision import autocast, unscale_and_check, update_scale
 from medfunc.state import PYTREE_NAMESPACE, AccumState, TrainState, tree_map
 from medfunc.step import (
@@ -310,6 +310,16 @@ def _dynamo_unique_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _uses_fused_kernels(static: _Static) -> bool:
+    """Whether the state's optimizer runs PyTorch's fused kernels (which torch.compile leaves
+    out of graphs: the update then runs as those kernels, after the compiled forward/backward)."""
+    try:
+        spec, _ = find_optimizer(static.tx)
+    except ConfigError:
+        return False
+    return bool(spec.kernel_config(static.device).fused)
+
+
 class _Inductor:
     """The step core under ``torch.compile``: one whole-step graph, or a compiled
     forward/backward plus the eager update when the optimizer cannot be traced."""
@@ -380,6 +390,8 @@ class _Inductor:
             self.stats.compiles += _dynamo_unique_graphs() - before
 
     def _run(self, trees: _Trees, batch: Any, apply: bool) -> tuple[_Trees, dict]:
+        if self.stats.whole_step_compiled is None and _uses_fused_kernels(self.static):
+            self.stats.whole_step_compiled = False
         if self.fullgraph and self.stats.whole_step_compiled is not False:
             try:
                 out = self._whole(apply)(trees, batch)
@@ -619,7 +631,12 @@ class _Graphs:
         graph.register_generator_state(torch.cuda.default_generators[device.index or 0])
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             new_trees, metrics = self.run(trees, static_batch, apply)
-            new_leaves = optree.tree_leaves(new_trees, namespace=PYTREE_NAMESPACE)
+            new_leaves, treedef = optree.tree_flatten(new_trees, namespace=PYTREE_NAMESPACE)
+            if treedef != self.treedef:
+                raise ConfigError(
+                    "the optimizer returned a state of another structure than it was given; "
+                    "CUDA graphs need transformations that keep their state's structure"
+                )
             for dst, src in zip(self.slot, new_leaves):
                 if dst.data_ptr() != src.data_ptr():
                     dst.copy_(src)

@@ -418,3 +418,29 @@ def test_cudagraph_replay_is_faster_than_the_eager_step():
         holder["e"], _ = mf.train_step(holder["e"], batch, donate=True)
 
     assert per_step(graph_step) < per_step(eager_step)
+
+
+def test_graph_state_slot_adopts_copies_in_and_consumes_the_previous_owner():
+    """The storage bookkeeping of the CUDA-graph modes (device-independent, run on the CPU)."""
+    from medfunc.compile import CompileStats, _Graphs, _static_of
+
+    graphs = _Graphs(run=None, stats=CompileStats(), max_graphs=2, warmup_steps=1)
+    first = _state()
+    static = _static_of(first)
+    slot = graphs.bind(first, static, donate=True)
+    assert slot.params["fc1.weight"] is first.params["fc1.weight"]
+    owner = first.replace(step=slot.step)
+    graphs.adopt(owner)
+    assert graphs.bind(owner, static, donate=True) is slot
+    with pytest.raises(mf.ConfigError, match="donate=True"):
+        graphs.bind(owner, static, donate=False)
+    foreign = _state(seed=9)
+    with torch.no_grad():
+        foreign.params["fc1.weight"].add_(1.0)
+    graphs.bind(foreign, static, donate=False)
+    assert graphs.stats.copies_in == 1
+    assert torch.equal(slot.params["fc1.weight"], foreign.params["fc1.weight"])
+    assert slot.params["fc1.weight"] is not foreign.params["fc1.weight"]
+    assert owner.consumed and not foreign.consumed
+    with pytest.raises(mf.ConfigError, match="differ in structure"):
+        graphs.bind(_state(precision="fp16"), static, donate=True)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "dist_scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from dist_common import STEPS, make_model, make_tx, reference_run  # noqa: E402
+from dist_common import STEPS, accumulate_run, make_model, make_tx, reference_run  # noqa: E402
 
 # Two ranks on halves of each batch against one process on the whole batch (fp32, CPU): the
 # sums are reassociated, so the match is within float32 rounding, not bitwise.
@@ -157,6 +157,17 @@ def test_ddp_two_ranks_on_half_batches_equal_one_process_on_full_batches(ddp_fsd
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_gradient_accumulation_syncs_once_per_update_and_equals_one_process(ddp_fsdp_run, kind):
+    out, records = ddp_fsdp_run
+    single = accumulate_run(mf.init_state(make_model(), make_tx(), accumulate_steps=2))
+    assert records[0][f"{kind}_accumulate_step"] == int(single.step) == 4
+    rank0, rank1 = _load(out, f"{kind}_accumulate")
+    assert _max_diff(rank0, rank1) == 0.0
+    assert _max_diff(rank0, dict(single.params)) < TOL
+
+
+@pytest.mark.slow
 def test_collective_helpers_agree_across_ranks(ddp_fsdp_run):
     _, records = ddp_fsdp_run
     for rank, record in enumerate(records):
@@ -258,6 +269,25 @@ def test_deepspeed_checkpoints_resume(deepspeed_run, reference):
     assert int(state.step) == STEPS // 2
     state = reference_run(STEPS // 2, STEPS, state)
     assert _max_diff(dict(state.params), reference) < TOL
+
+
+@pytest.mark.slow
+def test_deepspeed_runs_in_a_single_process(tmp_path, reference):
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "deepspeed_worker.py")],
+        cwd=SCRIPTS,
+        env=_env(tmp_path, DS_ACCELERATOR="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    record = json.loads((tmp_path / "record_rank0.json").read_text())
+    assert record["zero2_step"] == STEPS and record["sharded_resume_step"] == STEPS // 2
+    params = torch.load(tmp_path / "zero2_rank0.pt")
+    assert _max_diff(params, reference) < TOL
+    for kind in ("sharded", "full"):
+        assert _max_diff(torch.load(tmp_path / f"zero2_{kind}_resumed_rank0.pt"), params) == 0.0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ Every adapter is one line of set-up around the same ``mf.train_step(state, batch
 - :func:`deepspeed_state` runs the step through a DeepSpeed ZeRO engine (falls back to DDP with
   a warning when DeepSpeed is not installed).
 - :func:`save_full` / :func:`load_full` write and read an ordinary single-file checkpoint from a
-  sharded state; :func:`save_sharded` / :func:`load_sharded` use ``torch.distributed.checkpoint``
-  and restore on any world size.
+  sharded state (:func:`gather_full_state` gives the full state itself);
+  :func:`save_sharded` / :func:`load_sharded` use ``torch.distributed.checkpoint`` and restore
+  on any world size.
 - Collective helpers (:func:`all_reduce_mean`, :func:`agree`, :func:`broadcast_object`, ...) raise
   :class:`~medfunc.errors.DistributedError` instead of hanging when a peer dies.
 
@@ -26,9 +27,19 @@ Example (run with ``torchrun --nproc_per_node=2 train.py``):
     >>> mf.distributed.shutdown()
 """
 
-from medfunc.distributed.checkpoint import load_full, load_sharded, save_full, save_sharded
+from medfunc.distributed.checkpoint import (
+    gather_full_state,
+    load_full,
+    load_sharded,
+    save_full,
+    save_sharded,
+)
 from medfunc.distributed.ddp import check_in_sync, data_parallel
-from medfunc.distributed.deepspeed import deepspeed_available, deepspeed_state
+from medfunc.distributed.deepspeed import (
+    deepspeed_available,
+    deepspeed_engine_of,
+    deepspeed_state,
+)
 from medfunc.distributed.env import (
     DistInfo,
     agree,
@@ -61,8 +72,10 @@ __all__ = [
     "check_in_sync",
     "data_parallel",
     "deepspeed_available",
+    "deepspeed_engine_of",
     "deepspeed_state",
     "fully_shard_state",
+    "gather_full_state",
     "get_info",
     "init",
     "is_distributed",

@@ -289,6 +289,10 @@ def load_full(path: str | Path, like: TrainState) -> TrainState:
 # sharded checkpoints
 
 
+def _group_active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _flat(state: TrainState) -> dict[str, Any]:
     return {
         name: leaf for name, leaf in tree_leaves_with_path(state) if isinstance(leaf, torch.Tensor)
@@ -326,7 +330,7 @@ def save_sharded(state: TrainState, directory: str | Path) -> Path:
     import torch.distributed.checkpoint as dcp
 
     with collective_guard("torch.distributed.checkpoint save"):
-        dcp.save(_flat(state), checkpoint_id=str(directory))
+        dcp.save(_flat(state), checkpoint_id=str(directory), no_dist=not _group_active())
     return directory
 
 
@@ -374,7 +378,7 @@ def load_sharded(directory: str | Path, like: TrainState) -> TrainState:
     import torch.distributed.checkpoint as dcp
 
     with collective_guard("torch.distributed.checkpoint load"):
-        dcp.load(_flat(like), checkpoint_id=str(directory))
+        dcp.load(_flat(like), checkpoint_id=str(directory), no_dist=not _group_active())
     new_state = like.replace()
     like.mark_consumed()
     return new_state

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import sys
 import warnings
 from collections import OrderedDict
@@ -403,6 +404,7 @@ def deepspeed_state(
         scheduler = ScheduleLR(optimizer, spec)
     _disable_shm_op_on_cpu(deepspeed)
     ensure_process_group()
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))  # DeepSpeed asserts it is set
     with collective_guard("deepspeed.initialize"):
         engine, _, _, _ = deepspeed.initialize(
             model=model,

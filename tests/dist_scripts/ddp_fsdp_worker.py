@@ -8,7 +8,16 @@ import sys
 import warnings
 
 import torch
-from dist_common import STEPS, batches, full_params, make_model, make_tx, out_dir, shard
+from dist_common import (
+    STEPS,
+    accumulate_run,
+    batches,
+    full_params,
+    make_model,
+    make_tx,
+    out_dir,
+    shard,
+)
 
 import medfunc as mf
 from medfunc import distributed as dist
@@ -55,6 +64,16 @@ def main() -> None:
         record["diverged_error"] = None
     except DistributedError as err:
         record["diverged_error"] = str(err)
+
+    for kind in ("ddp", "fsdp"):
+        model, tx = make_model(), make_tx()
+        if kind == "ddp":
+            accum = dist.data_parallel(mf.init_state(model, tx, accumulate_steps=2))
+        else:
+            accum = dist.fully_shard_state(model, tx, accumulate_steps=2)
+        accum = accumulate_run(accum, rank, world)
+        record[f"{kind}_accumulate_step"] = int(accum.step)
+        torch.save(full_params(accum), out / f"{kind}_accumulate_rank{rank}.pt")
 
     sys.modules["deepspeed"] = None  # the import now fails: the fallback path
     with warnings.catch_warnings(record=True) as caught:

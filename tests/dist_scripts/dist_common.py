@@ -69,6 +69,18 @@ def out_dir() -> Path:
     return Path(os.environ["MEDFUNC_TEST_OUT"])
 
 
+def accumulate_run(
+    state: mf.TrainState, rank: int = 0, world: int = 1, updates: int = 4
+) -> mf.TrainState:
+    """``updates`` optimizer updates, each over two micro-batches of this rank's slice."""
+    data = batches()
+    for i in range(updates):
+        mine = shard(data[i], rank, world)
+        for j in range(2):
+            state, _ = mf.train_step(state, {k: v[j::2] for k, v in mine.items()})
+    return state
+
+
 def reference_run(
     start: int = 0, stop: int = STEPS, state: mf.TrainState | None = None
 ) -> mf.TrainState:
