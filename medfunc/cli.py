@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -94,6 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medfunc.trainer_config import RUN_KEYS, TrainerConfig
 
     started = time.perf_counter()
+    distributed.init()
     mapping, source = _run_options(args)
     name = args.recipe or mapping.get("recipe") or DEFAULT_RECIPE
     recipe_options = mapping.get("recipe_options") or {}
@@ -110,8 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         {**_CLI_DEFAULTS, **parts.config, **user_options}, source=source
     )
     if config.export_input_example is None:
-        config.export_input_example = parts.export_example
-    main = distributed.init().rank == 0
+        config = dataclasses.replace(config, export_input_example=parts.export_example)
+    main = distributed.get_info().rank == 0
     say = print if main else (lambda *a, **k: None)
     say(f"recipe: {name} - {parts.notes}")
     say(f"output: {output_dir}")
@@ -142,6 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{result.global_step} optimizer steps, {result.epochs_completed} epochs{stopped} "
             f"in {time.perf_counter() - started:.1f} s"
         )
+    distributed.shutdown()
     return 0
 
 

@@ -16,9 +16,11 @@ batch validation, train mode, seeding the RNG from ``state.rng``, and the ``[key
 and accumulation counters (CPU tensors). See ``docs/performance.md`` for when to use which mode.
 
 Example:
-    >>> fast_step = mf.compile_step(mf.train_step, mode=mf.compile.default_mode("cuda"))
+    >>> from medfunc.compile import compile_step, default_mode
+    >>> fast_step = compile_step(mf.train_step, mode=default_mode(state.device))
     >>> for batch in loader:
     ...     state, metrics = fast_step(state, batch)
+    >>> fast_step.stats.replays  # CUDA-graph modes: one replay per call
 """
 
 from __future__ import annotations

@@ -29,7 +29,16 @@ from medfunc.precision import LossScaleState, Policy, get_policy, init_loss_scal
 
 PYTREE_NAMESPACE = "medfunc"
 LEAF_FIELDS = ("params", "buffers", "opt_state", "loss_scale", "step", "rng", "accum")
-STATIC_FIELDS = ("module", "tx", "loss_fn", "policy", "accumulate_steps", "grad_sync")
+STATIC_FIELDS = (
+    "module",
+    "tx",
+    "loss_fn",
+    "policy",
+    "accumulate_steps",
+    "grad_sync",
+    "grad_fn",
+    "step_fn",
+)
 
 
 class AccumState(NamedTuple):
@@ -74,6 +83,10 @@ class TrainState:
         accumulate_steps: micro-batches per optimizer update (static).
         grad_sync: optional in-place reduction of the gradient list before it is used, e.g. the
             all-reduce of data parallelism (static; set by :mod:`medfunc.distributed`).
+        grad_fn: optional ``grad_fn(state, buffers, batch, objective) -> (loss, grads)``
+            replacing the functional forward/backward (FSDP2 runs the sharded module itself).
+        step_fn: optional ``step_fn(state, batch, donate=...) -> (state, metrics)`` replacing
+            the whole step (the DeepSpeed engine).
     """
 
     params: OrderedDict
@@ -89,6 +102,8 @@ class TrainState:
     policy: Policy
     accumulate_steps: int
     grad_sync: Callable[[list[torch.Tensor]], None] | None = None
+    grad_fn: Callable | None = None
+    step_fn: Callable | None = None
     _liveness: _Liveness = dataclasses.field(
         default_factory=_Liveness, init=False, repr=False, compare=False
     )

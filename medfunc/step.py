@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -177,6 +177,45 @@ def _clone_tree(tree: Any) -> Any:
     return tree_map(torch.clone, tree)
 
 
+def value_and_grad(
+    state: TrainState,
+    buffers: Mapping,
+    batch: Any,
+    objective: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The default gradient path: ``functional_call`` and ``torch.autograd.grad``.
+
+    Args:
+        state: the state (its params are read, never written).
+        buffers: the buffers the forward uses and updates in place (owned by the step).
+        batch: the batch.
+        objective: maps the loss to what is differentiated (accumulation and loss scaling).
+
+    Returns:
+        ``(loss, grads)``: the detached float32 loss and one gradient per trainable param.
+
+    Example:
+        >>> loss, grads = value_and_grad(state, state.buffers, batch, lambda loss: loss)
+    """
+    leaves = OrderedDict(
+        (n, state.params[n].detach().requires_grad_(True)) for n in state.trainable
+    )
+    call_params = OrderedDict((n, leaves.get(n, p)) for n, p in state.params.items())
+    with seeded_rng(state.rng, state.device), module_mode(state.module, True), torch.enable_grad():
+        outputs = _forward(state, call_params, buffers, batch)
+        loss = extract_loss(outputs, batch, state.loss_fn)
+        grads = torch.autograd.grad(
+            objective(loss), list(leaves.values()), allow_unused=True, materialize_grads=True
+        )
+    return loss.detach().float(), list(grads)
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm; for sharded (DTensor) gradients the full norm as a plain tensor."""
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def train_step(
     state: TrainState, batch: Any, *, donate: bool = False
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
@@ -200,6 +239,8 @@ def train_step(
         >>> float(metrics["loss"])
     """
     state.check_alive()
+    if state.step_fn is not None:
+        return state.step_fn(state, batch, donate=donate)
     owned = (lambda tree: tree) if donate else _clone_tree
     names = state.trainable
     device = state.device
@@ -210,20 +251,11 @@ def train_step(
     count = int(accum.count) if k > 1 else 0
     apply_update = count + 1 == k or k == 1
 
-    leaves = OrderedDict((n, state.params[n].detach().requires_grad_(True)) for n in names)
-    call_params = OrderedDict((n, leaves.get(n, p)) for n, p in state.params.items())
-    with seeded_rng(state.rng, device), module_mode(state.module, True), torch.enable_grad():
-        outputs = _forward(state, call_params, buffers, batch)
-        loss = extract_loss(outputs, batch, state.loss_fn)
-        objective = loss / k if k > 1 else loss
-        if loss_scale:
-            objective = objective * loss_scale.scale
-        grads = list(
-            torch.autograd.grad(
-                objective, list(leaves.values()), allow_unused=True, materialize_grads=True
-            )
-        )
-    loss = loss.detach().float()
+    def objective(loss: torch.Tensor) -> torch.Tensor:
+        scaled = loss / k if k > 1 else loss
+        return scaled * loss_scale.scale if loss_scale else scaled
+
+    loss, grads = (state.grad_fn or value_and_grad)(state, buffers, batch, objective)
 
     params = OrderedDict(state.params)
     params.update((n, owned(state.params[n])) for n in names)
@@ -244,7 +276,7 @@ def train_step(
             state.grad_sync(grads)
         if loss_scale:
             found_inf = unscale_and_check(grads, loss_scale)
-        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else nan.clone()
+        grad_norm = _total_norm(grads) if grads else nan.clone()
         if not loss_scale:
             found_inf = (~torch.isfinite(grad_norm)).float()
         ctx = UpdateContext(step=step, found_inf=found_inf, grad_norm=grad_norm, metrics={})

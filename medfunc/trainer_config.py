@@ -25,11 +25,6 @@ import torch
 
 from medfunc.errors import ConfigError
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("linear_warmup", "step", "cosine", "one_cycle", "none")
 CLIP_MODES = ("norm", "value", "none")
@@ -328,7 +323,22 @@ def _deep_copy(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in mapping.items()}
 
 
+def _toml_module(path: Path) -> Any:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ConfigError(
+                f"{path}: reading TOML on Python 3.10 needs the tomli package: run `pip install "
+                "tomli` or use a .yaml or .json file"
+            ) from None
+    return tomllib
+
+
 def _parse_toml(text: str, path: Path) -> Any:
+    tomllib = _toml_module(path)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:

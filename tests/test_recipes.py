@@ -120,6 +120,7 @@ def test_breast_cancer_unknown_option():
         get_recipe("breast_cancer").build(epochs=3)
 
 
+@pytest.mark.slow
 def test_breast_cancer_config_reaches_target_auroc_with_torch_optim():
     """The recipe's own config, run by a plain torch.optim loop, clears AUROC 0.97."""
     parts = get_recipe("breast_cancer").build(seed=0)

@@ -352,3 +352,16 @@ def test_fp16_amp_equals_autocast_with_gradscaler(tmp_path):
         torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-6, msg=name)
     logged = [r["train/loss_scale"] for r in _records(tmp_path, "train/")]
     assert logged == scales
+
+
+@pytest.mark.slow
+def test_compiled_step_trains_like_the_eager_step(tmp_path):
+    """compile="inductor" (torch.compile of the step, here on the CPU) against the eager loop."""
+    params = {}
+    for mode in (False, "inductor"):
+        config = _quiet(num_epochs=2, batch_size=8, learning_rate=1e-2, compile=mode)
+        trainer = MedicalModelTrainer(_model(dropout=0.2), config)
+        trainer.train(_data(64), output_dir=tmp_path / str(mode))
+        params[mode] = trainer.state.params
+    for name, value in params[False].items():
+        torch.testing.assert_close(params["inductor"][name], value, rtol=0, atol=1e-6, msg=name)

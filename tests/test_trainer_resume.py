@@ -144,3 +144,28 @@ def _leaves(tree) -> list[torch.Tensor]:
 
     leaves, _ = tree_flatten(tree)
     return [t.float() for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def test_fp16_resume_restores_the_loss_scale_and_matches_bitwise(tmp_path):
+    options = dict(
+        use_amp=True,
+        amp_dtype="float16",
+        num_epochs=2,
+        save_every_steps=None,
+        eval_every_steps=None,
+        early_stopping_patience=None,
+        eval_metric="loss",
+    )
+    full = MedicalModelTrainer(_model(0), _config(**options))
+    full.train(TensorDictDataset(_tensors()), output_dir=tmp_path / "full")
+    resumed = MedicalModelTrainer(
+        _model(5), _config(resume_from=str(tmp_path / "full" / "checkpoint-epoch1.pt"), **options)
+    )
+    resumed.train(TensorDictDataset(_tensors()), output_dir=tmp_path / "resumed")
+    assert int(full.state.loss_scale.growth_tracker) == 2 * N // BATCH
+    assert torch.equal(resumed.state.loss_scale.scale, full.state.loss_scale.scale)
+    assert torch.equal(
+        resumed.state.loss_scale.growth_tracker, full.state.loss_scale.growth_tracker
+    )
+    for name, value in full.state.params.items():
+        assert torch.equal(resumed.state.params[name], value), name

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -377,7 +378,8 @@ def load_sharded(directory: str | Path, like: TrainState) -> TrainState:
         return new_state
     import torch.distributed.checkpoint as dcp
 
-    with collective_guard("torch.distributed.checkpoint load"):
+    with collective_guard("torch.distributed.checkpoint load"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(_flat(like), checkpoint_id=str(directory), no_dist=not _group_active())
     new_state = like.replace()
     like.mark_consumed()
