@@ -335,6 +335,8 @@ class _Inductor:
         fullgraph: bool,
         options: dict[str, Any],
     ) -> None:
+        import torch._dynamo  # noqa: F401 - loaded only by the compiling modes
+
         self.static = static
         self.stats = stats
         self.dynamic = dynamic
@@ -684,6 +686,12 @@ class CompiledStep:
         return f"CompiledStep(mode={self.mode!r}, stats={self.stats})"
 
     def _bind(self, state: TrainState) -> _Static:
+        for field in ("grad_fn", "step_fn"):
+            if getattr(state, field, None) is not None:
+                raise ConfigError(
+                    f"compile_step compiles the default step, but this state has a custom "
+                    f"{field} (set by the FSDP2/DeepSpeed adapters); use mf.train_step for it"
+                )
         static = _static_of(state)
         if self._static is None:
             if self.mode in _GRAPH_MODES and static.device.type != "cuda":

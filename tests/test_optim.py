@@ -11,52 +11,13 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from optim_helpers import make_model, params_of, real_grads
+from optim_helpers import one_thread as one_thread  # autouse fixture of this module
 from torch import nn
 
 from medfunc.optim import UpdateContext, adam, adamw, sgd
 
 STEPS = 50
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and contention on shared CI hosts)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(6, 16)
-        self.ln = nn.LayerNorm(16)
-        self.fc2 = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.ln(self.fc1(x))))
-
-
-_g = torch.Generator().manual_seed(1)
-X = torch.randn(32, 6, generator=_g)
-Y = torch.randint(0, 3, (32,), generator=_g)
-
-
-def make_model() -> MLP:
-    torch.manual_seed(0)
-    return MLP()
-
-
-def real_grads(model: nn.Module) -> OrderedDict:
-    """Gradients of a fixed loss on fixed data at the model's current parameters."""
-    model.zero_grad(set_to_none=True)
-    nn.functional.cross_entropy(model(X), Y).backward()
-    return OrderedDict((n, p.grad.detach().clone()) for n, p in model.named_parameters())
-
-
-def params_of(model: nn.Module) -> OrderedDict:
-    return OrderedDict((n, p.detach().clone()) for n, p in model.named_parameters())
 
 
 def named(model: nn.Module, *names: str) -> list[tuple[str, nn.Parameter]]:

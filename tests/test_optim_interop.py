@@ -7,6 +7,8 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from optim_helpers import X, Y, load_params, make_model, params_of, real_grads
+from optim_helpers import one_thread as one_thread  # autouse fixture of this module
 from torch import nn
 
 from medfunc.errors import ConfigError
@@ -23,43 +25,9 @@ from medfunc.optim import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(6, 16)
-        self.ln = nn.LayerNorm(16)
-        self.fc2 = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.ln(self.fc1(x))))
-
-
-_g = torch.Generator().manual_seed(1)
-X = torch.randn(32, 6, generator=_g)
-Y = torch.randint(0, 3, (32,), generator=_g)
-
-
-def make_model() -> MLP:
-    torch.manual_seed(0)
-    return MLP()
-
-
 def grads_at(params: OrderedDict) -> OrderedDict:
     """Real gradients of the fixed loss at ``params`` (a fresh model loaded with them)."""
-    model = make_model()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(params[n])
-    nn.functional.cross_entropy(model(X), Y).backward()
-    return OrderedDict((n, p.grad.detach().clone()) for n, p in model.named_parameters())
+    return real_grads(load_params(make_model(), params))
 
 
 def medfunc_steps(tx, params, state, start, n):
@@ -79,10 +47,6 @@ def torch_steps(model, opt, n):
 
 def model_params(model) -> OrderedDict:
     return OrderedDict(model.named_parameters())
-
-
-def detached(model) -> OrderedDict:
-    return OrderedDict((n, p.detach().clone()) for n, p in model.named_parameters())
 
 
 def assert_same(a, b, path="sd"):
@@ -142,7 +106,7 @@ def test_to_torch_state_dict_equals_torch_and_continues_bitwise(case):
     ref_opt = make_torch_opt(tx, cls, ref)
     torch_steps(ref, ref_opt, 10)
 
-    params = detached(make_model())
+    params = params_of(make_model())
     params, state = medfunc_steps(tx, params, tx.init(params), 0, 10)
     sd = to_torch_state_dict(tx, state, params, step=torch.tensor(10))
     assert_same(sd, ref_opt.state_dict())
@@ -152,10 +116,7 @@ def test_to_torch_state_dict_equals_torch_and_continues_bitwise(case):
     sd = torch.load(buf, weights_only=True)
 
     # continue in torch from the converted state ...
-    model = make_model()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(params[n])
+    model = load_params(make_model(), params)
     opt = make_torch_opt(tx, cls, model)
     opt.load_state_dict(sd)
     torch_steps(model, opt, 10)
@@ -174,7 +135,7 @@ def test_from_torch_state_dict_continues_bitwise(case):
     opt = make_torch_opt(tx, cls, model)
     torch_steps(model, opt, 10)
 
-    params = detached(model)
+    params = params_of(model)
     state = from_torch_state_dict(tx, opt.state_dict(), params)
     torch_steps(model, opt, 10)
     params, state = medfunc_steps(tx, params, state, 10, 10)
@@ -190,7 +151,7 @@ def test_single_group_torch_optimizer_without_param_names_maps_in_model_order():
     sd = opt.state_dict()
     assert "param_names" not in sd["param_groups"][0]
     tx = adamw(1e-2, weight_decay=0.0, kernel="foreach")
-    params = detached(model)
+    params = params_of(model)
     state = from_torch_state_dict(tx, sd, params)
     for i, (n, _p) in enumerate(model.named_parameters()):
         assert torch.equal(state.exp_avg[n], sd["state"][i]["exp_avg"]), n
@@ -198,7 +159,7 @@ def test_single_group_torch_optimizer_without_param_names_maps_in_model_order():
 
 def test_chain_interop_and_state_before_any_update():
     tx = chain(clip_by_global_norm(1.0), adamw(1e-3, kernel="foreach"))
-    params = detached(make_model())
+    params = params_of(make_model())
     state = tx.init(params)
     sd = to_torch_state_dict(tx, state, params, 0)
     assert sd["state"] == {}  # torch creates state lazily on the first step
@@ -213,7 +174,7 @@ def test_chain_interop_and_state_before_any_update():
 
 def test_schedule_lr_in_param_groups():
     tx = sgd(lambda step: 0.1 / (1.0 + step.double()), lr_multipliers=[("fc2", 2.0)])
-    params = detached(make_model())
+    params = params_of(make_model())
     sd = to_torch_state_dict(tx, tx.init(params), params, 3)
     assert [g["lr"] for g in sd["param_groups"]] == [0.1 / 4.0, 0.1 / 4.0 * 2.0]
     assert torch_param_groups(tx, params)[0]["lr"] == 0.1
@@ -227,7 +188,7 @@ def _trained_sd(cls=torch.optim.AdamW, **kw):
 
 
 def test_from_torch_state_dict_errors_name_the_mismatch():
-    params = detached(make_model())
+    params = params_of(make_model())
     tx = adamw(1e-2, decay_mask=None, kernel="foreach")
     sd = _trained_sd()
     fewer = OrderedDict(list(params.items())[:-1])

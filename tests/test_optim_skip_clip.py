@@ -7,42 +7,11 @@ from collections import OrderedDict
 import optree
 import pytest
 import torch
-from torch import nn
+from optim_helpers import ctx_at, load_params, params_of, real_grads
+from optim_helpers import make_sequential_model as make_model
+from optim_helpers import one_thread as one_thread  # autouse fixture of this module
 
-from medfunc.optim import (
-    UpdateContext,
-    adam,
-    adamw,
-    chain,
-    clip_by_global_norm,
-    clip_by_value,
-    global_norm,
-    sgd,
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 3))
-
-
-_g = torch.Generator().manual_seed(1)
-X = torch.randn(32, 6, generator=_g)
-Y = torch.randint(0, 3, (32,), generator=_g)
-
-
-def real_grads(model: nn.Module) -> OrderedDict:
-    model.zero_grad(set_to_none=True)
-    nn.functional.cross_entropy(model(X), Y).backward()
-    return OrderedDict((n, p.grad.detach().clone()) for n, p in model.named_parameters())
+from medfunc.optim import adam, adamw, chain, clip_by_global_norm, clip_by_value, global_norm, sgd
 
 
 def leaves(tree) -> list[torch.Tensor]:
@@ -73,16 +42,12 @@ OPTIMIZERS = [
 
 def trained(tx, steps=3):
     model = make_model()
-    params = OrderedDict((n, p.detach().clone()) for n, p in model.named_parameters())
+    params = params_of(model)
     state = tx.init(params)
     for k in range(steps):
-        for n, p in model.named_parameters():
-            p.data.copy_(params[n])
-        _, params, state = tx.update(
-            real_grads(model), state, params, UpdateContext(step=torch.tensor(k))
-        )
-    for n, p in model.named_parameters():
-        p.data.copy_(params[n])
+        load_params(model, params)
+        _, params, state = tx.update(real_grads(model), state, params, ctx_at(k))
+    load_params(model, params)
     return model, params, state
 
 
@@ -95,7 +60,7 @@ def test_found_inf_one_leaves_params_and_state_bitwise_unchanged(case, kernel):
         before = (leaves(params), leaves(state))
         bad = OrderedDict((n, torch.full_like(p, float("nan"))) for n, p in params.items())
         next(iter(bad.values())).view(-1)[0] = float("inf")
-        ctx = UpdateContext(step=torch.tensor(steps), found_inf=torch.ones(()))
+        ctx = ctx_at(steps, found_inf=torch.ones(()))
         _, params, state = tx.update(bad, state, params, ctx)
         assert_bitwise((leaves(params), leaves(state)), before)
         assert float(ctx.metrics["lr"]) > 0
@@ -109,8 +74,8 @@ def test_found_inf_zero_equals_no_found_inf(case, kernel):
         model, params, state = trained(tx, steps)
         grads = real_grads(model)
         p1, s1 = clone_tree(params), clone_tree(state)
-        _, p1, s1 = tx.update(clone_tree(grads), s1, p1, UpdateContext(step=torch.tensor(steps)))
-        ctx = UpdateContext(step=torch.tensor(steps), found_inf=torch.zeros(()))
+        _, p1, s1 = tx.update(clone_tree(grads), s1, p1, ctx_at(steps))
+        ctx = ctx_at(steps, found_inf=torch.zeros(()))
         _, p2, s2 = tx.update(clone_tree(grads), state, params, ctx)
         assert_bitwise((p1, s1), (p2, s2))
         assert not all(torch.equal(a, b.detach()) for a, b in zip(leaves(p1), model.parameters()))
@@ -120,7 +85,7 @@ def test_update_returns_the_given_tensors_updated_in_place():
     tx = adamw(1e-2)
     model, params, state = trained(tx, 1)
     ids = [t.data_ptr() for t in leaves_ptrs(params, state)]
-    _, p2, s2 = tx.update(real_grads(model), state, params, UpdateContext(step=torch.tensor(1)))
+    _, p2, s2 = tx.update(real_grads(model), state, params, ctx_at(1))
     assert [t.data_ptr() for t in leaves_ptrs(p2, s2)] == ids
 
 
@@ -136,7 +101,7 @@ def test_clip_by_global_norm_equals_clip_grad_norm_bitwise():
     grads = real_grads(model)
     for max_norm in (0.05, 1e3):  # clipping and (coefficient clamped to 1) not clipping
         ours = OrderedDict((n, g.clone()) for n, g in grads.items())
-        ctx = UpdateContext(step=torch.tensor(0))
+        ctx = ctx_at(0)
         ours, _, _ = clip_by_global_norm(max_norm).update(ours, (), OrderedDict(), ctx)
         for p, g in zip(model.parameters(), grads.values()):
             p.grad = g.clone()
@@ -151,7 +116,7 @@ def test_clip_by_global_norm_reuses_ctx_grad_norm():
     model = make_model()
     grads = real_grads(model)
     given = global_norm(grads) * 4  # deliberately not the real norm: proves it is reused
-    ctx = UpdateContext(step=torch.tensor(0), grad_norm=given)
+    ctx = ctx_at(0, grad_norm=given)
     ours, _, _ = clip_by_global_norm(0.1).update(
         OrderedDict((n, g.clone()) for n, g in grads.items()), (), OrderedDict(), ctx
     )
@@ -170,7 +135,7 @@ def test_clip_by_value_equals_clip_grad_value_bitwise():
         OrderedDict((n, g.clone()) for n, g in grads.items()),
         (),
         OrderedDict(),
-        UpdateContext(step=torch.tensor(0)),
+        ctx_at(0),
     )
     torch.nn.utils.clip_grad_value_(model.parameters(), 0.01)
     for p, g in zip(model.parameters(), ours.values()):
@@ -182,7 +147,7 @@ def test_clip_by_value_equals_clip_grad_value_bitwise():
 def test_chain_clip_adamw_equals_torch_loop(kernel):
     tx = chain(clip_by_global_norm(0.5), adamw(1e-2, decay_mask=None, kernel=kernel))
     ref = make_model()
-    params = OrderedDict((n, p.detach().clone()) for n, p in ref.named_parameters())
+    params = params_of(ref)
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, **{kernel: True})
     state = tx.init(params)
     assert isinstance(state, tuple) and state[0] == ()
@@ -190,7 +155,7 @@ def test_chain_clip_adamw_equals_torch_loop(kernel):
         grads = real_grads(ref)
         norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
         opt.step()
-        ctx = UpdateContext(step=torch.tensor(k))
+        ctx = ctx_at(k)
         _, params, state = tx.update(grads, state, params, ctx)
         assert torch.equal(ctx.metrics["grad_norm"], norm)
     for n, p in ref.named_parameters():

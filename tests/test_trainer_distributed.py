@@ -121,10 +121,9 @@ def test_two_process_training_writes_once_and_reduces_metrics_over_all_ranks(
 
     # the replicas agree, and equal one process training on the global batch
     assert ranks[0]["params"] == ranks[1]["params"]
-    atol = 1e-6 if mode == "ddp" else 1e-5
     for name, value in single_process.items():
         torch.testing.assert_close(
-            torch.tensor(ranks[0]["params"][name]), value, rtol=0, atol=atol, msg=name
+            torch.tensor(ranks[0]["params"][name]), value, rtol=0, atol=1e-6, msg=name
         )
 
     # metrics over the whole eval set, gathered from both ranks, equal one process's metrics

@@ -33,8 +33,8 @@ reproduces the first step. With ``dampening != 0`` the adapter also runs the ker
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -178,6 +178,48 @@ def _select_(cond: Tensor, olds: list[Tensor], news: list[Tensor]) -> None:
         new.copy_(torch.where(cond.to(new.device), old, new))
 
 
+def _kernel_flags(cfg: KernelConfig, found_inf: Tensor | None) -> dict[str, Any]:
+    """The keyword arguments both torch kernels take the same way (path, skip flag, no scale)."""
+    return {
+        "foreach": not cfg.fused,
+        "fused": cfg.fused,
+        "grad_scale": None,
+        "found_inf": found_inf,
+        "maximize": False,
+    }
+
+
+def _run_skippable(
+    run: Callable[[Tensor | None], None],
+    cfg: KernelConfig,
+    found_inf: Tensor | None,
+    state: list[Tensor],
+) -> None:
+    """Run one in-place update so that ``found_inf == 1`` leaves ``state`` bitwise unchanged.
+
+    ``run(found)`` performs the update and hands ``found`` to the kernel. A fused kernel takes
+    the flag natively; the foreach kernels get None, and the skip is either decided on the host
+    (:func:`_host_skip`) or done by copying ``state`` first and selecting it back on the device.
+
+    Args:
+        run: the update, called at most once with the flag the kernel should see.
+        cfg: the kernel path.
+        found_inf: None, or a 0-d float32 flag.
+        state: every tensor ``run`` writes (params and optimizer state).
+    """
+    if cfg.fused or found_inf is None:
+        run(found_inf if cfg.fused else None)
+        return
+    skip = _host_skip(found_inf)
+    if skip is not None:
+        if not skip:
+            run(None)
+        return
+    olds = [t.clone() for t in state]
+    run(None)
+    _select_(found_inf > 0, olds, state)
+
+
 def adam_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -221,12 +263,8 @@ def adam_step(
             exp_avg_sqs,
             max_exp_avg_sqs,
             steps,
-            foreach=not cfg.fused,
             capturable=cfg.capturable,
             differentiable=False,
-            fused=cfg.fused,
-            grad_scale=None,
-            found_inf=found,
             has_complex=has_complex,
             decoupled_weight_decay=decoupled_weight_decay,
             amsgrad=amsgrad,
@@ -235,21 +273,12 @@ def adam_step(
             lr=lr_arg,
             weight_decay=weight_decay,
             eps=eps,
-            maximize=False,
+            **_kernel_flags(cfg, found),
         )
 
-    if cfg.fused or found_inf is None:
-        run(found_inf if cfg.fused else None)
-        return
-    skip = _host_skip(found_inf)
-    if skip is not None:
-        if not skip:
-            run(None)
-        return
-    state = [*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *steps]
-    olds = [t.clone() for t in state]
-    run(None)
-    _select_(found_inf > 0, olds, state)
+    _run_skippable(
+        run, cfg, found_inf, [*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *steps]
+    )
 
 
 def sgd_step(
@@ -283,42 +312,32 @@ def sgd_step(
         return
     lr_arg = _lr_arg(lr, cfg)
 
-    def run(ps: list[Tensor], bufs: list[Tensor], damp: float, found: Tensor | None) -> None:
+    state = [*params, *momentum_buffers]
+
+    def run_sgd(ps: list[Tensor], bufs: list[Tensor], damp: float, found: Tensor | None) -> None:
         _torch_sgd(
             ps,
             grads,
             list(bufs),
             has_sparse_grad=False,
-            foreach=not cfg.fused,
-            fused=cfg.fused,
-            grad_scale=None,
-            found_inf=found,
             weight_decay=weight_decay,
             momentum=momentum,
             lr=lr_arg,
             dampening=damp,
             nesterov=nesterov,
-            maximize=False,
+            **_kernel_flags(cfg, found),
         )
 
-    if found_inf is not None and not cfg.fused:
-        skip = _host_skip(found_inf)
-        if skip:
-            return
-        if skip is not None:
-            found_inf = None
-    kernel_found = found_inf if cfg.fused else None
-    state = [*params, *momentum_buffers]
-    olds = [t.clone() for t in state] if (found_inf is not None and not cfg.fused) else None
-    if momentum != 0 and dampening != 0:
-        if initialized is None:
-            raise ConfigError("sgd with dampening needs the 'initialized' flag of its state")
-        first_params = [p.clone() for p in params]
-        first_bufs = [b.clone() for b in momentum_buffers]
-        run(first_params, first_bufs, 0.0, kernel_found)
-        run(params, momentum_buffers, dampening, kernel_found)
-        _select_(initialized == 0, [*first_params, *first_bufs], state)
-    else:
-        run(params, momentum_buffers, dampening, kernel_found)
-    if olds is not None:
-        _select_(found_inf > 0, olds, state)
+    def run(found: Tensor | None) -> None:
+        if momentum != 0 and dampening != 0:
+            if initialized is None:
+                raise ConfigError("sgd with dampening needs the 'initialized' flag of its state")
+            first_params = [p.clone() for p in params]
+            first_bufs = [b.clone() for b in momentum_buffers]
+            run_sgd(first_params, first_bufs, 0.0, found)
+            run_sgd(params, momentum_buffers, dampening, found)
+            _select_(initialized == 0, [*first_params, *first_bufs], state)
+        else:
+            run_sgd(params, momentum_buffers, dampening, found)
+
+    _run_skippable(run, cfg, found_inf, state)

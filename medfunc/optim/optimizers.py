@@ -286,11 +286,68 @@ def _make_spec(
     )
 
 
+def _update_groups(
+    spec: OptimizerSpec,
+    grads: Grads,
+    params: Params,
+    state_keys: Sequence[str],
+    ctx: UpdateContext,
+    kernel_step: Callable[..., None],
+) -> None:
+    """Check the keys, log the LR and run ``kernel_step`` once per parameter group.
+
+    Args:
+        spec: the optimizer's configuration.
+        grads, params: the update's gradients and trainable params (model order).
+        state_keys: the parameter names the optimizer state holds.
+        ctx: the update context (``step``, ``found_inf``; ``metrics["lr"]`` is set).
+        kernel_step: called as ``kernel_step(names, params, grads, cfg=, lr=, weight_decay=,
+            found_inf=)`` with the group's names, its tensors and its kernel arguments.
+    """
+    _check_keys(grads, params, state_keys, spec.name)
+    base, lr_metric = _base_lr(spec, ctx.step)
+    ctx.metrics["lr"] = lr_metric
+    for group in spec.groups(list(params)):
+        names = group.names
+        ps = [params[n] for n in names]
+        kernel_step(
+            names,
+            ps,
+            [grads[n] for n in names],
+            cfg=spec.kernel_config(ps[0].device),
+            lr=_group_lr(base, group.lr_multiplier),
+            weight_decay=group.weight_decay,
+            found_inf=ctx.found_inf,
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Adam / AdamW
 
 
-def _adam_family(spec: OptimizerSpec) -> GradientTransformation:
+def _adam_family(
+    name: str,
+    lr: Any,
+    betas: Any,
+    eps: Any,
+    weight_decay: Any,
+    amsgrad: Any,
+    decay_mask: Any,
+    lr_multipliers: Any,
+    kernel: Any,
+) -> GradientTransformation:
+    """Validate the arguments of :func:`adamw` (``name="adamw"``) or :func:`adam` and build it."""
+    spec = _make_spec(
+        name,
+        lr,
+        weight_decay,
+        decay_mask,
+        lr_multipliers,
+        kernel,
+        betas=_validate_betas(betas),
+        eps=_non_negative(eps, "eps"),
+        amsgrad=_validate_bool(amsgrad, "amsgrad"),
+    )
     decoupled = spec.name == "adamw"
 
     def init(params: Params) -> AdamState:
@@ -310,30 +367,25 @@ def _adam_family(spec: OptimizerSpec) -> GradientTransformation:
     def update(
         grads: Grads, state: AdamState, params: Params, ctx: UpdateContext
     ) -> tuple[Grads, Params, AdamState]:
-        _check_keys(grads, params, state.exp_avg, spec.name)
-        base, lr_metric = _base_lr(spec, ctx.step)
-        ctx.metrics["lr"] = lr_metric
         beta1, beta2 = spec.betas
-        for group in spec.groups(list(params)):
-            names = group.names
-            ps = [params[n] for n in names]
+
+        def step(names: Sequence[str], ps: list[Tensor], gs: list[Tensor], **group: Any) -> None:
             kernels.adam_step(
                 ps,
-                [grads[n] for n in names],
+                gs,
                 [state.exp_avg[n] for n in names],
                 [state.exp_avg_sq[n] for n in names],
                 [state.max_exp_avg_sq[n] for n in names] if spec.amsgrad else [],
                 [state.step[n] for n in names],
-                cfg=spec.kernel_config(ps[0].device),
-                lr=_group_lr(base, group.lr_multiplier),
                 beta1=beta1,
                 beta2=beta2,
                 eps=spec.eps,
-                weight_decay=group.weight_decay,
                 amsgrad=spec.amsgrad,
                 decoupled_weight_decay=decoupled,
-                found_inf=ctx.found_inf,
+                **group,
             )
+
+        _update_groups(spec, grads, params, state.exp_avg, ctx, step)
         return grads, params, state
 
     return GradientTransformation(init, update, spec=spec)
@@ -379,17 +431,7 @@ def adamw(
         >>> tx = adamw(2e-5, weight_decay=0.01, lr_multipliers=[("classifier", 10.0)])
     """
     return _adam_family(
-        _make_spec(
-            "adamw",
-            lr,
-            weight_decay,
-            decay_mask,
-            lr_multipliers,
-            kernel,
-            betas=_validate_betas(betas),
-            eps=_non_negative(eps, "eps"),
-            amsgrad=_validate_bool(amsgrad, "amsgrad"),
-        )
+        "adamw", lr, betas, eps, weight_decay, amsgrad, decay_mask, lr_multipliers, kernel
     )
 
 
@@ -417,17 +459,7 @@ def adam(
         >>> tx = adam(1e-3)
     """
     return _adam_family(
-        _make_spec(
-            "adam",
-            lr,
-            weight_decay,
-            decay_mask,
-            lr_multipliers,
-            kernel,
-            betas=_validate_betas(betas),
-            eps=_non_negative(eps, "eps"),
-            amsgrad=_validate_bool(amsgrad, "amsgrad"),
-        )
+        "adam", lr, betas, eps, weight_decay, amsgrad, decay_mask, lr_multipliers, kernel
     )
 
 
@@ -494,25 +526,21 @@ def sgd(
     def update(
         grads: Grads, state: SGDState, params: Params, ctx: UpdateContext
     ) -> tuple[Grads, Params, SGDState]:
-        _check_keys(grads, params, state.momentum_buffer if spec.momentum else params, "sgd")
-        base, lr_metric = _base_lr(spec, ctx.step)
-        ctx.metrics["lr"] = lr_metric
-        for group in spec.groups(list(params)):
-            names = group.names
-            ps = [params[n] for n in names]
+
+        def step(names: Sequence[str], ps: list[Tensor], gs: list[Tensor], **group: Any) -> None:
             kernels.sgd_step(
                 ps,
-                [grads[n] for n in names],
+                gs,
                 [state.momentum_buffer[n] for n in names] if spec.momentum else [],
-                cfg=spec.kernel_config(ps[0].device),
-                lr=_group_lr(base, group.lr_multiplier),
                 momentum=spec.momentum,
                 dampening=spec.dampening,
-                weight_decay=group.weight_decay,
                 nesterov=spec.nesterov,
-                found_inf=ctx.found_inf,
                 initialized=state.initialized,
+                **group,
             )
+
+        state_keys = state.momentum_buffer if spec.momentum else params
+        _update_groups(spec, grads, params, state_keys, ctx, step)
         if ctx.found_inf is None:
             state.initialized.fill_(1.0)
         else:
