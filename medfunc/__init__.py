@@ -26,15 +26,20 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    """Import ``medfunc.distributed`` on first use (it pulls in torch.distributed.tensor)."""
-    if name == "distributed":
-        import importlib
+    """Import ``medfunc.distributed`` and the Trainer on first use (they pull in heavy modules)."""
+    import importlib
 
+    if name == "distributed":
         return importlib.import_module("medfunc.distributed")
+    if name in ("MedicalModelTrainer", "TrainerConfig"):
+        return getattr(importlib.import_module("medfunc.trainer"), name)
     raise AttributeError(f"module 'medfunc' has no attribute {name!r}")
+
 
 __all__ = [
     "BatchError",
+    "MedicalModelTrainer",
+    "TrainerConfig",
     "CheckpointError",
     "ConfigError",
     "ConsumedStateError",

@@ -291,7 +291,7 @@ def build(
         "num_epochs": 1,
         "batch_size": batch_size,
         "eval_batch_size": 64,
-        "learning_rate": 1e-4,
+        "learning_rate": 2e-4,
         "optimizer": "adamw",
         "weight_decay": 0.01,
         "max_grad_norm": 1.0,
