@@ -122,6 +122,10 @@ fi
     echo "GPU tests (\`pytest -m gpu\`): $test_summary."
     echo
     if [ -s "$OUT_DIR/bench_cuda.md" ]; then
+        if [ "$rc" -ne 0 ]; then
+            echo "The benchmark was cut short (exit $rc): the table holds the models it finished."
+            echo
+        fi
         cat "$OUT_DIR/bench_cuda.md"
     else
         echo "The benchmark did not finish (exit $rc); see bench_cuda.log."

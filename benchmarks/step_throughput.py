@@ -793,6 +793,10 @@ def bench_model(
     transient: dict[str, int] = dict.fromkeys(live, 0)
     order = list(live)
     for rep in range(args.repeats):
+        if rep and args.time_budget and time.perf_counter() - STARTED > args.time_budget:
+            for name in live:
+                results[name].note = f"only {rep} repeat(s) within --time-budget"
+            break
         shift = rep % max(len(order), 1)
         for name in order[shift:] + order[:shift]:
             if name not in live:
@@ -955,18 +959,19 @@ def main(argv: list[str] | None = None) -> int:
     header = environment(device)
     print(f"# step throughput: {header}", flush=True)
     results: list[Result] = []
+    clock = "wall-clock" if args.clock == "wall" else "process CPU time"
+    text = f"{header}: no models\n"
     for model in models:
         print(f"{model}:", flush=True)
         results.extend(bench_model(specs[model], runners, device, args))
-    clock = "wall-clock" if args.clock == "wall" else "process CPU time"
-    text = (
-        f"{header}; {clock}, median of {args.repeats} interleaved repeats of {args.steps} "
-        f"steps after {args.warmup} warm-up steps\n\n{table(results, specs)}\n"
-    )
+        text = (
+            f"{header}; {clock}, median of {args.repeats} interleaved repeats of {args.steps} "
+            f"steps after {args.warmup} warm-up steps\n\n{table(results, specs)}\n"
+        )
+        if args.out:  # rewritten after each model, so a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                f.write(text)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
     return 0
 
 
