@@ -457,7 +457,7 @@ class MedfuncRunner(Runner):
 def _compiled_note(stats: Any) -> str:
     parts = []
     if stats.whole_step_compiled is False:
-        parts.append("update eager (optimizer not traceable)")
+        parts.append("update eager (whole step not traceable)")
     if stats.captures:
         parts.append(f"{stats.captures} graph(s), {stats.replays} replays")
     return "; ".join(parts)

@@ -214,6 +214,7 @@ def _forward_backward(static: _Static, trees: _Trees, batch: Any) -> tuple[list,
         with autocast(static.policy, static.device):
             outputs = functional_call(static.module, (call_params, trees.buffers), args, kwargs)
         loss = extract_loss(outputs, batch, static.loss_fn)
+        del outputs  # e.g. an LM's logits: not needed by the backward pass, free them first
         objective = loss / k if k > 1 else loss
         if trees.loss_scale:
             objective = objective * trees.loss_scale.scale
@@ -402,9 +403,9 @@ class _Inductor:
             except torch._dynamo.exc.TorchDynamoException as e:
                 self.stats.whole_step_compiled = False
                 warnings.warn(
-                    "compile_step: the optimizer update could not be traced by torch.compile "
-                    f"({str(e).splitlines()[0]}); compiling the forward/backward only and "
-                    "running the update eagerly",
+                    "compile_step: torch.compile could not trace the whole step as one graph "
+                    f"({str(e).splitlines()[0]}); compiling the forward/backward alone and "
+                    "running the optimizer update eagerly",
                     stacklevel=4,
                 )
             else:

@@ -38,6 +38,7 @@ STATIC_FIELDS = (
     "grad_sync",
     "grad_fn",
     "step_fn",
+    "trainable_names",
 )
 
 
@@ -87,6 +88,8 @@ class TrainState:
             replacing the functional forward/backward (FSDP2 runs the sharded module itself).
         step_fn: optional ``step_fn(state, batch, donate=...) -> (state, metrics)`` replacing
             the whole step (the DeepSpeed engine).
+        trainable_names: the parameters the optimizer updates, fixed by ``init_state`` (the
+            optimizer state was built for exactly these).
     """
 
     params: OrderedDict
@@ -104,6 +107,7 @@ class TrainState:
     grad_sync: Callable[[list[torch.Tensor]], None] | None = None
     grad_fn: Callable | None = None
     step_fn: Callable | None = None
+    trainable_names: tuple[str, ...] | None = None
     _liveness: _Liveness = dataclasses.field(
         default_factory=_Liveness, init=False, repr=False, compare=False
     )
@@ -141,7 +145,10 @@ class TrainState:
 
     @property
     def trainable(self) -> tuple[str, ...]:
-        """Names of the parameters the optimizer updates (``requires_grad``), in model order."""
+        """Names of the parameters the optimizer updates (``requires_grad`` at ``init_state``),
+        in model order."""
+        if self.trainable_names is not None:
+            return self.trainable_names
         return tuple(n for n, p in self.module.named_parameters() if p.requires_grad)
 
     @property
@@ -264,6 +271,7 @@ def init_state(
         loss_fn=loss_fn,
         policy=policy,
         accumulate_steps=accumulate_steps,
+        trainable_names=tuple(trainable),
     )
 
 

@@ -173,6 +173,33 @@ def _forward(state: TrainState, params: Mapping, buffers: Mapping, batch: Any) -
         return functional_call(state.module, (params, buffers), args, kwargs)
 
 
+def _call_module(state: TrainState, batch: Any) -> Any:
+    args, kwargs = split_batch(batch)
+    _check_devices(batch, state.device)
+    with autocast(state.policy, state.device):
+        return state.module(*args, **kwargs)
+
+
+def _own_parameters(state: TrainState, names: tuple[str, ...]) -> list[torch.Tensor] | None:
+    """The module's own Parameters for ``names`` when the state's params and buffers are the
+    module's tensors (a state from ``init_state`` that was only ever donated), else None.
+
+    Then the forward can call the module directly, skipping ``functional_call``'s re-binding.
+    """
+    module_params = dict(state.module.named_parameters())
+    module_buffers = dict(state.module.named_buffers())
+    for own, values in ((module_params, state.params), (module_buffers, state.buffers)):
+        if len(own) != len(values):
+            return None
+        for name, value in values.items():
+            tensor = own.get(name)
+            if tensor is None or tensor.data_ptr() != value.data_ptr():
+                return None
+            if tensor.shape != value.shape:
+                return None
+    return [module_params[n] for n in names]
+
+
 def _clone_tree(tree: Any) -> Any:
     return tree_map(torch.clone, tree)
 
@@ -197,15 +224,23 @@ def value_and_grad(
     Example:
         >>> loss, grads = value_and_grad(state, state.buffers, batch, lambda loss: loss)
     """
-    leaves = OrderedDict(
-        (n, state.params[n].detach().requires_grad_(True)) for n in state.trainable
-    )
-    call_params = OrderedDict((n, leaves.get(n, p)) for n, p in state.params.items())
+    names = state.trainable
+    bound = _own_parameters(state, names) if buffers is state.buffers else None
+    if bound is None:
+        leaves = [state.params[n].detach().requires_grad_(True) for n in names]
+        call_params = OrderedDict(state.params)
+        call_params.update(zip(names, leaves))
+    else:
+        leaves = bound
     with seeded_rng(state.rng, state.device), module_mode(state.module, True), torch.enable_grad():
-        outputs = _forward(state, call_params, buffers, batch)
+        if bound is None:
+            outputs = _forward(state, call_params, buffers, batch)
+        else:
+            outputs = _call_module(state, batch)
         loss = extract_loss(outputs, batch, state.loss_fn)
+        del outputs  # the outputs (e.g. logits) need not live through the backward pass
         grads = torch.autograd.grad(
-            objective(loss), list(leaves.values()), allow_unused=True, materialize_grads=True
+            objective(loss), leaves, allow_unused=True, materialize_grads=True
         )
     return loss.detach().float(), list(grads)
 

@@ -146,6 +146,8 @@ def _lr_arg(lr: float | Tensor, cfg: KernelConfig) -> float | Tensor:
     """The LR in the form the kernel path takes (never reads a device tensor on the host)."""
     if not isinstance(lr, Tensor):
         return lr
+    if torch.compiler.is_compiling():
+        return lr  # a graph tensor: torch.optim's compiled path takes tensor LRs
     if lr.device.type == "cpu" and cfg.host_lr:
         return float(lr)  # a host op on a CPU tensor: no device sync
     if cfg.fused or cfg.capturable:
@@ -252,6 +254,10 @@ def adam_step(
     """
     if not params:
         return
+    if torch.compiler.is_compiling() and not cfg.fused:
+        # torch.optim's own choice under torch.compile: the non-capturable foreach path cannot
+        # be traced on the CPU, the capturable one can (same math, counters on the device).
+        cfg = cfg._replace(capturable=True)
     lr_arg = _lr_arg(lr, cfg)
     has_complex = any(torch.is_complex(p) for p in params)
 
