@@ -43,3 +43,22 @@ def make_batches(
         }
         for _ in range(n)
     ]
+
+
+def tiny_bert(dropout: float = 0.1) -> nn.Module:
+    """A tiny Hugging Face ``BertForSequenceClassification`` built from a config (no download)."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config)

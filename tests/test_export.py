@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_bert
 from torch import nn
 
 import medfunc as mf
@@ -235,18 +236,7 @@ def test_torchscript_state_reloads_equal_to_eager(tmp_path):
 
 
 def test_torchscript_hf_model_output_becomes_dict(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(config)
+    model = tiny_bert(dropout=0.1)
     example = text_batch(2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' own deprecations, the tracer note

@@ -9,6 +9,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from conftest import tiny_bert
 from torch import nn
 
 import medfunc as mf
@@ -71,23 +72,6 @@ class Encoder(nn.Module):
         if labels is not None:
             out["loss"] = nn.functional.cross_entropy(out["logits"], labels)
         return out
-
-
-def tiny_bert(dropout: float = 0.1):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=3,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config)
 
 
 def twins(make, **kwargs) -> tuple[nn.Module, nn.Module]:
