@@ -21,3 +21,20 @@ def test_custom_loop_in_step_guide_runs_and_learns(capsys):
     assert len(losses) == 5 and losses[-1] < losses[0]
     assert float(namespace["accuracy"]) > 0.7
     assert namespace["state"].step.item() == 80
+
+
+def test_every_name_in_the_api_reference_exists():
+    import importlib
+
+    import medfunc as mf
+
+    text = (DOCS / "api.md").read_text()
+    names = set(re.findall(r"`(mf(?:\.\w+)+)", text))
+    names |= {f"mf.{n}" for n in ("TrainState", "MedicalModelTrainer", "TrainerConfig")}
+    assert len(names) > 20
+    for dotted in sorted(names):
+        obj = mf
+        for part in dotted.split(".")[1:]:
+            obj = getattr(obj, part)
+    for module, attr in re.findall(r"`medfunc\.(\w+)\.(\w+)", text):
+        getattr(importlib.import_module(f"medfunc.{module}"), attr)
