@@ -166,18 +166,15 @@ def extract_loss(outputs: Any, batch: Any, loss_fn: Any = None) -> torch.Tensor:
     return loss.reshape(())
 
 
-def _forward(state: TrainState, params: Mapping, buffers: Mapping, batch: Any) -> Any:
+def _forward(state: TrainState, batch: Any, bindings: tuple | None = None) -> Any:
+    """Run the model under the policy's autocast: with ``bindings = (params, buffers)`` through
+    ``functional_call``, else the module as it is (its own tensors are the state's)."""
     args, kwargs = split_batch(batch)
     _check_devices(batch, state.device)
     with autocast(state.policy, state.device):
-        return functional_call(state.module, (params, buffers), args, kwargs)
-
-
-def _call_module(state: TrainState, batch: Any) -> Any:
-    args, kwargs = split_batch(batch)
-    _check_devices(batch, state.device)
-    with autocast(state.policy, state.device):
-        return state.module(*args, **kwargs)
+        if bindings is None:
+            return state.module(*args, **kwargs)
+        return functional_call(state.module, bindings, args, kwargs)
 
 
 def _own_parameters(state: TrainState, names: tuple[str, ...]) -> list[torch.Tensor] | None:
@@ -233,10 +230,7 @@ def value_and_grad(
     else:
         leaves = bound
     with seeded_rng(state.rng, state.device), module_mode(state.module, True), torch.enable_grad():
-        if bound is None:
-            outputs = _forward(state, call_params, buffers, batch)
-        else:
-            outputs = _call_module(state, batch)
+        outputs = _forward(state, batch, None if bound is not None else (call_params, buffers))
         loss = extract_loss(outputs, batch, state.loss_fn)
         del outputs  # the outputs (e.g. logits) need not live through the backward pass
         grads = torch.autograd.grad(
@@ -377,7 +371,7 @@ def apply_model(state: TrainState, batch: Any, *, train: bool = False) -> Any:
     """
     state.check_alive()
     with torch.no_grad(), module_mode(state.module, train):
-        return _forward(state, state.params, state.buffers, batch)
+        return _forward(state, batch, (state.params, state.buffers))
 
 
 def eval_step(state: TrainState, batch: Any) -> dict[str, Any]:
