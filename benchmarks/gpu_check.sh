@@ -15,7 +15,7 @@
 # /tmp/site). medfunc is used from this source tree (PYTHONPATH=.).
 # Preflight problems (no GPU, torch without CUDA, medfunc not importable) stop the script at
 # once. A failing test part does not stop the benchmark (both results come back from one
-# session), but the script then exits non-zero. Each part has its own time limit; the whole
+# run), but the script then exits non-zero. Each part has its own time limit; the whole
 # script stays under 8 minutes.
 set -uo pipefail
 
