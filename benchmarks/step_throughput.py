@@ -250,26 +250,17 @@ def model_specs(device: torch.device) -> dict[str, ModelSpec]:
     def bert_sdpa() -> nn.Module:
         return SdpaBert(30522, bert["dim"], bert["layers"], bert["heads"], bert["ffn"])
 
-    specs["bert-hf"] = ModelSpec(
-        "bert-hf",
-        bert_hf,
-        _text_batch(bsz, seq, 30522, 2),
-        low,
-        5e-5,
-        shape,
-        bsz * seq,
-        list(bert_note),
-    )
-    specs["bert-sdpa"] = ModelSpec(
-        "bert-sdpa",
-        bert_sdpa,
-        _text_batch(bsz, seq, 30522, 2),
-        low,
-        5e-5,
-        shape,
-        bsz * seq,
-        list(bert_note),
-    )
+    for name, build in (("bert-hf", bert_hf), ("bert-sdpa", bert_sdpa)):
+        specs[name] = ModelSpec(
+            name,
+            build,
+            _text_batch(bsz, seq, 30522, 2),
+            low,
+            5e-5,
+            shape,
+            bsz * seq,
+            list(bert_note),
+        )
 
     if cuda:
         gpt = {"n_layer": 12, "n_embd": 768, "n_head": 12}

@@ -468,17 +468,20 @@ class MedicalModelTrainer:
 
     # -- evaluation -----------------------------------------------------------------------------
 
-    def _eval_batches(self, dataset: Any) -> DatasetBatches:
+    def _eval_batches(
+        self, dataset: Any, *, role: str = "eval_dataset", sharded: bool = True
+    ) -> DatasetBatches:
+        """In-order batches of ``dataset``; ``sharded`` splits them over the ranks."""
         cfg = self.config
         return DatasetBatches(
             dataset,
-            role="eval_dataset",
+            role=role,
             train=False,
             batch_size=cfg.eval_batch_size or cfg.batch_size,
             shuffle=False,
             seed=cfg.seed,
-            rank=self.dist.rank,
-            world=self.dist.world_size,
+            rank=self.dist.rank if sharded else 0,
+            world=self.dist.world_size if sharded else 1,
         )
 
     def _run_eval(self, state: TrainState, batches: DatasetBatches) -> dict[str, float]:
@@ -525,18 +528,8 @@ class MedicalModelTrainer:
         Example:
             >>> probabilities = trainer.predict(eval_ds).softmax(-1)[:, 1]
         """
-        cfg = self.config
         state = self._inference_state()
-        batches = DatasetBatches(
-            dataset,
-            role="dataset",
-            train=False,
-            batch_size=cfg.eval_batch_size or cfg.batch_size,
-            shuffle=False,
-            seed=cfg.seed,
-            rank=0,
-            world=1,
-        )
+        batches = self._eval_batches(dataset, role="dataset", sharded=False)
         outputs = [apply_model(state, self._to_device(b)) for b in batches.epoch(0)]
         tensors = [o if isinstance(o, torch.Tensor) else find_logits(o) for o in outputs]
         if tensors and all(t is not None for t in tensors):
