@@ -649,6 +649,33 @@ def cuda_allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
+LAUNCH_EVENTS = {
+    "graph": ("cudaGraphLaunch",),
+    "kernel": ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"),
+    "copy": ("cudaMemcpyAsync", "cudaMemsetAsync"),
+}
+
+
+def launches_per_step(r: Runner, steps: int = 4) -> str:
+    """CUDA launches per step, counted by the profiler over ``steps`` steps of ``r``.
+
+    The evidence that a CUDA-graph runner replays one graph: its row reads ``1 graph`` with no
+    (or only a few host-side) kernel launches, where an eager runner launches hundreds.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(r.device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        r.run(steps)
+        sync(r.device)
+    counts = dict.fromkeys(LAUNCH_EVENTS, 0)
+    for event in prof.key_averages():
+        for kind, names in LAUNCH_EVENTS.items():
+            if event.key in names:
+                counts[kind] += event.count
+    return ", ".join(f"{counts[k] / steps:g} {k}" for k in LAUNCH_EVENTS)
+
+
 def flops_per_step(spec: ModelSpec, device: torch.device, batch: dict) -> float:
     """FLOPs of one forward+backward, counted with ``FlopCounterMode``."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -740,6 +767,7 @@ class Result:
     ms: float | None = None
     mem_mib: float | None = None
     mfu: float | None = None
+    launches: str = ""
     note: str = ""
 
 
@@ -823,6 +851,11 @@ def bench_model(
             res.mem_mib = cpu_memory(spec.name, name, args.steps, args.warmup, args.threads)
         if flops and peak and res.ms:
             res.mfu = flops / (res.ms / 1e3) / peak
+        if device.type == "cuda" and args.launches and type(r).timed is Runner.timed:
+            try:
+                res.launches = launches_per_step(r)
+            except Exception as e:  # the profiler is evidence, not the benchmark
+                res.launches = f"not counted: {type(e).__name__}"
     live.clear()
     gc.collect()
     if device.type == "cuda":
@@ -849,8 +882,9 @@ def environment(device: torch.device) -> str:
 def table(results: list[Result], specs: dict[str, ModelSpec]) -> str:
     """Markdown table: ms/step, ratio to ``plain``, memory, MFU, notes."""
     rows = [
-        "| model | shape | runner | ms/step | x plain | peak mem (MiB) | MFU | notes |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        "| model | shape | runner | ms/step | x plain | peak mem (MiB) | MFU | launches/step "
+        "| notes |",
+        "|---|---|---|---:|---:|---:|---:|---|---|",
     ]
     base = {r.model: r.ms for r in results if r.runner == "plain" and r.ms}
     for r in results:
@@ -861,7 +895,7 @@ def table(results: list[Result], specs: dict[str, ModelSpec]) -> str:
         notes = "; ".join(filter(None, [r.note, *specs[r.model].notes]))
         rows.append(
             f"| {r.model} | {specs[r.model].shape} | {r.runner} | {ms} | {ratio} | "
-            f"{mem} | {mfu} | {notes} |"
+            f"{mem} | {mfu} | {r.launches or '-'} | {notes} |"
         )
     return "\n".join(rows)
 
@@ -913,6 +947,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="seconds after which runners not yet set up are skipped (noted in the table)",
+    )
+    p.add_argument(
+        "--launches",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CUDA: count graph/kernel launches per step with the profiler (after timing)",
     )
     p.add_argument("--out", default=None, help="write the markdown table to this file")
     p.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 import weakref
 from collections import OrderedDict
@@ -307,6 +308,26 @@ def _step_core(
 # torch.compile
 
 
+def _quiet_logging_methods() -> set[Callable]:
+    """Logger methods that the compiled step skips instead of breaking the graph on.
+
+    Models log from their forward (Hugging Face's ``logger.warning_once`` about a default loss,
+    for one); dynamo cannot trace a logging call, so under ``fullgraph=True`` a single log line
+    would make the whole step uncompilable. Inside the compiled step these calls do nothing;
+    the eager step still logs them. Errors and criticals are not skipped.
+    """
+    names = ("debug", "info", "warning", "warning_once", "info_once", "warning_advice")
+    return {getattr(logging.Logger, n) for n in names if hasattr(logging.Logger, n)}
+
+
+def _dynamo_patch() -> Any:
+    """The dynamo settings of a compiled step (autograd ops traced, logging calls skipped)."""
+    settings: dict[str, Any] = {"trace_autograd_ops": True}
+    if hasattr(torch._dynamo.config, "ignore_logger_methods"):
+        settings["ignore_logger_methods"] = _quiet_logging_methods()
+    return torch._dynamo.config.patch(**settings)
+
+
 def _dynamo_unique_graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -389,7 +410,7 @@ class _Inductor:
     def __call__(self, trees: _Trees, batch: Any, apply: bool) -> tuple[_Trees, dict]:
         before = _dynamo_unique_graphs()
         try:
-            with torch._dynamo.config.patch(trace_autograd_ops=True):
+            with _dynamo_patch():
                 return self._run(trees, batch, apply)
         finally:
             self.stats.compiles += _dynamo_unique_graphs() - before
