@@ -208,7 +208,7 @@ def _forward_backward(static: _Static, trees: _Trees, batch: Any) -> tuple[list,
     """
     names = static.names
     k = static.accumulate_steps
-    leaves = OrderedDict((n, trees.params[n].detach().requires_grad_(True)) for n in names)
+    leaves = OrderedDict((n, trees.params[n]) for n in names)
     call_params = OrderedDict((n, leaves.get(n, p)) for n, p in trees.params.items())
     args, kwargs = split_batch(batch)
     with torch.enable_grad():
@@ -230,6 +230,23 @@ def _forward_backward(static: _Static, trees: _Trees, batch: Any) -> tuple[list,
     accumulated = list(trees.accum_grads.values())
     torch._foreach_add_(accumulated, grads)
     return accumulated, trees.loss_sum.add_(loss).clone()
+
+
+def _grad_leaves(trees: _Trees, names: tuple[str, ...]) -> _Trees:
+    """``trees`` with each trainable param a leaf that requires grad (the param itself when it
+    already is one, else a detached alias of its storage).
+
+    Done before tracing: dynamo before torch 2.12 cannot trace ``requires_grad_``. The update
+    writes through the alias into the same storage.
+    """
+    if all(trees.params[n].requires_grad and trees.params[n].is_leaf for n in names):
+        return trees
+    params = OrderedDict(trees.params)
+    for n in names:
+        p = params[n]
+        if not (p.requires_grad and p.is_leaf):
+            params[n] = p.detach().requires_grad_(True)
+    return trees._replace(params=params)
 
 
 def _not_applied(
@@ -287,7 +304,17 @@ def _apply_update(
     }
     if loss_scale:
         metrics["loss_scale"] = loss_scale.scale.clone()
-    return trees._replace(params=params, opt_state=opt_state, step=step), metrics
+    # built field by field: dynamo before torch 2.12 traces NamedTuple._replace to an empty tuple
+    new_trees = _Trees(
+        params=params,
+        buffers=trees.buffers,
+        opt_state=opt_state,
+        loss_scale=trees.loss_scale,
+        step=step,
+        accum_grads=trees.accum_grads,
+        loss_sum=trees.loss_sum,
+    )
+    return new_trees, metrics
 
 
 def _step_core(
@@ -308,7 +335,29 @@ def _step_core(
 # torch.compile
 
 
-def _quiet_logging_methods() -> set[Callable]:
+class _SkippedLogCall(str):
+    """A ``logging.Logger`` method in dynamo's ignore set.
+
+    It compares equal to the method itself (dynamo tests ``method in ignore_set``) and reads as
+    the method's name: torch 2.11 sorts that set and writes it to JSON in its compile metrics,
+    which fails for bare functions.
+    """
+
+    fn: Callable
+
+    def __new__(cls, fn: Callable) -> _SkippedLogCall:
+        self = super().__new__(cls, f"logging.Logger.{getattr(fn, '__name__', fn)}")
+        self.fn = fn
+        return self
+
+    def __hash__(self) -> int:
+        return hash(self.fn)
+
+    def __eq__(self, other: object) -> bool:
+        return other is self.fn or (isinstance(other, _SkippedLogCall) and other.fn is self.fn)
+
+
+def _quiet_logging_methods() -> set[_SkippedLogCall]:
     """Logger methods that the compiled step skips instead of breaking the graph on.
 
     Models log from their forward (Hugging Face's ``logger.warning_once`` about a default loss,
@@ -317,7 +366,9 @@ def _quiet_logging_methods() -> set[Callable]:
     the eager step still logs them. Errors and criticals are not skipped.
     """
     names = ("debug", "info", "warning", "warning_once", "info_once", "warning_advice")
-    return {getattr(logging.Logger, n) for n in names if hasattr(logging.Logger, n)}
+    return {
+        _SkippedLogCall(getattr(logging.Logger, n)) for n in names if hasattr(logging.Logger, n)
+    }
 
 
 def _dynamo_patch() -> Any:
@@ -409,6 +460,7 @@ class _Inductor:
 
     def __call__(self, trees: _Trees, batch: Any, apply: bool) -> tuple[_Trees, dict]:
         before = _dynamo_unique_graphs()
+        trees = _grad_leaves(trees, self.static.names)
         try:
             with _dynamo_patch():
                 return self._run(trees, batch, apply)
@@ -743,7 +795,7 @@ class CompiledStep:
         return static
 
     def _eager_core(self, trees: _Trees, batch: Any, apply: bool) -> tuple[_Trees, dict]:
-        return _step_core(self._static, apply, trees, batch)
+        return _step_core(self._static, apply, _grad_leaves(trees, self._static.names), batch)
 
     def __call__(
         self, state: TrainState, batch: Any, *, donate: bool = True

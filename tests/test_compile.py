@@ -335,7 +335,7 @@ def test_cudagraph_is_bitwise_eager_and_replays_without_running_python(precision
         kept.append((mg, {k: v.clone() for k, v in mg.items()}))
     for metrics, copy_ in kept:  # metrics are fresh tensors, not overwritten by later replays
         assert_trees_equal(metrics, copy_)
-    assert bool(kept[5][0]["skipped"]) is (precision == "fp16")
+    assert bool(kept[5][0]["skipped"])  # the non-finite batch is skipped in every precision
     assert fast.stats.captures == 1
     assert fast.stats.replays == 12
     # forward ran in the warm-up steps and the capture only, never in the 12 replays
@@ -359,8 +359,9 @@ def test_cudagraph_new_batch_shape_gets_a_second_graph_and_lru_eviction():
             graphed, mg = fast(graphed, batch)
             assert_trees_equal(mg, me)
             assert_trees_equal(_leaves(graphed), _leaves(eager))
-    assert fast.stats.captures == 4  # small, large, odd (evicts small), small (evicts large)
-    assert fast.stats.evictions == 2
+    # small, large, (small, large hit), odd (evicts small), small (evicts large), large (evicts odd)
+    assert fast.stats.captures == 5
+    assert fast.stats.evictions == 3
     assert fast.stats.replays == 7
 
 
@@ -429,6 +430,18 @@ def test_inductor_cudagraph_matches_eager_within_tolerance():
     assert fast.stats.compiles >= 1
 
 
+def _replay_prologue_kernels():
+    """Kernels PyTorch itself launches around a replay of an empty graph with the default CUDA
+    generator registered (its seed/offset fills): the floor for any graph step with dropout."""
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(torch.cuda.default_generators[0])
+    x = torch.zeros(4, device="cuda")
+    with torch.cuda.graph(graph):
+        x.add_(torch.rand(4, device="cuda"))
+    graph.replay()
+    return _launches(graph.replay, 5)[1]
+
+
 def _launches(fn, steps):
     """CUDA graph and kernel launches per call of ``fn``, counted by the profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -469,6 +482,6 @@ def test_graph_modes_launch_one_graph_and_no_kernels_per_step(mode):
     graphs, kernels = _launches(graph_step, 5)
     eager_graphs, eager_kernels = _launches(eager_step, 5)
     assert graphs == 1
-    assert kernels == 0
+    assert kernels == _replay_prologue_kernels()  # nothing of medfunc's own runs as a kernel
     assert eager_graphs == 0
     assert eager_kernels > 20  # the eager step launches each of its kernels from the host

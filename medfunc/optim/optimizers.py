@@ -103,6 +103,7 @@ class OptimizerSpec:
     dampening: float = 0.0
     nesterov: bool = False
     _groups_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _kernel_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_adam(self) -> bool:
@@ -142,8 +143,13 @@ class OptimizerSpec:
         return groups
 
     def kernel_config(self, device: torch.device) -> kernels.KernelConfig:
-        """The kernel path for parameters on ``device``."""
-        return kernels.resolve_kernel(self.kernel, device, adam=self.is_adam)
+        """The kernel path for parameters on ``device`` (a plain dict cache: a traced step reads
+        it without calling into ``resolve_kernel``'s ``lru_cache``, which dynamo warns about)."""
+        config = self._kernel_cache.get(device)
+        if config is None:
+            config = kernels.resolve_kernel(self.kernel, device, adam=self.is_adam)
+            self._kernel_cache[device] = config
+        return config
 
     def lr_at(self, step: int | Tensor) -> float:
         """The base LR at ``step`` as a Python float (host function: may read a device tensor)."""
