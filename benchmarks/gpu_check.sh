@@ -140,8 +140,8 @@ fi
 all_runners="plain,medfunc,plain-cudagraph,medfunc-cudagraph,medfunc-inductor+cudagraph"
 parts=(
     "mlp:${MLP_LIMIT:-60}:$all_runners,hf-trainer,plain-compile,medfunc-inductor,lightning"
-    "bert-hf:${BERT_LIMIT:-150}:$all_runners,hf-trainer,lightning,plain-compile"
-    "gpt2:${GPT_LIMIT:-120}:plain,plain-compile,medfunc-inductor,medfunc,hf-trainer"
+    "bert-hf:${BERT_LIMIT:-170}:$all_runners,hf-trainer,lightning,plain-compile,medfunc-inductor"
+    "gpt2:${GPT_LIMIT:-130}:plain,plain-compile,medfunc-inductor,medfunc,hf-trainer"
 )
 : >"$OUT_DIR/bench_cuda.md"
 : >"$OUT_DIR/bench_cuda.log"
