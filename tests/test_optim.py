@@ -266,3 +266,31 @@ def test_skipped_first_step_keeps_sgd_dampening_first_update_semantics():
             ctx = UpdateContext(step=torch.tensor(k), found_inf=torch.zeros(()))
             _, params, state = tx.update(grads, state, params, ctx)
         compare(ref, opt, params, state, exact=True)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda k: adamw(0.1, weight_decay=0.01, kernel=k),
+        lambda k: adam(0.1, amsgrad=True, kernel=k),
+        lambda k: sgd(0.1, momentum=0.9, nesterov=True, kernel=k),
+    ],
+    ids=["adamw", "adam-amsgrad", "sgd-nesterov"],
+)
+def test_fused_kernels_take_gradients_in_another_memory_layout(make):
+    """A transposed gradient (as a compiled backward or a channels_last model can return):
+    torch's fused CPU kernel alone misreads it; medfunc's fused path equals the foreach one."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 3, generator=g)
+    grads = [torch.randn(3, 4, generator=g).t() for _ in range(3)]
+    results = {}
+    for kernel in ("fused", "foreach"):
+        tx = make(kernel)
+        params = OrderedDict(w=weight.clone())
+        state = tx.init(params)
+        for i, grad in enumerate(grads):
+            ctx = UpdateContext(step=torch.tensor(i), found_inf=torch.tensor(0.0))
+            _, params, state = tx.update(OrderedDict(w=grad), state, params, ctx)
+        results[kernel] = params["w"]
+    torch.testing.assert_close(results["fused"], results["foreach"], rtol=1e-6, atol=1e-6)
+    assert not torch.equal(results["fused"], weight)

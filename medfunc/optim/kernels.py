@@ -191,6 +191,20 @@ def _kernel_flags(cfg: KernelConfig, found_inf: Tensor | None) -> dict[str, Any]
     }
 
 
+def _laid_out_like(params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    """``grads``, each copied into its param's memory layout where the strides differ.
+
+    The fused kernels assume a gradient laid out like its parameter: on CUDA they refuse
+    another layout, on the CPU they read it element by element in the parameter's order and
+    silently apply the wrong values. Compiled backward passes and channels_last models can
+    return such gradients.
+    """
+    return [
+        g if g.stride() == p.stride() else torch.empty_like(p, dtype=g.dtype).copy_(g)
+        for p, g in zip(params, grads)
+    ]
+
+
 def _run_skippable(
     run: Callable[[Tensor | None], None],
     cfg: KernelConfig,
@@ -260,6 +274,8 @@ def adam_step(
         cfg = cfg._replace(capturable=True)
     lr_arg = _lr_arg(lr, cfg)
     has_complex = any(torch.is_complex(p) for p in params)
+    if cfg.fused:
+        grads = _laid_out_like(params, grads)
 
     def run(found: Tensor | None) -> None:
         _torch_adam(
@@ -317,7 +333,8 @@ def sgd_step(
     if not params:
         return
     lr_arg = _lr_arg(lr, cfg)
-
+    if cfg.fused:
+        grads = _laid_out_like(params, grads)
     state = [*params, *momentum_buffers]
 
     def run_sgd(ps: list[Tensor], bufs: list[Tensor], damp: float, found: Tensor | None) -> None:
