@@ -848,7 +848,9 @@ def bench_model(
         res.ms = statistics.median(times[name]) if times[name] else None
         res.note = r.note or res.note
         if device.type == "cuda":
-            res.mem_mib = (persistent[name] + transient[name]) / 2**20
+            mem = persistent[name] + transient[name]
+            # negative: the runner freed memory it did not allocate (Lightning's teardown)
+            res.mem_mib = mem / 2**20 if mem >= 0 else None
         elif args.memory == "all" or (args.memory == "eager" and name not in COMPILED):
             res.mem_mib = cpu_memory(spec.name, name, args.steps, args.warmup, args.threads)
         if flops and peak and res.ms:
