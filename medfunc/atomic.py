@@ -27,6 +27,7 @@ __all__ = [
     "atomic_replace",
     "atomic_write",
     "fsync_folder",
+    "pending_temporaries",
     "remove_stray_temporaries",
     "temporary_path",
 ]
@@ -99,6 +100,30 @@ def remove_stray_temporaries(folder: str | os.PathLike) -> None:
         with _temporaries_lock:
             if os.path.realpath(entry.path) not in _active_temporaries:
                 _unlink(entry.path)
+
+
+def pending_temporaries(path: str | os.PathLike) -> list[Path]:
+    """The temporaries of writes to ``path`` that are in progress or never finished.
+
+    Args:
+        path: the file the writes target.
+
+    Returns:
+        The temporaries' paths, sorted; empty when the folder does not exist.
+
+    Example:
+        >>> pending_temporaries("run/ckpt.pt")
+        []
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    prefix = f".{path.name}.tmp-"
+    return sorted(
+        path.parent / name
+        for name in os.listdir(path.parent)
+        if name.startswith(prefix) and _TEMPORARY.match(name)
+    )
 
 
 def fsync_folder(folder: str | os.PathLike) -> None:

@@ -605,6 +605,27 @@ def test_concurrent_saves_into_one_folder_do_not_remove_each_others_files(tmp_pa
     assert all(read_checkpoint(tmp_path / f"c{k}.pt")["trainer_state"]["i"] == 7 for k in range(4))
 
 
+def test_every_record_has_its_crc_even_when_the_caller_turned_crcs_off(tmp_path):
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        path = save_state(mf.init_state(_model(), _adamw()), tmp_path / "c.pt")
+        assert torch.serialization.get_crc32_options() is False  # nothing changed for the caller
+    finally:
+        torch.serialization.set_crc32_options(previous)
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+        assert all(info.CRC != 0 for info in archive.infolist() if info.file_size > 0)
+        record = next(i for i in archive.infolist() if "/data/" in i.filename)
+    damaged = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack_from("<HH", damaged, record.header_offset + 26)
+    data_start = record.header_offset + 30 + name_len + extra_len
+    damaged[data_start + record.file_size // 2] ^= 0xFF  # a tensor byte: only the CRC tells
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointCorruptError):
+        read_checkpoint(path)
+
+
 @pytest.mark.slow
 def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
     trials = 20

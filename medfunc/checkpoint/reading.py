@@ -1,0 +1,276 @@
+"""Reading a checkpoint safely: integrity (CRC-32) before unpickling, ``weights_only`` loading,
+and the payload's layout checked before anything uses it.
+
+A damaged file raises :class:`CheckpointCorruptError` (never another error from deep inside
+torch), a file whose pickle names arbitrary objects raises :class:`UnsafeCheckpointError` and
+nothing from it is executed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import pickletools
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from medfunc.atomic import pending_temporaries
+from medfunc.checkpoint.payload import FORMAT_VERSION
+from medfunc.errors import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    CheckpointVersionError,
+    ConfigError,
+    UnsafeCheckpointError,
+)
+
+__all__ = ["read_checkpoint", "read_payload", "validate_payload"]
+
+_REQUIRED = ("format_version", "model_state", "trainer_state")
+_ZIP_MAGIC = b"PK\x03\x04"
+_TORCH_GLOBALS = ("torch.", "collections.OrderedDict")
+_READ_CHUNK = 1 << 24
+
+
+def _corrupt(path: Path, reason: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"checkpoint {path} is corrupt or incomplete: {reason}. The file was damaged or not "
+        "fully written; use an earlier checkpoint or write it again"
+    )
+
+
+def _not_medfunc(path: Path, reason: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(
+        f"{path} is not a medfunc checkpoint: {reason}. Write checkpoints with "
+        "medfunc.save_state (a bare state_dict loads with model.load_state_dict)"
+    )
+
+
+def _check_exists(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointNotFoundError(f"{path} is a folder; pass the checkpoint file inside it")
+    if path.exists():
+        return
+    hint = ""
+    if pending_temporaries(path):
+        hint = " (only the temporary of an interrupted save is there; that save never completed)"
+    raise CheckpointNotFoundError(f"checkpoint {path} does not exist{hint}")
+
+
+def _verify_archive(path: Path) -> None:
+    """Read every record of the zip archive, checking its CRC-32, before anything is unpickled."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            if not any(i.filename.endswith("/data.pkl") or i.filename == "data.pkl" for i in infos):
+                raise _corrupt(path, "the archive holds no data.pkl record")
+            for info in infos:
+                with archive.open(info) as record:
+                    while record.read(_READ_CHUNK):
+                        pass
+    except CheckpointCorruptError:
+        raise
+    except zipfile.BadZipFile as error:
+        raise _corrupt(path, f"the zip archive fails its integrity check ({error})") from error
+    except (OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as error:
+        raise _corrupt(path, f"the zip archive cannot be read ({error})") from error
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # noqa: BLE001 - the names only enrich the message
+        return []
+
+
+def _unsafe(path: Path, error: BaseException, names: list[str]) -> UnsafeCheckpointError:
+    what = f"references {', '.join(names)}" if names else f"was refused ({error})"
+    return UnsafeCheckpointError(
+        f"refused to load {path}: its pickle {what}, not only tensors and plain containers; "
+        "nothing from it was executed. medfunc never unpickles arbitrary objects; only use "
+        "checkpoints written by medfunc.save_state or torch.save of tensors and containers"
+    )
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """The globals named by the pickles at the start of a file, read from their opcodes only
+    (nothing is unpickled); scanning stops at the first thing that is not a pickle."""
+    names: list[str] = []
+    strings: list[str] = []
+    with path.open("rb") as handle:
+        while True:
+            try:
+                for opcode, arg, _ in pickletools.genops(handle):
+                    if opcode.name in ("GLOBAL", "INST"):
+                        names.append(str(arg).replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+            except Exception:  # noqa: BLE001 - not (or no longer) pickle data: stop scanning
+                break
+    return [n for n in dict.fromkeys(names) if not n.startswith(_TORCH_GLOBALS)]
+
+
+def _classify_non_zip(path: Path) -> CheckpointCorruptError | UnsafeCheckpointError:
+    """The error for a file that is not a zip archive (medfunc only writes zip archives)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on foreign pickles are noise here
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - every failure is classified below
+        names = _pickled_globals(path)
+        if isinstance(error, pickle.UnpicklingError) and names:
+            failure: CheckpointCorruptError | UnsafeCheckpointError = _unsafe(path, error, names)
+        else:
+            failure = _not_medfunc(path, "it is not a PyTorch zip archive")
+        failure.__cause__ = error
+        return failure
+    return _not_medfunc(path, "it uses PyTorch's legacy (pre-zip) format")
+
+
+def _torch_load(path: Path, map_location: torch.device, mmap: bool) -> Any:
+    with path.open("rb") as handle:
+        head = handle.read(len(_ZIP_MAGIC))
+    if _ZIP_MAGIC.startswith(head):
+        if len(head) < len(_ZIP_MAGIC):
+            raise _corrupt(path, f"the file is truncated to {len(head)} bytes")
+    else:
+        raise _classify_non_zip(path)
+    _verify_archive(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        raise _unsafe(path, error, _unsafe_globals(path)) from error
+    except Exception as error:  # noqa: BLE001 - anything else in an intact archive is damage
+        raise _corrupt(path, f"its records are inconsistent ({type(error).__name__})") from error
+
+
+def _check_int(value: Any, where: str, path: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _not_medfunc(path, f"{where} must be an int, found {type(value).__name__}")
+    return value
+
+
+def validate_payload(payload: Any, path: Path) -> dict:
+    """Check the payload's layout (not against a state).
+
+    Args:
+        payload: what was unpickled, or a payload a caller passed in.
+        path: its file, for messages.
+
+    Returns:
+        ``payload``, unchanged.
+    """
+    if not isinstance(payload, dict):
+        raise _not_medfunc(path, f"it holds a {type(payload).__name__}, expected a dict")
+    if "format_version" not in payload:
+        if payload and all(isinstance(v, Tensor) for v in payload.values()):
+            raise _not_medfunc(path, "it looks like a bare state_dict (no 'format_version')")
+        raise _not_medfunc(path, f"it has no 'format_version' (keys: {sorted(map(str, payload))})")
+    version = _check_int(payload["format_version"], "format_version", path)
+    if version > FORMAT_VERSION:
+        raise CheckpointVersionError(
+            f"checkpoint {path} has format version {version}, but this medfunc reads format "
+            f"versions up to {FORMAT_VERSION}; upgrade medfunc to read it"
+        )
+    if version < 1:
+        raise _not_medfunc(path, f"format_version {version} is not a valid version")
+    missing = [k for k in _REQUIRED if k not in payload]
+    if missing:
+        raise _not_medfunc(path, f"it lacks {missing}")
+    for key in (
+        "model_state",
+        "trainer_state",
+        "scaler_state",
+        "medfunc_state",
+        "optimizer_state",
+        "scheduler_state",
+    ):
+        if key in payload and not isinstance(payload[key], Mapping):
+            raise _not_medfunc(path, f"{key} is a {type(payload[key]).__name__}, not a dict")
+    for key, value in payload["model_state"].items():
+        if not isinstance(key, str):
+            raise _not_medfunc(path, f"model_state has a key of type {type(key).__name__}")
+        if not isinstance(value, Tensor) and not key.endswith("_extra_state"):
+            raise _not_medfunc(path, f"model_state[{key!r}] is a {type(value).__name__}")
+    trainer = payload["trainer_state"]
+    _check_int(trainer.get("global_step"), "trainer_state['global_step']", path)
+    rng = trainer.get("rng")
+    if not isinstance(rng, (list, tuple)) or len(rng) != 2:
+        raise _not_medfunc(path, "trainer_state['rng'] must be a pair [key, counter]")
+    for i, v in enumerate(rng):
+        _check_int(v, f"trainer_state['rng'][{i}]", path)
+    if "accumulation" in trainer:
+        acc = trainer["accumulation"]
+        if not isinstance(acc, Mapping) or not {"grads", "count", "loss_sum"} <= set(acc):
+            raise _not_medfunc(path, "trainer_state['accumulation'] lacks grads/count/loss_sum")
+        _check_int(acc["count"], "trainer_state['accumulation']['count']", path)
+    optimizer = payload.get("optimizer_state")
+    if optimizer is not None and not {"state", "param_groups"} <= set(optimizer):
+        raise _not_medfunc(path, "optimizer_state lacks 'state' / 'param_groups'")
+    scaler = payload.get("scaler_state", {})
+    if scaler and not {"scale", "_growth_tracker"} <= set(scaler):
+        raise _not_medfunc(path, "scaler_state lacks 'scale' / '_growth_tracker'")
+    return payload
+
+
+def _as_device(map_location: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"map_location must name a device, got {map_location!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"map_location={map_location!r} but CUDA is not available; use 'cpu'")
+    return device
+
+
+def read_payload(path: str | os.PathLike, map_location: str | torch.device, mmap: bool) -> dict:
+    """:func:`read_checkpoint` with the choice to memory-map the file (for CPU targets).
+
+    Args:
+        path: the checkpoint file.
+        map_location: where the tensors go.
+        mmap: map the file instead of reading it (the tensors then share the file's pages).
+
+    Returns:
+        The validated payload.
+    """
+    path = Path(path)
+    device = _as_device(map_location)
+    _check_exists(path)
+    return validate_payload(_torch_load(path, device, mmap), path)
+
+
+def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
+    """Read and validate a checkpoint's payload, never unpickling anything but plain data.
+
+    Every record's CRC-32 is checked before anything is unpickled, then the file is loaded with
+    ``torch.load(weights_only=True)``.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where the tensors go.
+
+    Returns:
+        The payload dict (see the module docstring).
+
+    Raises:
+        CheckpointNotFoundError: there is no such file.
+        CheckpointCorruptError: the file is truncated or damaged, or is not a medfunc checkpoint.
+        UnsafeCheckpointError: an intact file whose pickle holds objects other than tensors and
+            plain containers (refused by ``weights_only``; nothing is executed).
+        CheckpointVersionError: the file was written by a newer checkpoint format.
+
+    Example:
+        >>> payload = mf.read_checkpoint("runs/exp1/step-100.pt")
+        >>> payload["trainer_state"]["epoch"]
+        2
+    """
+    return read_payload(path, map_location, mmap=False)
