@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from step_throughput import MLP, SdpaBert  # noqa: E402
+from bench_models import MLP, SdpaBert  # noqa: E402
 
 import medfunc as mf  # noqa: E402
 from medfunc.compile import MODES, compile_step  # noqa: E402

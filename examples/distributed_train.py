@@ -76,6 +76,7 @@ def main() -> None:
     steps_per_epoch = n // args.batch_size
     state = build_state(args.mode, args.zero_stage, args.epochs * steps_per_epoch, info.device)
 
+    step = dist.step_for(state)  # deepspeed_step for a DeepSpeed state, else mf.train_step
     best, bad_epochs, history = float("inf"), 0, []
     for epoch in range(args.epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
@@ -84,7 +85,7 @@ def main() -> None:
             part = dist.shard_indices(len(rows))
             mine = rows[part.start : part.stop]
             batch = {"features": splits.x_train[mine], "labels": splits.y_train[mine]}
-            state, _ = mf.train_step(state, mf.data.to_device(batch, info.device), donate=True)
+            state, _ = step(state, mf.data.to_device(batch, info.device), donate=True)
         result = evaluate(state, splits.x_eval, splits.y_eval)
         history.append(result)
         if dist.is_main_process():

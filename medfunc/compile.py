@@ -35,20 +35,29 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
-from torch.func import functional_call
 
 from medfunc.errors import BatchError, ConfigError
-from medfunc.optim import UpdateContext, find_optimizer
-from medfunc.precision import autocast, unscale_and_check, update_scale
-from medfunc.state import PYTREE_NAMESPACE, AccumState, TrainState, tree_map
+from medfunc.optim import find_optimizer
+from medfunc.state import PYTREE_NAMESPACE, TrainState, tree_map
 from medfunc.step import (
+    StepStatic,
+    StepTrees,
     _check_devices,
-    extract_loss,
+    apply_update,
+    finish_step,
+    forward_backward,
+    grad_leaves,
     module_mode,
+    not_applied,
     seeded_rng,
     split_batch,
+    static_of,
+    step_core,
     step_seed,
     train_step,
+    trees_of,
+    window_position,
+    without_grad_leaves,
 )
 
 __all__ = [
@@ -135,200 +144,8 @@ class CompileStats:
     copies_in: int = 0
 
 
-# ---------------------------------------------------------------------------------------------
-# the step's tensor work, as a function of tensors (no host syncs, no RNG seeding)
-
-
-class _Static(NamedTuple):
-    """The non-tensor facts of a state that a compiled step is specialised on."""
-
-    module: torch.nn.Module
-    tx: Any
-    loss_fn: Callable | None
-    policy: Any
-    accumulate_steps: int
-    grad_sync: Callable | None
-    names: tuple[str, ...]
-    device: torch.device
-
-
-class _Trees(NamedTuple):
-    """The device tensors a step reads and writes (everything in a state but its CPU counters)."""
-
-    params: OrderedDict
-    buffers: OrderedDict
-    opt_state: Any
-    loss_scale: Any
-    step: torch.Tensor
-    accum_grads: Any
-    loss_sum: Any
-
-
-def _static_of(state: TrainState) -> _Static:
-    return _Static(
-        state.module,
-        state.tx,
-        state.loss_fn,
-        state.policy,
-        state.accumulate_steps,
-        state.grad_sync,
-        state.trainable,
-        state.device,
-    )
-
-
-def _same_static(a: _Static, b: _Static) -> bool:
+def _same_static(a: StepStatic, b: StepStatic) -> bool:
     return all(x is y or x == y for x, y in zip(a, b))
-
-
-def _trees_of(state: TrainState, names: tuple[str, ...], *, copy: bool) -> _Trees:
-    """The state's device tensors; with ``copy`` the ones a step writes are cloned."""
-    own = (lambda tree: tree_map(torch.clone, tree)) if copy else (lambda tree: tree)
-    params = OrderedDict(state.params)
-    if copy:
-        params.update((n, state.params[n].clone()) for n in names)
-    accum = state.accum
-    return _Trees(
-        params=params,
-        buffers=own(state.buffers),
-        opt_state=own(state.opt_state),
-        loss_scale=own(state.loss_scale),
-        step=state.step,
-        accum_grads=own(accum.grads) if accum else (),
-        loss_sum=own(accum.loss_sum) if accum else (),
-    )
-
-
-def _forward_backward(static: _Static, trees: _Trees, batch: Any) -> tuple[list, torch.Tensor]:
-    """Forward, loss, backward and (under accumulation) the running sums.
-
-    Returns:
-        ``(grads, loss)``: the gradients the update uses (the accumulated sums under
-        accumulation) and the loss metric (the window's loss sum under accumulation).
-    """
-    names = static.names
-    k = static.accumulate_steps
-    leaves = OrderedDict((n, trees.params[n]) for n in names)
-    call_params = OrderedDict((n, leaves.get(n, p)) for n, p in trees.params.items())
-    args, kwargs = split_batch(batch)
-    with torch.enable_grad():
-        with autocast(static.policy, static.device):
-            outputs = functional_call(static.module, (call_params, trees.buffers), args, kwargs)
-        loss = extract_loss(outputs, batch, static.loss_fn)
-        del outputs  # e.g. an LM's logits: not needed by the backward pass, free them first
-        objective = loss / k if k > 1 else loss
-        if trees.loss_scale:
-            objective = objective * trees.loss_scale.scale
-        grads = list(
-            torch.autograd.grad(
-                objective, list(leaves.values()), allow_unused=True, materialize_grads=True
-            )
-        )
-    loss = loss.detach().float()
-    if k == 1:
-        return grads, loss
-    accumulated = list(trees.accum_grads.values())
-    torch._foreach_add_(accumulated, grads)
-    return accumulated, trees.loss_sum.add_(loss).clone()
-
-
-def _grad_leaves(trees: _Trees, names: tuple[str, ...]) -> _Trees:
-    """``trees`` with each trainable param a leaf that requires grad (the param itself when it
-    already is one, else a detached alias of its storage).
-
-    Done before tracing: dynamo before torch 2.12 cannot trace ``requires_grad_``. The update
-    writes through the alias into the same storage.
-    """
-    if all(trees.params[n].requires_grad and trees.params[n].is_leaf for n in names):
-        return trees
-    params = OrderedDict(trees.params)
-    for n in names:
-        p = params[n]
-        if not (p.requires_grad and p.is_leaf):
-            params[n] = p.detach().requires_grad_(True)
-    return trees._replace(params=params)
-
-
-def _not_applied(
-    static: _Static, trees: _Trees, loss: torch.Tensor
-) -> tuple[_Trees, dict[str, torch.Tensor]]:
-    device = static.device
-    nan = torch.full((), float("nan"), device=device)
-    metrics = {
-        "loss": loss,
-        "grad_norm": nan,
-        "lr": nan,
-        "skipped": torch.zeros((), dtype=torch.bool, device=device),
-        "applied": torch.zeros((), dtype=torch.bool, device=device),
-    }
-    if trees.loss_scale:
-        metrics["loss_scale"] = trees.loss_scale.scale.clone()
-    return trees, metrics
-
-
-def _apply_update(
-    static: _Static, trees: _Trees, grads: list, loss: torch.Tensor
-) -> tuple[_Trees, dict[str, torch.Tensor]]:
-    """Unscale, measure, clip and apply ``grads``; advance the step and the loss scale."""
-    names = static.names
-    device = static.device
-    loss_scale = trees.loss_scale
-    nan = torch.full((), float("nan"), device=device)
-    if static.grad_sync is not None:
-        static.grad_sync(grads)
-    if loss_scale:
-        found_inf = unscale_and_check(grads, loss_scale)
-    grad_norm = torch.nn.utils.get_total_norm(grads) if grads else nan.clone()
-    if not loss_scale:
-        found_inf = (~torch.isfinite(grad_norm)).float()
-    ctx = UpdateContext(step=trees.step, found_inf=found_inf, grad_norm=grad_norm, metrics={})
-    trainable = OrderedDict((n, trees.params[n]) for n in names)
-    with torch.no_grad():
-        _, trainable, opt_state = static.tx.update(
-            OrderedDict(zip(names, grads)), trees.opt_state, trainable, ctx
-        )
-    params = OrderedDict(trees.params)
-    params.update(trainable)
-    step = trees.step + (found_inf == 0).to(trees.step.dtype)
-    if loss_scale:
-        update_scale(static.policy, loss_scale, found_inf)
-    if static.accumulate_steps > 1:
-        torch._foreach_zero_(grads)
-        trees.loss_sum.zero_()
-    metrics = {
-        "loss": loss,
-        "grad_norm": grad_norm,
-        "lr": ctx.metrics.get("lr", nan),
-        "skipped": found_inf > 0,
-        "applied": torch.ones((), dtype=torch.bool, device=device),
-    }
-    if loss_scale:
-        metrics["loss_scale"] = loss_scale.scale.clone()
-    # built field by field: dynamo before torch 2.12 traces NamedTuple._replace to an empty tuple
-    new_trees = _Trees(
-        params=params,
-        buffers=trees.buffers,
-        opt_state=opt_state,
-        loss_scale=trees.loss_scale,
-        step=step,
-        accum_grads=trees.accum_grads,
-        loss_sum=trees.loss_sum,
-    )
-    return new_trees, metrics
-
-
-def _step_core(
-    static: _Static, apply: bool, trees: _Trees, batch: Any
-) -> tuple[_Trees, dict[str, torch.Tensor]]:
-    """One step's tensor work: ``train_step`` without its host-side prelude and epilogue.
-
-    ``trees`` are owned by the call (donated or cloned) and updated in place where the kernels
-    allow; the returned trees hold the new values (the step counter is a new tensor).
-    """
-    grads, loss = _forward_backward(static, trees, batch)
-    if not apply:
-        return _not_applied(static, trees, loss)
-    return _apply_update(static, trees, grads, loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +202,7 @@ def _dynamo_unique_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def _uses_fused_kernels(static: _Static) -> bool:
+def _uses_fused_kernels(static: StepStatic) -> bool:
     """Whether the state's optimizer runs PyTorch's fused kernels (which torch.compile leaves
     out of graphs: the update then runs as those kernels, after the compiled forward/backward)."""
     try:
@@ -401,7 +218,7 @@ class _Inductor:
 
     def __init__(
         self,
-        static: _Static,
+        static: StepStatic,
         stats: CompileStats,
         *,
         dynamic: bool | None,
@@ -432,20 +249,20 @@ class _Inductor:
         if fn is None:
             static = self.static
 
-            def whole_step(trees: _Trees, batch: Any) -> tuple[_Trees, dict]:
-                return _step_core(static, apply, trees, batch)
+            def whole_step(trees: StepTrees, batch: Any) -> tuple[StepTrees, dict]:
+                return step_core(static, apply, trees, batch)
 
             fn = self.whole[apply] = self._compile(whole_step, fullgraph=True)
         return fn
 
-    def _split(self, trees: _Trees, batch: Any, apply: bool) -> tuple[_Trees, dict]:
+    def _split(self, trees: StepTrees, batch: Any, apply: bool) -> tuple[StepTrees, dict]:
         if self.grads_part is None:
             static = self.static
 
-            def forward_backward(trees: _Trees, batch: Any) -> tuple[list, torch.Tensor]:
-                return _forward_backward(static, trees, batch)
+            def grads_part(trees: StepTrees, batch: Any) -> tuple[list, torch.Tensor]:
+                return forward_backward(static, trees, batch)
 
-            self.grads_part = self._compile(forward_backward, fullgraph=self.fullgraph)
+            self.grads_part = self._compile(grads_part, fullgraph=self.fullgraph)
         try:
             grads, loss = self.grads_part(trees, batch)
         except torch._dynamo.exc.TorchDynamoException as e:
@@ -455,19 +272,20 @@ class _Inductor:
                 "graph breaks, or use the eager train_step / mode='cudagraph'."
             ) from e
         if not apply:
-            return _not_applied(self.static, trees, loss)
-        return _apply_update(self.static, trees, grads, loss)
+            return not_applied(self.static, trees, loss)
+        return apply_update(self.static, trees, grads, loss)
 
-    def __call__(self, trees: _Trees, batch: Any, apply: bool) -> tuple[_Trees, dict]:
+    def __call__(self, trees: StepTrees, batch: Any, apply: bool) -> tuple[StepTrees, dict]:
         before = _dynamo_unique_graphs()
-        trees = _grad_leaves(trees, self.static.names)
+        names = self.static.names
         try:
             with _dynamo_patch():
-                return self._run(trees, batch, apply)
+                out, metrics = self._run(grad_leaves(trees, names), batch, apply)
+            return without_grad_leaves(out, trees, names), metrics
         finally:
             self.stats.compiles += _dynamo_unique_graphs() - before
 
-    def _run(self, trees: _Trees, batch: Any, apply: bool) -> tuple[_Trees, dict]:
+    def _run(self, trees: StepTrees, batch: Any, apply: bool) -> tuple[StepTrees, dict]:
         if self.stats.whole_step_compiled is None and _uses_fused_kernels(self.static):
             self.stats.whole_step_compiled = False
         if self.fullgraph and self.stats.whole_step_compiled is not False:
@@ -567,7 +385,7 @@ class _Graphs:
         self.warmup_steps = warmup_steps
         self.graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
         self.slot: list[torch.Tensor] | None = None
-        self.slot_trees: _Trees | None = None
+        self.slot_trees: StepTrees | None = None
         self.treedef: Any = None
         self.owner: weakref.ref | None = None
         self.pool: Any = None
@@ -575,7 +393,7 @@ class _Graphs:
 
     # -- the state slot ------------------------------------------------------------------------
 
-    def bind(self, state: TrainState, static: _Static, donate: bool) -> _Trees:
+    def bind(self, state: TrainState, static: StepStatic, donate: bool) -> StepTrees:
         """Make the slot hold ``state``'s values and return the slot's trees."""
         if self.owner is not None and self.owner() is state:
             if not donate:
@@ -585,7 +403,7 @@ class _Graphs:
                     "donate=True, or use mode='inductor' / mf.train_step for a pure step."
                 )
             return self.slot_trees
-        trees = _trees_of(state, static.names, copy=False)
+        trees = trees_of(state, copy=False)
         leaves, treedef = optree.tree_flatten(trees, namespace=PYTREE_NAMESPACE)
         if self.slot is None:
             self._check_leaves(leaves, static.device)
@@ -637,7 +455,7 @@ class _Graphs:
     # -- capture and replay --------------------------------------------------------------------
 
     def step(
-        self, state: TrainState, trees: _Trees, batch: Any, apply: bool, device: torch.device
+        self, state: TrainState, trees: StepTrees, batch: Any, apply: bool, device: torch.device
     ) -> dict[str, torch.Tensor]:
         leaves, treedef, key = _batch_signature(batch)
         key = (apply, key)
@@ -678,7 +496,7 @@ class _Graphs:
     def _capture(
         self,
         state: TrainState,
-        trees: _Trees,
+        trees: StepTrees,
         leaves: list,
         treedef: Any,
         apply: bool,
@@ -752,21 +570,22 @@ class CompiledStep:
         self._dynamic = dynamic
         self._fullgraph = fullgraph
         self._options = options
-        self._static: _Static | None = None
+        self._static: StepStatic | None = None
         self._inductor: _Inductor | None = None
         self._graphs: _Graphs | None = None
 
     def __repr__(self) -> str:
         return f"CompiledStep(mode={self.mode!r}, stats={self.stats})"
 
-    def _bind(self, state: TrainState) -> _Static:
-        for field in ("grad_fn", "step_fn"):
-            if getattr(state, field, None) is not None:
-                raise ConfigError(
-                    f"compile_step compiles the default step, but this state has a custom "
-                    f"{field} (set by the FSDP2/DeepSpeed adapters); use mf.train_step for it"
-                )
-        static = _static_of(state)
+    def _bind(self, state: TrainState) -> StepStatic:
+        path = state.grad_path
+        if path is not None and (path.value_and_grad is not None or path.engine is not None):
+            raise ConfigError(
+                f"compile_step compiles the functional step, but this state's gradients come "
+                f"from its {path.name} back-end; use mf.train_step (or "
+                "mf.distributed.step_for(state)) for it"
+            )
+        static = static_of(state)
         if self._static is None:
             if self.mode in _GRAPH_MODES and static.device.type != "cuda":
                 raise ConfigError(
@@ -794,8 +613,8 @@ class CompiledStep:
             )
         return static
 
-    def _eager_core(self, trees: _Trees, batch: Any, apply: bool) -> tuple[_Trees, dict]:
-        return _step_core(self._static, apply, _grad_leaves(trees, self._static.names), batch)
+    def _eager_core(self, trees: StepTrees, batch: Any, apply: bool) -> tuple[StepTrees, dict]:
+        return step_core(self._static, apply, grad_leaves(trees, self._static.names), batch)
 
     def __call__(
         self, state: TrainState, batch: Any, *, donate: bool = True
@@ -817,36 +636,16 @@ class CompiledStep:
         static = self._bind(state)
         split_batch(batch)
         _check_devices(batch, static.device)
-        k = static.accumulate_steps
-        count = int(state.accum.count) if k > 1 else 0
-        apply = count + 1 == k
+        count, apply = window_position(state)
         with module_mode(static.module, True):
             if self._graphs is not None:
                 trees = self._graphs.bind(state, static, donate)
                 metrics = self._graphs.step(state, trees, batch, apply, static.device)
             else:
-                trees = _trees_of(state, static.names, copy=not donate)
+                trees = trees_of(state, copy=not donate)
                 with seeded_rng(state.rng, static.device):
                     trees, metrics = self._inductor(trees, batch, apply)
-        if k > 1:
-            metrics["loss"] = metrics["loss"] / (count + 1)
-        key, counter = (int(v) for v in state.rng.tolist())
-        accum: AccumState | tuple = ()
-        if k > 1:
-            accum = AccumState(
-                trees.accum_grads, torch.tensor((count + 1) % k, dtype=torch.int64), trees.loss_sum
-            )
-        new_state = state.replace(
-            params=trees.params,
-            buffers=trees.buffers,
-            opt_state=trees.opt_state,
-            loss_scale=trees.loss_scale,
-            step=trees.step,
-            rng=torch.tensor([key, counter + 1], dtype=torch.int64),
-            accum=accum,
-        )
-        if donate:
-            state.mark_consumed()
+        new_state, metrics = finish_step(state, trees, metrics, count=count, donate=donate)
         if self._graphs is not None:
             self._graphs.adopt(new_state)
         self.stats.calls += 1

@@ -35,9 +35,7 @@ STATIC_FIELDS = (
     "loss_fn",
     "policy",
     "accumulate_steps",
-    "grad_sync",
-    "grad_fn",
-    "step_fn",
+    "grad_path",
     "trainable_names",
 )
 
@@ -54,6 +52,28 @@ class AccumState(NamedTuple):
     grads: OrderedDict
     count: torch.Tensor
     loss_sum: torch.Tensor
+
+
+class GradPath(NamedTuple):
+    """How a parallel back-end takes part in the step core (the one pluggable field of a state).
+
+    Attributes:
+        name: the back-end ("data_parallel", "fsdp", "deepspeed").
+        value_and_grad: ``value_and_grad(static, trees, batch, objective) -> (loss, grads)``
+            replacing the functional forward/backward (FSDP2 runs its sharded module itself), or
+            None for the default path.
+        reduce: an in-place reduction of the gradient list before it is used (the all-reduce of
+            data parallelism), or None.
+        always_donates: the back-end owns the one copy of the weights, so every step consumes
+            the state it is given.
+        engine: an engine that owns the whole step (DeepSpeed), else None.
+    """
+
+    name: str
+    value_and_grad: Callable | None = None
+    reduce: Callable[[list[torch.Tensor]], None] | None = None
+    always_donates: bool = False
+    engine: Any = None
 
 
 class _Liveness:
@@ -82,12 +102,8 @@ class TrainState:
         loss_fn: optional ``loss_fn(outputs, batch) -> loss`` (static).
         policy: the precision :class:`Policy` (static).
         accumulate_steps: micro-batches per optimizer update (static).
-        grad_sync: optional in-place reduction of the gradient list before it is used, e.g. the
-            all-reduce of data parallelism (static; set by :mod:`medfunc.distributed`).
-        grad_fn: optional ``grad_fn(state, buffers, batch, objective) -> (loss, grads)``
-            replacing the functional forward/backward (FSDP2 runs the sharded module itself).
-        step_fn: optional ``step_fn(state, batch, donate=...) -> (state, metrics)`` replacing
-            the whole step (the DeepSpeed engine).
+        grad_path: how a parallel back-end takes part in the step (:class:`GradPath`; set by
+            :mod:`medfunc.distributed`), or None for a single process.
         trainable_names: the parameters the optimizer updates, fixed by ``init_state`` (the
             optimizer state was built for exactly these).
     """
@@ -104,9 +120,7 @@ class TrainState:
     loss_fn: Callable | None
     policy: Policy
     accumulate_steps: int
-    grad_sync: Callable[[list[torch.Tensor]], None] | None = None
-    grad_fn: Callable | None = None
-    step_fn: Callable | None = None
+    grad_path: GradPath | None = None
     trainable_names: tuple[str, ...] | None = None
     _liveness: _Liveness = dataclasses.field(
         default_factory=_Liveness, init=False, repr=False, compare=False

@@ -17,15 +17,15 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.func import functional_call
 
-from medfunc.errors import BatchError, LossError
+from medfunc.errors import BatchError, ConfigError, LossError
 from medfunc.optim import UpdateContext
 from medfunc.precision import autocast, unscale_and_check, update_scale
-from medfunc.state import AccumState, TrainState, tree_map
+from medfunc.state import AccumState, GradPath, TrainState, tree_map
 
 _MASK64 = (1 << 64) - 1
 
@@ -166,26 +166,101 @@ def extract_loss(outputs: Any, batch: Any, loss_fn: Any = None) -> torch.Tensor:
     return loss.reshape(())
 
 
-def _forward(state: TrainState, batch: Any, bindings: tuple | None = None) -> Any:
-    """Run the model under the policy's autocast: with ``bindings = (params, buffers)`` through
-    ``functional_call``, else the module as it is (its own tensors are the state's)."""
-    args, kwargs = split_batch(batch)
-    _check_devices(batch, state.device)
-    with autocast(state.policy, state.device):
-        if bindings is None:
-            return state.module(*args, **kwargs)
-        return functional_call(state.module, bindings, args, kwargs)
+class StepStatic(NamedTuple):
+    """The non-tensor facts of a state that a step (and a compiled step) is specialised on."""
+
+    module: torch.nn.Module
+    tx: Any
+    loss_fn: Callable | None
+    policy: Any
+    accumulate_steps: int
+    grad_path: GradPath | None
+    names: tuple[str, ...]
+    device: torch.device
 
 
-def _own_parameters(state: TrainState, names: tuple[str, ...]) -> list[torch.Tensor] | None:
-    """The module's own Parameters for ``names`` when the state's params and buffers are the
+class StepTrees(NamedTuple):
+    """The device tensors a step reads and writes (a state without its CPU counters)."""
+
+    params: OrderedDict
+    buffers: OrderedDict
+    opt_state: Any
+    loss_scale: Any
+    step: torch.Tensor
+    accum_grads: Any
+    loss_sum: Any
+
+
+def static_of(state: TrainState) -> StepStatic:
+    """The static half of ``state`` (what a compiled step is specialised on)."""
+    return StepStatic(
+        state.module,
+        state.tx,
+        state.loss_fn,
+        state.policy,
+        state.accumulate_steps,
+        state.grad_path,
+        state.trainable,
+        state.device,
+    )
+
+
+def trees_of(state: TrainState, *, copy: bool) -> StepTrees:
+    """The state's device tensors; with ``copy`` every tensor a step writes is cloned first."""
+    own = (lambda tree: tree_map(torch.clone, tree)) if copy else (lambda tree: tree)
+    params = OrderedDict(state.params)
+    if copy:
+        with torch.no_grad():
+            params.update((n, state.params[n].clone()) for n in state.trainable)
+    accum = state.accum
+    return StepTrees(
+        params=params,
+        buffers=own(state.buffers),
+        opt_state=own(state.opt_state),
+        loss_scale=own(state.loss_scale),
+        step=state.step,
+        accum_grads=own(accum.grads) if accum else (),
+        loss_sum=own(accum.loss_sum) if accum else (),
+    )
+
+
+def grad_leaves(trees: StepTrees, names: tuple[str, ...]) -> StepTrees:
+    """``trees`` with each trainable param a leaf that requires grad (the param itself when it
+    already is one, else a detached alias of its storage, which the update writes through).
+
+    Called before tracing: dynamo before torch 2.12 cannot trace ``requires_grad_``.
+    """
+    if all(trees.params[n].requires_grad and trees.params[n].is_leaf for n in names):
+        return trees
+    params = OrderedDict(trees.params)
+    for n in names:
+        p = params[n]
+        if not (p.requires_grad and p.is_leaf):
+            params[n] = p.detach().requires_grad_(True)
+    return trees._replace(params=params)
+
+
+def without_grad_leaves(out: StepTrees, plain: StepTrees, names: tuple[str, ...]) -> StepTrees:
+    """``out`` with the trainable params that :func:`grad_leaves` aliased handed back as the
+    ``plain`` tensors they alias (same storage, no autograd flag), so a returned state never
+    holds tensors that require grad."""
+    params = OrderedDict(out.params)
+    for n in names:
+        p, q = params[n], plain.params[n]
+        if p is not q and p.requires_grad and not q.requires_grad and p.data_ptr() == q.data_ptr():
+            params[n] = q
+    return out._replace(params=params)
+
+
+def _own_parameters(static: StepStatic, trees: StepTrees) -> list[torch.Tensor] | None:
+    """The module's own Parameters for the trainable names when ``trees`` hold exactly the
     module's tensors (a state from ``init_state`` that was only ever donated), else None.
 
-    Then the forward can call the module directly, skipping ``functional_call``'s re-binding.
+    Then the forward calls the module directly, skipping ``functional_call``'s re-binding.
     """
-    module_params = dict(state.module.named_parameters())
-    module_buffers = dict(state.module.named_buffers())
-    for own, values in ((module_params, state.params), (module_buffers, state.buffers)):
+    module_params = dict(static.module.named_parameters())
+    module_buffers = dict(static.module.named_buffers())
+    for own, values in ((module_params, trees.params), (module_buffers, trees.buffers)):
         if len(own) != len(values):
             return None
         for name, value in values.items():
@@ -194,55 +269,226 @@ def _own_parameters(state: TrainState, names: tuple[str, ...]) -> list[torch.Ten
                 return None
             if tensor.shape != value.shape:
                 return None
-    return [module_params[n] for n in names]
+    return [module_params[n] for n in static.names]
 
 
-def _clone_tree(tree: Any) -> Any:
-    return tree_map(torch.clone, tree)
-
-
-def value_and_grad(
-    state: TrainState,
-    buffers: Mapping,
+def _value_and_grad(
+    static: StepStatic,
+    trees: StepTrees,
     batch: Any,
     objective: Callable[[torch.Tensor], torch.Tensor],
+    own: list[torch.Tensor] | None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The default gradient path: ``functional_call`` and ``torch.autograd.grad``.
-
-    Args:
-        state: the state (its params are read, never written).
-        buffers: the buffers the forward uses and updates in place (owned by the step).
-        batch: the batch.
-        objective: maps the loss to what is differentiated (accumulation and loss scaling).
-
-    Returns:
-        ``(loss, grads)``: the detached float32 loss and one gradient per trainable param.
-
-    Example:
-        >>> loss, grads = value_and_grad(state, state.buffers, batch, lambda loss: loss)
-    """
-    names = state.trainable
-    bound = _own_parameters(state, names) if buffers is state.buffers else None
-    if bound is None:
-        leaves = [state.params[n].detach().requires_grad_(True) for n in names]
-        call_params = OrderedDict(state.params)
-        call_params.update(zip(names, leaves))
-    else:
-        leaves = bound
-    with seeded_rng(state.rng, state.device), module_mode(state.module, True), torch.enable_grad():
-        outputs = _forward(state, batch, None if bound is not None else (call_params, buffers))
-        loss = extract_loss(outputs, batch, state.loss_fn)
-        del outputs  # the outputs (e.g. logits) need not live through the backward pass
+    """The default gradient path: the forward (the module itself when ``own`` holds its
+    Parameters, else ``functional_call`` over ``trees``) and ``torch.autograd.grad``."""
+    args, kwargs = split_batch(batch)
+    leaves = own if own is not None else [trees.params[n] for n in static.names]
+    with torch.enable_grad():
+        with autocast(static.policy, static.device):
+            if own is not None:
+                outputs = static.module(*args, **kwargs)
+            else:
+                bindings = (trees.params, trees.buffers)
+                outputs = functional_call(static.module, bindings, args, kwargs)
+        loss = extract_loss(outputs, batch, static.loss_fn)
+        del outputs  # the outputs (e.g. an LM's logits) need not live through the backward pass
         grads = torch.autograd.grad(
             objective(loss), leaves, allow_unused=True, materialize_grads=True
         )
     return loss.detach().float(), list(grads)
 
 
+def forward_backward(
+    static: StepStatic, trees: StepTrees, batch: Any, own: list[torch.Tensor] | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Forward, loss, backward and (under accumulation) the running sums.
+
+    Args:
+        static: the step's static facts.
+        trees: the step's tensors (trainable params are leaves that require grad, see
+            :func:`grad_leaves`, unless ``own`` is given).
+        batch: the batch.
+        own: the module's own Parameters when the module may be called directly.
+
+    Returns:
+        ``(grads, loss)``: the gradients the update uses (the accumulated sums under
+        accumulation) and the loss metric (the window's loss sum under accumulation).
+    """
+    k = static.accumulate_steps
+    scale = trees.loss_scale.scale if trees.loss_scale else None
+
+    def objective(loss: torch.Tensor) -> torch.Tensor:
+        scaled = loss / k if k > 1 else loss
+        return scaled * scale if scale is not None else scaled
+
+    path = static.grad_path
+    if path is not None and path.value_and_grad is not None:
+        loss, grads = path.value_and_grad(static, trees, batch, objective)
+    else:
+        loss, grads = _value_and_grad(static, trees, batch, objective, own)
+    if k == 1:
+        return grads, loss
+    accumulated = list(trees.accum_grads.values())
+    torch._foreach_add_(accumulated, grads)
+    return accumulated, trees.loss_sum.add_(loss).clone()
+
+
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The global L2 norm; for sharded (DTensor) gradients the full norm as a plain tensor."""
     norm = torch.nn.utils.get_total_norm(grads)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def not_applied(
+    static: StepStatic, trees: StepTrees, loss: torch.Tensor
+) -> tuple[StepTrees, dict[str, torch.Tensor]]:
+    """The metrics of an accumulate-only call (no update; ``trees`` unchanged)."""
+    device = static.device
+    nan = torch.full((), float("nan"), device=device)
+    metrics = {
+        "loss": loss,
+        "grad_norm": nan,
+        "lr": nan,
+        "skipped": torch.zeros((), dtype=torch.bool, device=device),
+        "applied": torch.zeros((), dtype=torch.bool, device=device),
+    }
+    if trees.loss_scale:
+        metrics["loss_scale"] = trees.loss_scale.scale.clone()
+    return trees, metrics
+
+
+def apply_update(
+    static: StepStatic, trees: StepTrees, grads: list[torch.Tensor], loss: torch.Tensor
+) -> tuple[StepTrees, dict[str, torch.Tensor]]:
+    """Reduce, unscale, check, measure, clip and apply ``grads``; advance the step counter and
+    the loss scale; reset the accumulation window. No host syncs.
+
+    Returns:
+        ``(trees, metrics)`` with the updated tensors (the step counter is a new tensor).
+    """
+    names = static.names
+    device = static.device
+    loss_scale = trees.loss_scale
+    nan = torch.full((), float("nan"), device=device)
+    path = static.grad_path
+    if path is not None and path.reduce is not None:
+        path.reduce(grads)
+    if loss_scale:
+        found_inf = unscale_and_check(grads, loss_scale)
+    grad_norm = _total_norm(grads) if grads else nan.clone()
+    if not loss_scale:
+        found_inf = (~torch.isfinite(grad_norm)).float()
+    ctx = UpdateContext(step=trees.step, found_inf=found_inf, grad_norm=grad_norm, metrics={})
+    trainable = OrderedDict((n, trees.params[n]) for n in names)
+    with torch.no_grad():
+        _, trainable, opt_state = static.tx.update(
+            OrderedDict(zip(names, grads)), trees.opt_state, trainable, ctx
+        )
+    params = OrderedDict(trees.params)
+    params.update(trainable)
+    step = trees.step + (found_inf == 0).to(trees.step.dtype)
+    if loss_scale:
+        update_scale(static.policy, loss_scale, found_inf)
+    if static.accumulate_steps > 1:
+        torch._foreach_zero_(grads)
+        trees.loss_sum.zero_()
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": ctx.metrics.get("lr", nan),
+        "skipped": found_inf > 0,
+        "applied": torch.ones((), dtype=torch.bool, device=device),
+    }
+    if loss_scale:
+        metrics["loss_scale"] = loss_scale.scale.clone()
+    # built field by field: dynamo before torch 2.12 traces NamedTuple._replace to an empty tuple
+    new_trees = StepTrees(
+        params=params,
+        buffers=trees.buffers,
+        opt_state=opt_state,
+        loss_scale=trees.loss_scale,
+        step=step,
+        accum_grads=trees.accum_grads,
+        loss_sum=trees.loss_sum,
+    )
+    return new_trees, metrics
+
+
+def step_core(
+    static: StepStatic,
+    apply: bool,
+    trees: StepTrees,
+    batch: Any,
+    own: list[torch.Tensor] | None = None,
+) -> tuple[StepTrees, dict[str, torch.Tensor]]:
+    """One step's tensor work: what ``train_step`` and ``compile_step`` both run.
+
+    ``trees`` are owned by the call (donated or cloned) and updated in place where the kernels
+    allow. The caller seeds the RNG and sets train mode (host work, outside any traced region).
+
+    Args:
+        static: the state's static facts (:func:`static_of`).
+        apply: this call ends an accumulation window and applies the update.
+        trees: the step's tensors (:func:`trees_of`, then :func:`grad_leaves`).
+        batch: the batch.
+        own: the module's own Parameters when the module may be called directly.
+
+    Returns:
+        ``(trees, metrics)``; under accumulation ``metrics["loss"]`` is the window's loss sum
+        (:func:`finish_step` turns it into the mean).
+    """
+    grads, loss = forward_backward(static, trees, batch, own)
+    if not apply:
+        return not_applied(static, trees, loss)
+    return apply_update(static, trees, grads, loss)
+
+
+def window_position(state: TrainState) -> tuple[int, bool]:
+    """``(count, apply)``: micro-batches already in the accumulation window, and whether this
+    call completes it (host read of the CPU counter)."""
+    k = state.accumulate_steps
+    count = int(state.accum.count) if k > 1 else 0
+    return count, count + 1 == k
+
+
+def next_rng(rng: torch.Tensor) -> torch.Tensor:
+    """The state RNG after one step: ``[key, counter + 1]`` (a CPU int64 tensor)."""
+    key, counter = (int(v) for v in rng.tolist())
+    return torch.tensor([key, counter + 1], dtype=torch.int64)
+
+
+def next_count(count: int, k: int) -> torch.Tensor:
+    """The accumulation counter after one micro-batch (0-d CPU int64)."""
+    return torch.tensor((count + 1) % k, dtype=torch.int64)
+
+
+def finish_step(
+    state: TrainState,
+    trees: StepTrees,
+    metrics: dict[str, torch.Tensor],
+    *,
+    count: int,
+    donate: bool,
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """The host-side end of a step: the window's mean loss, the RNG counter, the accumulation
+    counter, the new state; the given state is consumed when donated."""
+    k = state.accumulate_steps
+    accum: AccumState | tuple = ()
+    if k > 1:
+        metrics["loss"] = metrics["loss"] / (count + 1)
+        accum = AccumState(trees.accum_grads, next_count(count, k), trees.loss_sum)
+    new_state = state.replace(
+        params=trees.params,
+        buffers=trees.buffers,
+        opt_state=trees.opt_state,
+        loss_scale=trees.loss_scale,
+        step=trees.step,
+        rng=next_rng(state.rng),
+        accum=accum,
+    )
+    if donate:
+        state.mark_consumed()
+    return new_state, metrics
 
 
 def train_step(
@@ -254,7 +500,8 @@ def train_step(
         state: the current state; unchanged by the call unless ``donate``.
         batch: a dict (``model(**batch)``), tuple/list (``model(*batch)``) or tensor.
         donate: reuse the state's storage for the result; the given state is then consumed and
-            any later use of it raises :class:`~medfunc.errors.ConsumedStateError`.
+            any later use of it raises :class:`~medfunc.errors.ConsumedStateError`. States of
+            back-ends that own the weights (FSDP2) always donate.
 
     Returns:
         ``(new_state, metrics)``; metrics are 0-d device tensors: ``loss`` (mean over the
@@ -268,91 +515,35 @@ def train_step(
         >>> float(metrics["loss"])
     """
     state.check_alive()
-    if state.step_fn is not None:
-        return state.step_fn(state, batch, donate=donate)
-    owned = (lambda tree: tree) if donate else _clone_tree
-    names = state.trainable
-    device = state.device
-    k = state.accumulate_steps
-    accum = owned(state.accum)
-    buffers = owned(state.buffers)
-    loss_scale = owned(state.loss_scale)
-    count = int(accum.count) if k > 1 else 0
-    apply_update = count + 1 == k or k == 1
-
-    def objective(loss: torch.Tensor) -> torch.Tensor:
-        scaled = loss / k if k > 1 else loss
-        return scaled * loss_scale.scale if loss_scale else scaled
-
-    loss, grads = (state.grad_fn or value_and_grad)(state, buffers, batch, objective)
-
-    params = OrderedDict(state.params)
-    params.update((n, owned(state.params[n])) for n in names)
-    opt_state = owned(state.opt_state)
-    step = state.step
-    nan = torch.full((), float("nan"), device=device)
-    metrics: dict[str, torch.Tensor] = {}
-    if k > 1:
-        torch._foreach_add_(list(accum.grads.values()), grads)
-        loss_sum = accum.loss_sum.add_(loss)
-        metrics["loss"] = loss_sum / (count + 1)
-        grads = list(accum.grads.values())
-    else:
-        metrics["loss"] = loss
-
-    if apply_update:
-        if state.grad_sync is not None:
-            state.grad_sync(grads)
-        if loss_scale:
-            found_inf = unscale_and_check(grads, loss_scale)
-        grad_norm = _total_norm(grads) if grads else nan.clone()
-        if not loss_scale:
-            found_inf = (~torch.isfinite(grad_norm)).float()
-        ctx = UpdateContext(step=step, found_inf=found_inf, grad_norm=grad_norm, metrics={})
-        grads_od = OrderedDict(zip(names, grads))
-        trainable = OrderedDict((n, params[n]) for n in names)
-        with torch.no_grad():
-            _, trainable, opt_state = state.tx.update(grads_od, opt_state, trainable, ctx)
-        params.update(trainable)
-        step = step + (found_inf == 0).to(step.dtype)
-        if loss_scale:
-            update_scale(state.policy, loss_scale, found_inf)
-        if k > 1:
-            torch._foreach_zero_(grads)
-            accum.loss_sum.zero_()
-        metrics.update(
-            grad_norm=grad_norm,
-            lr=ctx.metrics.get("lr", nan),
-            skipped=found_inf > 0,
-            applied=torch.ones((), dtype=torch.bool, device=device),
+    static = static_of(state)
+    if static.grad_path is not None and static.grad_path.engine is not None:
+        raise ConfigError(
+            f"this state steps through its {static.grad_path.name} engine; call "
+            "mf.distributed.deepspeed_step(state, batch) (or mf.distributed.step_for(state))"
         )
-    else:
-        metrics.update(
-            grad_norm=nan,
-            lr=nan,
-            skipped=torch.zeros((), dtype=torch.bool, device=device),
-            applied=torch.zeros((), dtype=torch.bool, device=device),
-        )
-    if loss_scale:
-        metrics["loss_scale"] = loss_scale.scale.clone()
-    if k > 1:
-        accum = AccumState(
-            accum.grads, torch.tensor((count + 1) % k, dtype=torch.int64), accum.loss_sum
-        )
+    path = static.grad_path
+    donate = donate or (path is not None and path.always_donates)
+    split_batch(batch)
+    _check_devices(batch, static.device)
+    count, apply = window_position(state)
+    trees = trees_of(state, copy=not donate)
+    plain, own = trees, None
+    if path is None or path.value_and_grad is None:
+        own = _own_parameters(static, trees) if donate else None
+        if own is None:
+            trees = grad_leaves(trees, static.names)
+    with seeded_rng(state.rng, static.device), module_mode(static.module, True):
+        trees, metrics = step_core(static, apply, trees, batch, own)
+    trees = without_grad_leaves(trees, plain, static.names)
+    return finish_step(state, trees, metrics, count=count, donate=donate)
 
-    key, counter = (int(v) for v in state.rng.tolist())
-    new_state = state.replace(
-        params=params,
-        buffers=buffers,
-        opt_state=opt_state,
-        loss_scale=loss_scale,
-        step=step,
-        rng=torch.tensor([key, counter + 1], dtype=torch.int64),
-        accum=accum,
-    )
-    if donate:
-        state.mark_consumed()
-    return new_state, metrics
+
+def _forward(state: TrainState, batch: Any) -> Any:
+    """The model's outputs with the state's params and buffers bound, under its autocast."""
+    args, kwargs = split_batch(batch)
+    _check_devices(batch, state.device)
+    with autocast(state.policy, state.device):
+        return functional_call(state.module, (state.params, state.buffers), args, kwargs)
 
 
 def apply_model(state: TrainState, batch: Any, *, train: bool = False) -> Any:
@@ -371,7 +562,7 @@ def apply_model(state: TrainState, batch: Any, *, train: bool = False) -> Any:
     """
     state.check_alive()
     with torch.no_grad(), module_mode(state.module, train):
-        return _forward(state, batch, (state.params, state.buffers))
+        return _forward(state, batch)
 
 
 def eval_step(state: TrainState, batch: Any) -> dict[str, Any]:

@@ -115,7 +115,7 @@ def test_single_process_adapters_return_ordinary_states(reference):
     state = mf.init_state(make_model(), make_tx())
     assert dist.data_parallel(state) is state
     sharded = dist.fully_shard_state(make_model(), make_tx())
-    assert sharded.grad_sync is None and not dist.is_fsdp_state(sharded)
+    assert sharded.grad_path is None and not dist.is_fsdp_state(sharded)
     data = reference_run(0, STEPS, sharded)
     assert _max_diff(dict(data.params), reference) == 0.0
 
@@ -249,6 +249,7 @@ def deepspeed_run(tmp_path_factory) -> tuple[Path, dict]:
 def test_deepspeed_zero_trains_like_one_process(deepspeed_run, reference, stage):
     out, record = deepspeed_run
     assert record[f"zero{stage}_stage"] == stage
+    assert record[f"zero{stage}_train_step_refused"] is True
     assert record[f"zero{stage}_optimizer"] == "DeepSpeedZeroOptimizer"
     assert record[f"zero{stage}_step"] == STEPS
     before, after = record[f"zero{stage}_probe"]

@@ -7,8 +7,9 @@ Every adapter is one line of set-up around the same ``mf.train_step(state, batch
 - :func:`data_parallel` makes a replicated state whose step all-reduces (averages) the gradients.
 - :func:`fully_shard_state` builds a state over an FSDP2 ``fully_shard`` module (sharded
   parameters, gradients and optimizer state).
-- :func:`deepspeed_state` runs the step through a DeepSpeed ZeRO engine (falls back to DDP with
-  a warning when DeepSpeed is not installed).
+- :func:`deepspeed_state` wraps the model in a DeepSpeed ZeRO engine, and :func:`deepspeed_step`
+  runs a step through it (falls back to DDP with a warning when DeepSpeed is not installed;
+  :func:`step_for` returns the step function that fits a state).
 - :func:`save_full` / :func:`load_full` write and read an ordinary single-file checkpoint from a
   sharded state (:func:`gather_full_state` gives the full state itself);
   :func:`save_sharded` / :func:`load_sharded` use ``torch.distributed.checkpoint`` and restore
@@ -39,6 +40,8 @@ from medfunc.distributed.deepspeed import (
     deepspeed_available,
     deepspeed_engine_of,
     deepspeed_state,
+    deepspeed_step,
+    step_for,
 )
 from medfunc.distributed.env import (
     DistInfo,
@@ -73,6 +76,7 @@ __all__ = [
     "data_parallel",
     "deepspeed_available",
     "deepspeed_engine_of",
+    "deepspeed_step",
     "deepspeed_state",
     "fully_shard_state",
     "gather_full_state",
@@ -90,5 +94,6 @@ __all__ = [
     "save_sharded",
     "shard_indices",
     "shutdown",
+    "step_for",
     "world_size",
 ]

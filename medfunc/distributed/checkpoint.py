@@ -30,7 +30,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from medfunc.checkpoint import restore_state, save_state
-from medfunc.distributed.deepspeed import deepspeed_engine_of
+from medfunc.distributed.deepspeed import deepspeed_engine_of, schedule_of
 from medfunc.distributed.env import barrier, collective_guard, is_main_process
 from medfunc.errors import CheckpointNotFoundError, ConfigError
 from medfunc.optim import find_optimizer
@@ -151,7 +151,7 @@ def _ds_restore(restored: TrainState, engine: Any) -> None:
                 safe_set_full_optimizer_state(param, getattr(sub, field)[name], key)
     engine.global_steps = step_count
     engine.global_samples = step_count * engine.train_batch_size()
-    scheduler = restored.step_fn.scheduler
+    scheduler = schedule_of(engine)
     if scheduler is not None:
         scheduler.last_epoch = step_count
         for group, lr in zip(base.param_groups, scheduler.get_lr()):

@@ -1,10 +1,10 @@
 """Data parallelism for a functional state: equal start, averaged gradients.
 
-:func:`data_parallel` broadcasts rank 0's parameters and buffers, then sets ``state.grad_sync``,
-which ``train_step`` calls on the final gradient list of each optimizer update (after
-accumulation, before unscaling, norm, clipping and the update). The hook packs the gradients into
-flat buckets, starts one asynchronous all-reduce (SUM) per bucket, waits, and divides by the world
-size, so every rank applies the same mean gradient and the replicas stay equal.
+:func:`data_parallel` broadcasts rank 0's parameters and buffers, then sets ``state.grad_path``,
+whose ``reduce`` the step core calls on the final gradient list of each optimizer update
+(after accumulation, before unscaling, norm, clipping and the update). The reduction packs the
+gradients into flat buckets, starts one asynchronous all-reduce (SUM) per bucket, waits, and
+divides by the world size, so every rank applies the same mean gradient and the replicas stay equal.
 
 Example:
     >>> mf.distributed.init()
@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from medfunc.distributed.env import collective_guard, get_info, is_distributed, world_size
 from medfunc.errors import ConfigError, DistributedError
-from medfunc.state import TrainState
+from medfunc.state import GradPath, TrainState
 
 DEBUG_ENV = "MEDFUNC_DIST_DEBUG"
 # Measured on Gloo (2 CPU ranks, 129 gradients / 7.1M floats, median of 12): 4 MiB buckets
@@ -51,17 +51,18 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
 
 
 def make_grad_sync(bucket_mb: float | None = None) -> Callable[[list[torch.Tensor]], None]:
-    """A ``grad_sync`` hook that averages a gradient list across ranks in place.
+    """The ``reduce`` of a data-parallel :class:`~medfunc.state.GradPath`: averages a gradient
+    list across ranks in place.
 
     Args:
         bucket_mb: size of the flat buffers each all-reduce carries, in MiB (default: 4 on
             Gloo, 25 on NCCL).
 
     Returns:
-        ``grad_sync(grads)``: replaces each gradient with its mean over ranks.
+        ``reduce(grads)``: replaces each gradient with its mean over ranks.
 
     Example:
-        >>> state = state.replace(grad_sync=make_grad_sync(bucket_mb=50))
+        >>> path = GradPath("data_parallel", reduce=make_grad_sync(bucket_mb=50))
     """
     if bucket_mb is None:
         nccl = dist.is_initialized() and dist.get_backend() == "nccl"
@@ -79,7 +80,7 @@ def make_grad_sync(bucket_mb: float | None = None) -> Callable[[list[torch.Tenso
         if buckets is None:
             buckets = plan[signature] = _buckets(grads, bucket_bytes)
         n = world_size()
-        with collective_guard("gradient all-reduce (data_parallel grad_sync)"):
+        with collective_guard("gradient all-reduce (data_parallel)"):
             flats, works = [], []
             for members in buckets:
                 flat = torch.cat([grads[i].reshape(-1) for i in members])
@@ -191,7 +192,7 @@ def data_parallel(
         return state
     tensors = [*state.params.values(), *state.buffers.values()]
     _broadcast_(tensors, "broadcast of rank 0's parameters and buffers")
-    changes: dict = {"grad_sync": make_grad_sync(bucket_mb)}
+    changes: dict = {"grad_path": GradPath("data_parallel", reduce=make_grad_sync(bucket_mb))}
     if debug:
         check_in_sync(state.params, what="parameters after the initial broadcast")
         changes["tx"] = _checked_tx(state.tx)

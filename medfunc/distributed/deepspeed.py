@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO (stages 1 and 2) behind the same ``train_step``.
 
-:func:`deepspeed_state` wraps the model in a DeepSpeed engine and returns a TrainState whose
-``step_fn`` runs ``engine(batch)``, ``engine.backward(loss)`` and ``engine.step()``: DeepSpeed
+:func:`deepspeed_state` wraps the model in a DeepSpeed engine and returns a TrainState;
+:func:`deepspeed_step` (the step function for such a state, as ``compile_step`` returns one for
+a compiled step) runs ``engine(batch)``, ``engine.backward(loss)`` and ``engine.step()``: DeepSpeed
 partitions the optimizer state (ZeRO-1) and the gradients (ZeRO-2), reduces the gradients,
 clips and updates. The medfunc optimizer is handed to DeepSpeed as a client ``torch.optim``
 optimizer with the same param groups (weight-decay mask, LR multipliers) and the medfunc LR
@@ -19,7 +20,7 @@ Example:
     >>> mf.distributed.init()
     >>> state = mf.distributed.deepspeed_state(model, mf.optim.adamw(1e-3), {"zero_optimization":
     ...                                        {"stage": 1}}, max_grad_norm=1.0)
-    >>> state, metrics = mf.train_step(state, batch)
+    >>> state, metrics = mf.distributed.deepspeed_step(state, batch)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import os
 import sys
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,10 @@ import torch
 from medfunc.distributed.ddp import data_parallel
 from medfunc.distributed.env import collective_guard, ensure_process_group, get_info
 from medfunc.errors import ConfigError
-from medfunc.optim import GradientTransformation, find_optimizer, torch_optimizer
+from medfunc.optim import GradientTransformation, chain, find_optimizer, torch_optimizer
 from medfunc.precision import get_policy
-from medfunc.state import AccumState, TrainState, init_state
-from medfunc.step import extract_loss, module_mode, seeded_rng, split_batch
+from medfunc.state import AccumState, GradPath, TrainState, init_state
+from medfunc.step import extract_loss, module_mode, next_rng, seeded_rng, split_batch, train_step
 
 _SHM_OP = "deepspeed_shm_comm"
 
@@ -192,67 +193,94 @@ def _merge_defaults(config: dict, defaults: dict) -> dict:
     return merged
 
 
-class DeepSpeedStep:
-    """The ``step_fn`` of a DeepSpeed state: one micro-batch through the engine.
+def deepspeed_step(
+    state: TrainState, batch: Any, *, donate: bool = True
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """One micro-batch of a DeepSpeed state through its engine: the step function of
+    :func:`deepspeed_state` (the engine owns the forward, backward, reduction and update).
 
-    Attributes:
-        engine: the ``deepspeed.DeepSpeedEngine``.
-        scheduler: the :class:`ScheduleLR` when medfunc's optimizer drives the engine, else None.
+    The engine updates the weights and its optimizer state in place, so the given state is
+    always consumed (``donate`` is accepted for the common step signature).
+
+    Args:
+        state: a state from :func:`deepspeed_state`.
+        batch: a batch on the state's device.
+        donate: ignored (always True).
+
+    Returns:
+        ``(new_state, metrics)`` with :func:`medfunc.train_step`'s metrics.
+
+    Raises:
+        ConfigError: ``state`` is not a DeepSpeed state.
+
+    Example:
+        >>> state, metrics = mf.distributed.deepspeed_step(state, batch)
     """
-
-    def __init__(self, engine: Any, scheduler: ScheduleLR | None) -> None:
-        self.engine = engine
-        self.scheduler = scheduler
-
-    def __call__(
-        self, state: TrainState, batch: Any, *, donate: bool = False
-    ) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        """Run one micro-batch; the given state is consumed (the engine updates in place)."""
-        state.check_alive()
-        engine = self.engine
-        device = state.device
-        boundary = bool(engine.is_gradient_accumulation_boundary())
-        lr_before = self._lr()
-        args, kwargs = split_batch(batch)
-        with seeded_rng(state.rng, device), module_mode(engine.module, True):
-            with collective_guard("DeepSpeed forward/backward/step"):
-                outputs = engine(*args, **kwargs)
-                loss = extract_loss(outputs, batch, state.loss_fn)
-                engine.backward(loss)
-                engine.step()
-        loss = loss.detach().float().to(device)
-        accum = state.accum
-        count = int(accum.count) + 1
-        loss_sum = accum.loss_sum + loss
-        nan = torch.full((), float("nan"), device=device)
-        metrics = {"loss": loss_sum / count}
-        applied = boundary and bool(getattr(engine, "_step_applied", True))
-        if boundary:
-            norm = engine.get_global_grad_norm()
-            metrics["grad_norm"] = (
-                nan if norm is None else torch.as_tensor(norm, dtype=torch.float32).to(device)
-            )
-            metrics["lr"] = torch.tensor(lr_before, dtype=torch.float64, device=device)
-            count, loss_sum = 0, torch.zeros_like(loss_sum)
-        else:
-            metrics.update(grad_norm=nan, lr=nan)
-        metrics["skipped"] = torch.tensor(boundary and not applied, device=device)
-        metrics["applied"] = torch.tensor(boundary, device=device)
-        if engine.fp16_enabled():
-            metrics["loss_scale"] = torch.tensor(float(engine.optimizer.cur_scale), device=device)
-        key, counter = (int(v) for v in state.rng.tolist())
-        new_state = state.replace(
-            step=state.step + int(applied),
-            rng=torch.tensor([key, counter + 1], dtype=torch.int64),
-            accum=AccumState(OrderedDict(), torch.tensor(count, dtype=torch.int64), loss_sum),
+    state.check_alive()
+    engine = deepspeed_engine_of(state)
+    if engine is None:
+        raise ConfigError("deepspeed_step runs states of deepspeed_state; use mf.train_step")
+    device = state.device
+    boundary = bool(engine.is_gradient_accumulation_boundary())
+    lr_before = _lr(engine)
+    args, kwargs = split_batch(batch)
+    with seeded_rng(state.rng, device), module_mode(engine.module, True):
+        with collective_guard("DeepSpeed forward/backward/step"):
+            outputs = engine(*args, **kwargs)
+            loss = extract_loss(outputs, batch, state.loss_fn)
+            engine.backward(loss)
+            engine.step()
+    loss = loss.detach().float().to(device)
+    accum = state.accum
+    count = int(accum.count) + 1
+    loss_sum = accum.loss_sum + loss
+    nan = torch.full((), float("nan"), device=device)
+    metrics = {"loss": loss_sum / count}
+    applied = boundary and bool(getattr(engine, "_step_applied", True))
+    if boundary:
+        norm = engine.get_global_grad_norm()
+        metrics["grad_norm"] = (
+            nan if norm is None else torch.as_tensor(norm, dtype=torch.float32).to(device)
         )
-        state.mark_consumed()
-        return new_state, metrics
+        metrics["lr"] = torch.tensor(lr_before, dtype=torch.float64, device=device)
+        count, loss_sum = 0, torch.zeros_like(loss_sum)
+    else:
+        metrics.update(grad_norm=nan, lr=nan)
+    metrics["skipped"] = torch.tensor(boundary and not applied, device=device)
+    metrics["applied"] = torch.tensor(boundary, device=device)
+    if engine.fp16_enabled():
+        metrics["loss_scale"] = torch.tensor(float(engine.optimizer.cur_scale), device=device)
+    new_state = state.replace(
+        step=state.step + int(applied),
+        rng=next_rng(state.rng),
+        accum=AccumState(OrderedDict(), torch.tensor(count, dtype=torch.int64), loss_sum),
+    )
+    state.mark_consumed()
+    return new_state, metrics
 
-    def _lr(self) -> float:
-        if self.scheduler is not None:
-            return self.scheduler.base_lr()
-        return float(self.engine.get_lr()[0])
+
+def schedule_of(engine: Any) -> ScheduleLR | None:
+    """The :class:`ScheduleLR` driving ``engine`` when a medfunc optimizer was given, else None."""
+    scheduler = getattr(engine, "lr_scheduler", None)
+    return scheduler if isinstance(scheduler, ScheduleLR) else None
+
+
+def _lr(engine: Any) -> float:
+    scheduler = schedule_of(engine)
+    if scheduler is not None:
+        return scheduler.base_lr()
+    return float(engine.get_lr()[0])
+
+
+def step_for(state: TrainState) -> Callable[..., tuple[TrainState, dict[str, torch.Tensor]]]:
+    """The step function for ``state``: :func:`deepspeed_step` for a DeepSpeed state, else
+    :func:`medfunc.train_step` (which runs single-process, DDP and FSDP2 states).
+
+    Example:
+        >>> step = mf.distributed.step_for(state)
+        >>> state, metrics = step(state, batch, donate=True)
+    """
+    return deepspeed_step if deepspeed_engine_of(state) is not None else train_step
 
 
 def _disable_shm_op_on_cpu(deepspeed: Any) -> None:
@@ -274,8 +302,96 @@ def deepspeed_engine_of(state: TrainState) -> Any | None:
     Example:
         >>> engine = deepspeed_engine_of(state)
     """
-    step_fn = state.step_fn
-    return step_fn.engine if isinstance(step_fn, DeepSpeedStep) else None
+    path = state.grad_path
+    return path.engine if path is not None and path.name == "deepspeed" else None
+
+
+def _split_optimizer(
+    tx_or_config: GradientTransformation | Mapping | str | Path,
+    deepspeed_config: Mapping | str | Path | None,
+) -> tuple[GradientTransformation | None, dict]:
+    """``(tx, user_config)`` from :func:`deepspeed_state`'s two ways of naming the optimizer."""
+    tx: GradientTransformation | None = None
+    if isinstance(tx_or_config, GradientTransformation):
+        tx = tx_or_config
+        user_config = load_config(deepspeed_config)
+    else:
+        if deepspeed_config is not None:
+            raise ConfigError(
+                "pass the DeepSpeed config once: either as tx_or_config (with an "
+                "'optimizer' section) or as deepspeed_config with a medfunc tx"
+            )
+        user_config = load_config(tx_or_config)
+    if tx is not None and "optimizer" in user_config:
+        raise ConfigError(
+            "the DeepSpeed config has an 'optimizer' section and a medfunc "
+            "optimizer was given too; remove one of them"
+        )
+    if tx is None and "optimizer" not in user_config:
+        raise ConfigError(
+            "no optimizer: pass a medfunc optimizer as tx_or_config or an "
+            "'optimizer' section in the DeepSpeed config"
+        )
+    return tx, user_config
+
+
+def _fallback_state(
+    model: torch.nn.Module,
+    tx: GradientTransformation | None,
+    loss_fn: Any,
+    policy: Any,
+    seed: int,
+    accumulate_steps: int,
+) -> TrainState:
+    """The data-parallel state used when DeepSpeed is not installed (with a warning)."""
+    warnings.warn(
+        "deepspeed is not installed (pip install 'medfunc[deepspeed]'); training with "
+        "DistributedDataParallel-style gradient averaging (mf.distributed.data_parallel) "
+        "instead, without ZeRO partitioning",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    if tx is None:
+        raise ConfigError(
+            "cannot fall back to data parallelism: the optimizer is defined "
+            "in the DeepSpeed config; pass a medfunc optimizer instead"
+        )
+    state = init_state(
+        model,
+        tx,
+        loss_fn=loss_fn,
+        precision=policy,
+        seed=seed,
+        accumulate_steps=accumulate_steps,
+        device=get_info().device,
+    )
+    return data_parallel(state)
+
+
+def _initialize(model: torch.nn.Module, tx: GradientTransformation | None, config: dict) -> Any:
+    """``deepspeed.initialize`` with medfunc's optimizer and schedule as client objects."""
+    import deepspeed
+
+    info = get_info()
+    model.to(info.device)
+    optimizer = scheduler = None
+    if tx is not None:
+        spec, _ = find_optimizer(tx)
+        trainable = OrderedDict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+        optimizer = torch_optimizer(tx, trainable)
+        scheduler = ScheduleLR(optimizer, spec)
+    _disable_shm_op_on_cpu(deepspeed)
+    ensure_process_group()
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))  # DeepSpeed asserts it is set
+    with collective_guard("deepspeed.initialize"):
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=config,
+            dist_init_required=False,
+        )
+    return engine
 
 
 def deepspeed_state(
@@ -313,8 +429,9 @@ def deepspeed_state(
         accumulate_steps: micro-batches per optimizer update.
 
     Returns:
-        A TrainState driven by the engine (``mf.train_step`` runs it); with DeepSpeed missing, a
-        :func:`data_parallel` state (with a warning).
+        A TrainState driven by the engine (:func:`deepspeed_step` runs it); with DeepSpeed
+        missing, a :func:`data_parallel` state (with a warning; :func:`step_for` picks the
+        right step for either).
 
     Raises:
         ConfigError: an optimizer given twice or not at all, ZeRO-3, or an unreadable config.
@@ -323,27 +440,7 @@ def deepspeed_state(
         >>> state = mf.distributed.deepspeed_state(
         ...     model, mf.optim.adamw(3e-4), "ds_zero1.json", max_grad_norm=1.0)
     """
-    tx: GradientTransformation | None = None
-    if isinstance(tx_or_config, GradientTransformation):
-        tx = tx_or_config
-        user_config = load_config(deepspeed_config)
-    else:
-        if deepspeed_config is not None:
-            raise ConfigError(
-                "pass the DeepSpeed config once: either as tx_or_config (with an "
-                "'optimizer' section) or as deepspeed_config with a medfunc tx"
-            )
-        user_config = load_config(tx_or_config)
-    if tx is not None and "optimizer" in user_config:
-        raise ConfigError(
-            "the DeepSpeed config has an 'optimizer' section and a medfunc "
-            "optimizer was given too; remove one of them"
-        )
-    if tx is None and "optimizer" not in user_config:
-        raise ConfigError(
-            "no optimizer: pass a medfunc optimizer as tx_or_config or an "
-            "'optimizer' section in the DeepSpeed config"
-        )
+    tx, user_config = _split_optimizer(tx_or_config, deepspeed_config)
     policy = get_policy(precision)
     config = _merge_defaults(
         user_config,
@@ -355,30 +452,7 @@ def deepspeed_state(
         ),
     )
     if not deepspeed_available():
-        warnings.warn(
-            "deepspeed is not installed (pip install 'medfunc[deepspeed]'); training with "
-            "DistributedDataParallel-style gradient averaging (mf.distributed.data_parallel) "
-            "instead, without ZeRO partitioning",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        if tx is None:
-            raise ConfigError(
-                "cannot fall back to data parallelism: the optimizer is defined "
-                "in the DeepSpeed config; pass a medfunc optimizer instead"
-            )
-        info = get_info()
-        state = init_state(
-            model,
-            tx,
-            loss_fn=loss_fn,
-            precision=policy,
-            seed=seed,
-            accumulate_steps=accumulate_steps,
-            device=info.device,
-        )
-        return data_parallel(state)
-
+        return _fallback_state(model, tx, loss_fn, policy, seed, accumulate_steps)
     if (
         tx is not None
         and len(tx.children) > 1
@@ -392,49 +466,21 @@ def deepspeed_state(
             UserWarning,
             stacklevel=2,
         )
-    import deepspeed
-
-    info = get_info()
-    model.to(info.device)
-    optimizer = scheduler = None
-    if tx is not None:
-        spec, _ = find_optimizer(tx)
-        trainable = OrderedDict((n, p) for n, p in model.named_parameters() if p.requires_grad)
-        optimizer = torch_optimizer(tx, trainable)
-        scheduler = ScheduleLR(optimizer, spec)
-    _disable_shm_op_on_cpu(deepspeed)
-    ensure_process_group()
-    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))  # DeepSpeed asserts it is set
-    with collective_guard("deepspeed.initialize"):
-        engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=config,
-            dist_init_required=False,
-        )
+    engine = _initialize(model, tx, config)
     module = engine.module
-    device = next(module.parameters()).device
-    params = OrderedDict((n, p.detach()) for n, p in module.named_parameters())
-    buffers = OrderedDict((n, b.detach()) for n, b in module.named_buffers())
-    return TrainState(
-        params=params,
-        buffers=buffers,
-        opt_state=(),
-        loss_scale=(),
+    state = init_state(module, chain(), loss_fn=loss_fn, precision=policy, seed=seed)
+    device = state.device
+    return state.replace(
+        tx=tx,
+        loss_scale=(),  # DeepSpeed scales the loss itself
         step=torch.tensor(
             int(engine.global_steps - engine.skipped_steps), dtype=torch.int64, device=device
         ),
-        rng=torch.tensor([seed, 0], dtype=torch.int64),
         accum=AccumState(
             OrderedDict(),
             torch.zeros((), dtype=torch.int64),
             torch.zeros((), dtype=torch.float32, device=device),
         ),
-        module=module,
-        tx=tx,
-        loss_fn=loss_fn,
-        policy=policy,
         accumulate_steps=accumulate_steps,
-        step_fn=DeepSpeedStep(engine, scheduler),
+        grad_path=GradPath("deepspeed", engine=engine),
     )

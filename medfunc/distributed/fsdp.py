@@ -4,12 +4,12 @@ FSDP2 replaces a module's parameters with DTensor shards and gathers / frees the
 with hooks around the module's own forward and backward, so the functional path of
 ``train_step`` (``functional_call`` with swapped tensors and ``torch.autograd.grad``) never sees
 the sharded parameters: FSDP's hooks substitute their own gathered weights. An FSDP state
-therefore takes its gradients another way, through the state's ``grad_fn`` hook:
+therefore takes its gradients another way, through its ``grad_path`` (:data:`FSDP_PATH`):
 
 - the state's params *are* the module's DTensor parameters (no copy);
 - the forward runs through the module itself (buffers are still swapped in functionally);
 - ``objective(loss).backward()`` lets FSDP reduce-scatter the gradients (averaged over ranks)
-  into each sharded parameter's ``.grad``, which the hook reads back as the gradient list.
+  into each sharded parameter's ``.grad``, which is read back as the gradient list.
 
 Everything after that is the ordinary step: accumulation, loss scaling, the global norm
 (``get_total_norm`` on DTensors reduces across ranks) and the optimizer, whose foreach kernels
@@ -34,8 +34,8 @@ from torch.func import functional_call
 from medfunc.distributed.env import collective_guard, get_info, is_distributed
 from medfunc.errors import ConfigError
 from medfunc.precision import autocast
-from medfunc.state import TrainState, init_state
-from medfunc.step import extract_loss, module_mode, seeded_rng, split_batch, train_step
+from medfunc.state import GradPath, TrainState, init_state
+from medfunc.step import StepStatic, StepTrees, extract_loss, split_batch
 
 ShardModules = Iterable[type] | Callable[[str, torch.nn.Module], bool] | None
 
@@ -50,11 +50,11 @@ def is_fsdp_state(state: TrainState) -> bool:
     return any(isinstance(p, DTensor) for p in state.params.values())
 
 
-def _bind_params(state: TrainState) -> None:
-    """Make the module's sharded parameters hold the state's values (a no-op when they alias)."""
-    named = dict(state.module.named_parameters())
+def _bind_params(module: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> None:
+    """Make the module's sharded parameters hold ``params`` (a no-op when they alias)."""
+    named = dict(module.named_parameters())
     with torch.no_grad():
-        for name, value in state.params.items():
+        for name, value in params.items():
             target = named[name]
             local_target = target.to_local() if isinstance(target, DTensor) else target
             local_value = value.to_local() if isinstance(value, DTensor) else value
@@ -63,16 +63,16 @@ def _bind_params(state: TrainState) -> None:
 
 
 def fsdp_value_and_grad(
-    state: TrainState,
-    buffers: Mapping,
+    static: StepStatic,
+    trees: StepTrees,
     batch: Any,
     objective: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The FSDP gradient path (the state's ``grad_fn``): module forward, ``backward()``.
+    """The FSDP gradient path of the step core: the module's own forward, ``backward()``.
 
     Args:
-        state: an FSDP state (params are the module's DTensor shards).
-        buffers: the buffers the forward uses (owned by the step).
+        static: the step's static facts (the module is the FSDP-sharded root).
+        trees: the step's tensors (params are the module's DTensor shards).
         batch: the batch.
         objective: maps the loss to what is differentiated (accumulation and loss scaling).
 
@@ -80,20 +80,20 @@ def fsdp_value_and_grad(
         ``(loss, grads)``: this rank's detached float32 loss and the rank-averaged sharded
         gradient (a DTensor) of each trainable parameter.
     """
-    module = state.module
-    _bind_params(state)
+    module = static.module
+    _bind_params(module, trees.params)
     trainable = dict(module.named_parameters())
-    params = [trainable[n] for n in state.trainable]
+    params = [trainable[n] for n in static.names]
     for p in params:
         p.grad = None
     args, kwargs = split_batch(batch)
-    with seeded_rng(state.rng, state.device), module_mode(module, True), torch.enable_grad():
-        with autocast(state.policy, state.device), collective_guard("FSDP forward"):
-            if buffers:
-                outputs = functional_call(module, dict(buffers), args, kwargs, strict=False)
+    with torch.enable_grad():
+        with autocast(static.policy, static.device), collective_guard("FSDP forward"):
+            if trees.buffers:
+                outputs = functional_call(module, dict(trees.buffers), args, kwargs, strict=False)
             else:
                 outputs = module(*args, **kwargs)
-        loss = extract_loss(outputs, batch, state.loss_fn)
+        loss = extract_loss(outputs, batch, static.loss_fn)
         with collective_guard("FSDP backward (gradient reduce-scatter)"):
             objective(loss).backward()
     grads = []
@@ -103,14 +103,7 @@ def fsdp_value_and_grad(
     return loss.detach().float(), grads
 
 
-def fsdp_step(
-    state: TrainState, batch: Any, *, donate: bool = False
-) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """The FSDP state's ``step_fn``: the ordinary step, always donating (see module docs)."""
-    inner = state.replace(step_fn=None)
-    new_state, metrics = train_step(inner, batch, donate=True)
-    state.mark_consumed()
-    return new_state.replace(step_fn=fsdp_step), metrics
+FSDP_PATH = GradPath("fsdp", value_and_grad=fsdp_value_and_grad, always_donates=True)
 
 
 def _select(model: torch.nn.Module, shard_modules: ShardModules) -> list[torch.nn.Module]:
@@ -193,4 +186,4 @@ def fully_shard_state(
         fully_shard(sub, **options)
     fully_shard(model, **options)
     state = init_state(model, tx, **init_state_kwargs)
-    return state.replace(grad_fn=fsdp_value_and_grad, step_fn=fsdp_step)
+    return state.replace(grad_path=FSDP_PATH)

@@ -80,7 +80,9 @@ def main() -> None:
         warnings.simplefilter("always")
         fallback = dist.deepspeed_state(make_model(), make_tx())
     record["fallback_warnings"] = [str(w.message) for w in caught]
-    record["fallback_has_grad_sync"] = fallback.grad_sync is not None
+    record["fallback_has_grad_sync"] = (
+        fallback.grad_path is not None and fallback.grad_path.name == "data_parallel"
+    )
     fallback = train(fallback, 0, STEPS, rank, world)
     torch.save(full_params(fallback), out / f"fallback_rank{rank}.pt")
 

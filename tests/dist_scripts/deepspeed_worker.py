@@ -1,5 +1,5 @@
 """Worker for tests/test_distributed.py: DeepSpeed ZeRO-1 and ZeRO-2 on the CPU through
-mf.train_step, with sharded (DeepSpeed) and full (medfunc) checkpoints. Writes results to
+dist.deepspeed_step, with sharded (DeepSpeed) and full (medfunc) checkpoints. Writes results to
 $MEDFUNC_TEST_OUT."""
 
 from __future__ import annotations
@@ -30,10 +30,19 @@ def train(
 ) -> mf.TrainState:
     data = batches()
     for i in range(start, stop):
-        state, metrics = mf.train_step(state, shard(data[i], rank, world))
+        state, metrics = dist.deepspeed_step(state, shard(data[i], rank, world))
         if losses is not None:
             losses.append(float(dist.all_reduce_mean(metrics["loss"])))
     return state
+
+
+def _train_step_refused(state: mf.TrainState) -> bool:
+    """mf.train_step on a DeepSpeed state names the step to use instead of running."""
+    try:
+        mf.train_step(state, batches()[0])
+    except mf.ConfigError as e:
+        return "deepspeed_step" in str(e)
+    return False
 
 
 def probe_loss(state: mf.TrainState) -> float:
@@ -50,7 +59,8 @@ def main() -> None:
     record: dict = {}
     for stage in (1, 2):
         state = build(stage)
-        engine = state.step_fn.engine
+        engine = dist.deepspeed_engine_of(state)
+        record[f"zero{stage}_train_step_refused"] = _train_step_refused(state)
         record[f"zero{stage}_optimizer"] = type(engine.optimizer).__name__
         record[f"zero{stage}_stage"] = engine.zero_optimization_stage()
         before = probe_loss(state)
