@@ -20,9 +20,10 @@ from typing import NamedTuple
 
 import torch
 
-from medfunc.errors import ConfigError
+from medfunc import validation
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+_SCALER_OPTIONS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval")
 
 
 @dataclass(frozen=True)
@@ -62,22 +63,17 @@ def get_policy(precision: str | Policy, **scaler_options: float) -> Policy:
     Returns:
         The policy.
 
+    Raises:
+        ConfigError: an unknown precision or loss-scaling option.
+
     Example:
         >>> get_policy("bf16").compute_dtype
         torch.bfloat16
     """
     if isinstance(precision, Policy):
         return precision
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    unknown = set(scaler_options) - {
-        "init_scale",
-        "growth_factor",
-        "backoff_factor",
-        "growth_interval",
-    }
-    if unknown:
-        raise ConfigError(f"unknown loss-scaling options {sorted(unknown)}")
+    validation.one_of("precision", precision, PRECISIONS)
+    validation.check_names("loss scaling", list(scaler_options), _SCALER_OPTIONS)
     if precision == "fp32":
         return Policy("fp32", None, False)
     if precision == "bf16":

@@ -16,17 +16,20 @@ Negative steps are treated as step 0.
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from medfunc import validation
 from medfunc.errors import ConfigError
 
 __all__ = [
+    "ANNEAL_STRATEGIES",
+    "SCHEDULES",
+    "SCHEDULE_NAMES",
     "Schedule",
     "constant",
     "cosine",
@@ -40,61 +43,8 @@ __all__ = [
 Schedule = Callable[[int | torch.Tensor], torch.Tensor]
 """A learning-rate schedule: maps a step (``int`` or integer tensor) to a ``float64`` tensor."""
 
-_ANNEAL_STRATEGIES = ("cos", "linear")
-
-
-# --------------------------------------------------------------------------------------------
-# validation helpers (run once, when a schedule is built)
-# --------------------------------------------------------------------------------------------
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_nonneg(name: str, value: object) -> float:
-    if not _is_real(value) or not math.isfinite(float(value)) or float(value) < 0:
-        raise ConfigError(
-            f"{name} must be a finite number >= 0, got {value!r}; pass a non-negative learning rate"
-        )
-    return float(value)
-
-
-def _check_positive(name: str, value: object) -> float:
-    if not _is_real(value) or not math.isfinite(float(value)) or float(value) <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_pct_start(value: object) -> float:
-    if not _is_real(value) or not 0.0 < float(value) < 1.0:
-        raise ConfigError(
-            f"pct_start must be a number strictly between 0 and 1 (the fraction of the cycle "
-            f"spent increasing the learning rate), got {value!r}"
-        )
-    return float(value)
-
-
-def _check_anneal(value: object) -> str:
-    if value not in _ANNEAL_STRATEGIES:
-        raise ConfigError(
-            f"anneal_strategy must be one of {list(_ANNEAL_STRATEGIES)}, got {value!r}"
-        )
-    return str(value)
-
-
-def _check_momentum(name: str, value: object) -> float:
-    if not _is_real(value) or not 0.0 <= float(value) <= 1.0:
-        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
+#: The ``anneal_strategy`` values of :func:`one_cycle` and :func:`one_cycle_momentum`.
+ANNEAL_STRATEGIES = ("cos", "linear")
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,14 +56,14 @@ def _as_step(step: int | torch.Tensor) -> torch.Tensor:
     """The step as an integer tensor, clamped at 0, on the step's device (CPU for an int)."""
     if isinstance(step, torch.Tensor):
         if step.dtype.is_floating_point or step.dtype.is_complex or step.dtype == torch.bool:
-            raise TypeError(
-                f"a schedule's step must be an int or an integer tensor, got a tensor of dtype "
-                f"{step.dtype}; pass the state's step counter (0-d int64)"
+            raise ConfigError(
+                f"a schedule's step must be an int or an integer tensor; got a tensor of dtype "
+                f"{step.dtype}: pass the state's step counter (0-d int64)"
             )
         return torch.clamp(step, min=0)
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise TypeError(
-            f"a schedule's step must be an int or an integer tensor, got {type(step).__name__} "
+        raise ConfigError(
+            f"a schedule's step must be an int or an integer tensor; got {type(step).__name__} "
             f"{step!r}"
         )
     return torch.tensor(max(int(step), 0), dtype=torch.int64)
@@ -142,7 +92,7 @@ def constant(lr: float) -> Schedule:
         >>> sched(10)
         tensor(0.0010, dtype=torch.float64)
     """
-    value = _check_nonneg("lr", lr)
+    value = validation.non_negative_float("lr", lr)
 
     def schedule(step: int | torch.Tensor) -> torch.Tensor:
         return torch.full_like(_as_step(step), value, dtype=torch.float64)
@@ -175,9 +125,9 @@ def linear_warmup(peak: float, warmup_steps: int, total_steps: int) -> Schedule:
         >>> [round(float(sched(s)), 6) for s in (0, 5, 10, 60, 110)]
         [0.0, 0.0005, 0.001, 0.0005, 0.0]
     """
-    peak_f = _check_nonneg("peak", peak)
-    total = _check_int("total_steps", total_steps, minimum=1)
-    warmup = _check_int("warmup_steps", warmup_steps, minimum=0)
+    peak_f = validation.non_negative_float("peak", peak)
+    total = validation.positive_int("total_steps", total_steps)
+    warmup = validation.non_negative_int("warmup_steps", warmup_steps)
     if warmup > total:
         raise ConfigError(
             f"warmup_steps ({warmup}) must not exceed total_steps ({total}); "
@@ -215,9 +165,9 @@ def step(lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
         >>> [round(float(sched(s)), 6) for s in (0, 29, 30, 60)]
         [0.1, 0.1, 0.01, 0.001]
     """
-    lr_f = _check_nonneg("lr", lr)
-    size = _check_int("step_size", step_size, minimum=1)
-    gamma_f = _check_nonneg("gamma", gamma)
+    lr_f = validation.non_negative_float("lr", lr)
+    size = validation.positive_int("step_size", step_size)
+    gamma_f = validation.non_negative_float("gamma", gamma)
 
     def schedule(step: int | torch.Tensor) -> torch.Tensor:
         k = torch.div(_as_step(step), size, rounding_mode="floor").to(torch.float64)
@@ -247,9 +197,9 @@ def cosine(lr: float, t_max: int, eta_min: float = 0.0) -> Schedule:
         >>> [round(float(sched(s)), 6) for s in (0, 50, 100, 150, 200)]
         [1.0, 0.5, 0.0, 0.5, 1.0]
     """
-    lr_f = _check_nonneg("lr", lr)
-    t = _check_int("t_max", t_max, minimum=1)
-    eta = _check_nonneg("eta_min", eta_min)
+    lr_f = validation.non_negative_float("lr", lr)
+    t = validation.positive_int("t_max", t_max)
+    eta = validation.non_negative_float("eta_min", eta_min)
 
     def schedule(step: int | torch.Tensor) -> torch.Tensor:
         s = _as_f64(step)
@@ -355,12 +305,12 @@ def one_cycle(
         >>> [round(float(sched(s)), 6) for s in (0, 29, 99)]
         [0.004, 0.1, 0.0]
     """
-    max_lr_f = _check_nonneg("max_lr", max_lr)
-    total = _check_int("total_steps", total_steps, minimum=1)
-    pct = _check_pct_start(pct_start)
-    strategy = _check_anneal(anneal_strategy)
-    div = _check_positive("div_factor", div_factor)
-    final_div = _check_positive("final_div_factor", final_div_factor)
+    max_lr_f = validation.non_negative_float("max_lr", max_lr)
+    total = validation.positive_int("total_steps", total_steps)
+    pct = validation.fraction("pct_start", pct_start)
+    strategy = validation.one_of("anneal_strategy", anneal_strategy, ANNEAL_STRATEGIES)
+    div = validation.positive_float("div_factor", div_factor)
+    final_div = validation.positive_float("final_div_factor", final_div_factor)
     initial_lr = max_lr_f / div
     min_lr = initial_lr / final_div
     if three_phase:
@@ -401,11 +351,11 @@ def one_cycle_momentum(
         >>> [round(float(mom(s)), 6) for s in (0, 29, 99)]
         [0.95, 0.85, 0.95]
     """
-    total = _check_int("total_steps", total_steps, minimum=1)
-    pct = _check_pct_start(pct_start)
-    strategy = _check_anneal(anneal_strategy)
-    base = _check_momentum("base_momentum", base_momentum)
-    top = _check_momentum("max_momentum", max_momentum)
+    total = validation.positive_int("total_steps", total_steps)
+    pct = validation.fraction("pct_start", pct_start)
+    strategy = validation.one_of("anneal_strategy", anneal_strategy, ANNEAL_STRATEGIES)
+    base = validation.probability("base_momentum", base_momentum)
+    top = validation.probability("max_momentum", max_momentum)
     if three_phase:
         values = [(top, base), (base, top), (top, top)]
     else:
@@ -413,46 +363,47 @@ def one_cycle_momentum(
     return _one_cycle(values, total, pct, strategy, bool(three_phase))
 
 
-_SCHEDULES: dict[str, Callable[..., Schedule]] = {
-    "constant": constant,
-    "none": constant,
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "linear_warmup": linear_warmup,
     "step": step,
     "cosine": cosine,
     "one_cycle": one_cycle,
+    "constant": constant,
+    "none": constant,
 }
+"""The learning-rate schedules by name: the one table that config files (and
+:class:`~medfunc.trainer_config.TrainerConfig`) choose from. Adding a schedule is one entry here.
+``"none"`` is an alias of ``"constant"``. :func:`one_cycle_momentum` is not listed: it schedules
+a momentum, not a learning rate."""
+
+SCHEDULE_NAMES: tuple[str, ...] = tuple(SCHEDULES)
+"""The names :func:`get_schedule` accepts, in :data:`SCHEDULES` order."""
 
 
-def get_schedule(name: str, **kwargs: object) -> Schedule:
-    """Build a schedule by name, e.g. from a config file.
+def get_schedule(name: str, **kwargs: Any) -> Schedule:
+    """Build a learning-rate schedule by name, e.g. from a config file.
 
-    Names: ``"constant"`` (also ``"none"``), ``"linear_warmup"``, ``"step"``, ``"cosine"``,
-    ``"one_cycle"``. Keyword arguments go to the factory of the same name.
+    The name is looked up in :data:`SCHEDULES`; the keyword arguments are checked against the
+    factory's signature before it is called, so an error raised inside the factory (an invalid
+    value) reaches the caller as it is.
 
     Args:
-        name: The schedule's name (case-insensitive).
-        **kwargs: The factory's arguments.
+        name: One of :data:`SCHEDULE_NAMES` (case-insensitive, surrounding spaces ignored).
+        **kwargs: The factory's arguments, e.g. ``lr=1e-3, t_max=1000`` for ``"cosine"``.
 
     Returns:
         ``schedule(step) -> Tensor``.
 
     Raises:
-        ConfigError: For an unknown name, arguments the factory does not take, or invalid values.
+        ConfigError: An unknown name (with the closest known one), an argument the factory does
+            not take (with the closest one it does) or lacks, or an invalid value.
 
     Example:
         >>> sched = get_schedule("cosine", lr=1e-3, t_max=1000)
         >>> float(sched(0))
         0.001
     """
-    key = name.strip().lower() if isinstance(name, str) else name
-    factory = _SCHEDULES.get(key) if isinstance(key, str) else None
-    if factory is None:
-        raise ConfigError(f"unknown schedule {name!r}; expected one of {sorted(_SCHEDULES)}")
-    try:
-        inspect.signature(factory).bind(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(
-            f"schedule {name!r} got invalid arguments {sorted(kwargs)}: {exc}; "
-            f"its signature is {factory.__name__}{inspect.signature(factory)}"
-        ) from None
+    key = validation.one_of("schedule", name, tuple(SCHEDULES), normalize=True)
+    factory = SCHEDULES[key]
+    validation.check_kwargs(factory, kwargs, f"schedule {key!r}")
     return factory(**kwargs)

@@ -14,21 +14,24 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
-import math
-import numbers
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from medfunc import validation
 from medfunc.errors import ConfigError
+from medfunc.optim.optimizers import OPTIMIZER_NAMES
+from medfunc.schedules import ANNEAL_STRATEGIES, SCHEDULE_NAMES
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("linear_warmup", "step", "cosine", "one_cycle", "none")
+#: The ``optimizer`` names: those of :data:`medfunc.optim.OPTIMIZERS`.
+OPTIMIZERS = OPTIMIZER_NAMES
+#: The ``scheduler`` names: those of :data:`medfunc.schedules.SCHEDULES`.
+SCHEDULERS = SCHEDULE_NAMES
 CLIP_MODES = ("norm", "value", "none")
-ANNEAL_STRATEGIES = ("cos", "linear")
 METRIC_MODES = ("auto", "min", "max")
 COMPILE_MODES = ("inductor", "cudagraph", "inductor+cudagraph")
 AMP_DTYPES = {
@@ -130,7 +133,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
-            setattr(self, name, check(name, getattr(self, name)))
+            setattr(self, name, check(f"TrainerConfig.{name}", getattr(self, name)))
         _check_combinations(self)
 
     @property
@@ -384,76 +387,13 @@ def _parse_float_string(value: str) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# field checks: each returns the (normalised) value or raises ConfigError naming the field
+# field checks: each is ``check(field, value)`` and returns the (normalised) value or raises
+# ConfigError naming the field; the general ones come from medfunc.validation
 # ----------------------------------------------------------------------------------------------
 
 
-def _fail(name: str, expected: str, value: Any) -> ConfigError:
-    return ConfigError(f"TrainerConfig.{name} must be {expected}; got {value!r}")
-
-
 def _choice(*allowed: str) -> Callable[[str, Any], str]:
-    def check(name: str, value: Any) -> str:
-        key = value.strip().lower() if isinstance(value, str) else value
-        if key not in allowed:
-            raise _fail(name, "one of " + ", ".join(repr(a) for a in allowed), value)
-        return key
-
-    return check
-
-
-def _boolean(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(name, "true or false", value)
-    return value
-
-
-def _optional_boolean(name: str, value: Any) -> bool | None:
-    return None if value is None else _boolean(name, value)
-
-
-def _integer(minimum: int, *, optional: bool = False) -> Callable[[str, Any], int | None]:
-    expected = f"an integer >= {minimum}" + (" or None" if optional else "")
-
-    def check(name: str, value: Any) -> int | None:
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-            raise _fail(name, expected, value)
-        return int(value)
-
-    return check
-
-
-def _number(
-    minimum: float | None = None,
-    maximum: float | None = None,
-    *,
-    optional: bool = False,
-    above: bool = False,
-    below: bool = False,
-) -> Callable[[str, Any], float | None]:
-    bounds = []
-    if minimum is not None:
-        bounds.append(f"{'>' if above else '>='} {minimum:g}")
-    if maximum is not None:
-        bounds.append(f"{'<' if below else '<='} {maximum:g}")
-    expected = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
-    expected += " or None" if optional else ""
-
-    def check(name: str, value: Any) -> float | None:
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise _fail(name, expected, value)
-        number = float(value)
-        low_ok = minimum is None or (number > minimum if above else number >= minimum)
-        high_ok = maximum is None or (number < maximum if below else number <= maximum)
-        if not math.isfinite(number) or not low_ok or not high_ok:
-            raise _fail(name, expected, value)
-        return number
-
-    return check
+    return functools.partial(validation.one_of, allowed=allowed, normalize=True)
 
 
 def _optional_string(name: str, value: Any) -> str | None:
@@ -462,49 +402,14 @@ def _optional_string(name: str, value: Any) -> str | None:
     if isinstance(value, Path):
         return str(value)
     if not isinstance(value, str) or not value:
-        raise _fail(name, "a non-empty string or None", value)
+        raise validation.fail(name, "a non-empty string or None", value)
     return value
-
-
-def _betas(name: str, value: Any) -> tuple[float, float]:
-    ok = (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(
-            isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1 for b in value
-        )
-    )
-    if not ok:
-        raise _fail(name, "a pair of numbers in [0, 1), e.g. (0.9, 0.999)", value)
-    return (float(value[0]), float(value[1]))
 
 
 def _layer_wise_lrs(name: str, value: Any) -> list[tuple[str, float]] | None:
     if value is None:
         return None
-    items = list(value.items()) if isinstance(value, Mapping) else value
-    expected = (
-        "a list of (name substring, LR multiplier) pairs, e.g. [('encoder', 0.5)], "
-        "a mapping {substring: multiplier}, or None"
-    )
-    if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)):
-        raise _fail(name, expected, value)
-    pairs = []
-    for item in items:
-        ok = (
-            isinstance(item, (tuple, list))
-            and len(item) == 2
-            and isinstance(item[0], str)
-            and item[0]
-            and isinstance(item[1], numbers.Real)
-            and not isinstance(item[1], bool)
-            and math.isfinite(float(item[1]))
-            and float(item[1]) >= 0
-        )
-        if not ok:
-            raise _fail(name, expected, value)
-        pairs.append((item[0], float(item[1])))
-    return pairs
+    return list(validation.name_multipliers(name, value))
 
 
 def _amp_dtype(name: str, value: Any) -> torch.dtype:
@@ -512,7 +417,7 @@ def _amp_dtype(name: str, value: Any) -> torch.dtype:
         return value
     key = value.strip().lower().removeprefix("torch.") if isinstance(value, str) else None
     if key not in AMP_DTYPES:
-        raise _fail(
+        raise validation.fail(
             name,
             "torch.float16 or torch.bfloat16 (or 'float16', 'bfloat16', 'fp16', 'bf16')",
             value,
@@ -533,7 +438,7 @@ def _device(name: str, value: Any) -> str:
         or not index_ok
         or (base in ("auto", "cpu") and ":" in key)
     ):
-        raise _fail(name, "'auto', 'cpu', 'cuda', 'cuda:N' or 'xla'", value)
+        raise validation.fail(name, "'auto', 'cpu', 'cuda', 'cuda:N' or 'xla'", value)
     return key
 
 
@@ -542,7 +447,7 @@ def _compile(name: str, value: Any) -> bool | str:
         return value
     if isinstance(value, str) and value.strip().lower() in COMPILE_MODES:
         return value.strip().lower()
-    raise _fail(
+    raise validation.fail(
         name,
         "false, true (the device's default mode) or one of "
         + ", ".join(repr(m) for m in COMPILE_MODES),
@@ -552,7 +457,9 @@ def _compile(name: str, value: Any) -> bool | str:
 
 def _eval_metric(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise _fail(name, "a metric name such as 'loss', 'accuracy', 'f1' or 'auroc'", value)
+        raise validation.fail(
+            name, "a metric name such as 'loss', 'accuracy', 'f1' or 'auroc'", value
+        )
     key = value.strip()
     for prefix in ("eval/", "eval_"):
         key = key.removeprefix(prefix)
@@ -561,14 +468,16 @@ def _eval_metric(name: str, value: Any) -> str:
 
 def _optional_callable(name: str, value: Any) -> Callable | None:
     if value is not None and not callable(value):
-        raise _fail(name, "a callable (outputs_list, labels) -> dict of floats, or None", value)
+        raise validation.fail(
+            name, "a callable (outputs_list, labels) -> dict of floats, or None", value
+        )
     return value
 
 
 def _export_example(name: str, value: Any) -> Any:
     if value is None or isinstance(value, (Mapping, tuple, list, torch.Tensor)):
         return value
-    raise _fail(name, "a dict (or tuple) of example input tensors, or None", value)
+    raise validation.fail(name, "a dict (or tuple) of example input tensors, or None", value)
 
 
 def _deepspeed_config(name: str, value: Any) -> dict | str | None:
@@ -576,70 +485,70 @@ def _deepspeed_config(name: str, value: Any) -> dict | str | None:
         return value
     if isinstance(value, (str, Path)) and str(value):
         return str(value)
-    raise _fail(name, "a DeepSpeed config dict, a path to a JSON file, or None", value)
+    raise validation.fail(name, "a DeepSpeed config dict, a path to a JSON file, or None", value)
 
 
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "optimizer": _choice(*OPTIMIZERS),
-    "learning_rate": _number(0.0),
-    "weight_decay": _number(0.0),
-    "betas": _betas,
-    "eps": _number(0.0),
-    "sgd_momentum": _number(0.0, 1.0),
+    "learning_rate": validation.non_negative_float,
+    "weight_decay": validation.non_negative_float,
+    "betas": validation.betas,
+    "eps": validation.non_negative_float,
+    "sgd_momentum": validation.probability,
     "layer_wise_lrs": _layer_wise_lrs,
     "scheduler": _choice(*SCHEDULERS),
-    "warmup_steps": _integer(0),
-    "total_steps": _integer(1, optional=True),
-    "step_size": _integer(1),
-    "gamma": _number(0.0),
-    "t_max": _integer(1, optional=True),
-    "eta_min": _number(0.0),
-    "pct_start": _number(0.0, 1.0, above=True, below=True),
+    "warmup_steps": validation.non_negative_int,
+    "total_steps": functools.partial(validation.positive_int, optional=True),
+    "step_size": validation.positive_int,
+    "gamma": validation.non_negative_float,
+    "t_max": functools.partial(validation.positive_int, optional=True),
+    "eta_min": validation.non_negative_float,
+    "pct_start": validation.fraction,
     "anneal_strategy": _choice(*ANNEAL_STRATEGIES),
-    "div_factor": _number(0.0, above=True),
-    "final_div_factor": _number(0.0, above=True),
+    "div_factor": validation.positive_float,
+    "final_div_factor": validation.positive_float,
     "grad_clip_mode": _choice(*CLIP_MODES),
-    "max_grad_norm": _number(0.0, above=True, optional=True),
-    "grad_clip_value": _number(0.0, above=True),
-    "gradient_accumulation_steps": _integer(1),
-    "max_consecutive_skipped_steps": _integer(1, optional=True),
-    "use_amp": _boolean,
+    "max_grad_norm": functools.partial(validation.positive_float, optional=True),
+    "grad_clip_value": validation.positive_float,
+    "gradient_accumulation_steps": validation.positive_int,
+    "max_consecutive_skipped_steps": functools.partial(validation.positive_int, optional=True),
+    "use_amp": validation.boolean,
     "amp_dtype": _amp_dtype,
     "device": _device,
     "compile": _compile,
-    "num_epochs": _integer(1),
-    "batch_size": _integer(1),
-    "eval_batch_size": _integer(1, optional=True),
-    "shuffle": _boolean,
-    "seed": _integer(0),
-    "log_every": _integer(1),
-    "progress_bar": _optional_boolean,
-    "eval_every_steps": _integer(1, optional=True),
-    "eval_at_epoch_end": _boolean,
+    "num_epochs": validation.positive_int,
+    "batch_size": validation.positive_int,
+    "eval_batch_size": functools.partial(validation.positive_int, optional=True),
+    "shuffle": validation.boolean,
+    "seed": validation.non_negative_int,
+    "log_every": validation.positive_int,
+    "progress_bar": functools.partial(validation.boolean, optional=True),
+    "eval_every_steps": functools.partial(validation.positive_int, optional=True),
+    "eval_at_epoch_end": validation.boolean,
     "eval_metric": _eval_metric,
     "eval_metric_mode": _choice(*METRIC_MODES),
     "eval_compute_metrics": _optional_callable,
-    "early_stopping_patience": _integer(1, optional=True),
-    "early_stopping_min_delta": _number(0.0),
-    "save_every_epochs": _integer(0, optional=True),
-    "save_every_steps": _integer(1, optional=True),
-    "save_optimizer": _boolean,
-    "save_scheduler": _boolean,
+    "early_stopping_patience": functools.partial(validation.positive_int, optional=True),
+    "early_stopping_min_delta": validation.non_negative_float,
+    "save_every_epochs": functools.partial(validation.non_negative_int, optional=True),
+    "save_every_steps": functools.partial(validation.positive_int, optional=True),
+    "save_optimizer": validation.boolean,
+    "save_scheduler": validation.boolean,
     "resume_from": _optional_string,
-    "export_torchscript": _boolean,
-    "export_onnx": _boolean,
+    "export_torchscript": validation.boolean,
+    "export_onnx": validation.boolean,
     "export_input_example": _export_example,
-    "onnx_opset": _integer(7, optional=True),
-    "enable_tensorboard": _boolean,
+    "onnx_opset": functools.partial(validation.integer, minimum=7, optional=True),
+    "enable_tensorboard": validation.boolean,
     "tb_log_dir": _optional_string,
-    "enable_wandb": _boolean,
+    "enable_wandb": validation.boolean,
     "wandb_project": _optional_string,
     "wandb_run_name": _optional_string,
-    "gradient_checkpointing": _boolean,
-    "channels_last": _boolean,
-    "dropout_prob": _number(0.0, 1.0, optional=True),
-    "fsdp": _boolean,
-    "deepspeed": _boolean,
+    "gradient_checkpointing": validation.boolean,
+    "channels_last": validation.boolean,
+    "dropout_prob": functools.partial(validation.probability, optional=True),
+    "fsdp": validation.boolean,
+    "deepspeed": validation.boolean,
     "deepspeed_config": _deepspeed_config,
 }
 _FLOAT_FIELDS = frozenset(

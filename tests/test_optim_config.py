@@ -38,30 +38,38 @@ def small_params() -> OrderedDict:
     return OrderedDict((n, p.detach().clone()) for n, p in model.named_parameters())
 
 
+BETAS = re.escape("betas must be a pair of numbers in [0, 1), e.g. (0.9, 0.999)")
+TX_ERROR = r"chain\(\) must be a .*GradientTransformation.*; got a function"
+MULTS = r"lr_multipliers must be a list of \(name substring, LR multiplier\) pairs with .* >= 0.*"
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: adamw(-1e-3), r"lr \(learning rate\) must be >= 0, got -0.001"),
-        (lambda: adamw(float("nan")), "lr .* must be finite"),
-        (lambda: adamw("1e-3"), "lr .* must be a number, got '1e-3'"),
+        (lambda: adamw(-1e-3), "lr must be a finite number >= 0; got -0.001"),
+        (lambda: adamw(float("nan")), "lr must be a finite number >= 0; got nan"),
+        (lambda: adamw("1e-3"), "lr must be a finite number >= 0; got '1e-3'"),
         (lambda: adamw(torch.tensor(1e-3)), "got a Tensor"),
-        (lambda: adamw(1e-3, betas=(1.0, 0.999)), r"betas\[0\] must be in \[0, 1\), got 1.0"),
-        (lambda: adam(1e-3, betas=(0.9, -0.1)), r"betas\[1\] must be in \[0, 1\), got -0.1"),
-        (lambda: adamw(1e-3, betas=0.9), r"betas must be a pair \(beta1, beta2\), got 0.9"),
-        (lambda: adamw(1e-3, eps=-1e-8), "eps must be >= 0, got -1e-08"),
-        (lambda: adamw(1e-3, weight_decay=-0.1), "weight_decay must be >= 0, got -0.1"),
-        (lambda: adamw(1e-3, amsgrad=1), "amsgrad must be True or False, got 1"),
-        (lambda: sgd(0.1, momentum=-0.9), "momentum must be >= 0, got -0.9"),
+        (lambda: adamw(1e-3, betas=(1.0, 0.999)), rf"{BETAS}; got \(1.0, 0.999\)"),
+        (lambda: adam(1e-3, betas=(0.9, -0.1)), rf"{BETAS}; got \(0.9, -0.1\)"),
+        (lambda: adamw(1e-3, betas=0.9), rf"{BETAS}; got 0.9"),
+        (lambda: adamw(1e-3, eps=-1e-8), "eps must be a finite number >= 0; got -1e-08"),
+        (lambda: adamw(1e-3, weight_decay=-0.1), "weight_decay must be a finite .* >= 0; got -0.1"),
+        (lambda: adamw(1e-3, amsgrad=1), "amsgrad must be true or false; got 1"),
+        (lambda: sgd(0.1, momentum=-0.9), "momentum must be a finite number >= 0; got -0.9"),
         (lambda: sgd(0.1, nesterov=True), "nesterov=True needs momentum > 0.*momentum=0.0"),
         (lambda: sgd(0.1, 0.9, dampening=0.1, nesterov=True), "dampening=0.1"),
-        (lambda: adamw(1e-3, kernel="cuda"), r"kernel must be one of .*'fused'\), got 'cuda'"),
-        (lambda: adamw(1e-3, decay_mask="bias"), "got the string 'bias'"),
-        (lambda: adamw(1e-3, decay_mask=[]), "empty list"),
-        (lambda: adamw(1e-3, lr_multipliers=[("head", -1.0)]), "'head' must be a finite .* -1.0"),
-        (lambda: adamw(1e-3, lr_multipliers=[("head",)]), r"pairs, got \('head',\)"),
-        (lambda: clip_by_global_norm(0.0), "max_norm must be a finite number > 0, got 0.0"),
-        (lambda: clip_by_value(-1), "max_value must be a finite number > 0, got -1"),
-        (lambda: chain(adamw(1e-3), lambda g: g), "GradientTransformation objects, got function"),
+        (lambda: adamw(1e-3, kernel="cuda"), "kernel must be one of 'auto', .*'fused'; got 'cuda'"),
+        (lambda: adamw(1e-3, decay_mask="bias"), "decay_mask must be .*; got 'bias'; wrap one"),
+        (lambda: adamw(1e-3, decay_mask=[]), r"decay_mask must be .*non-empty list.*; got \[\]"),
+        (
+            lambda: adamw(1e-3, lr_multipliers=[("head", -1.0)]),
+            rf"{MULTS}; got \[\('head', -1.0\)\]",
+        ),
+        (lambda: adamw(1e-3, lr_multipliers=[("head",)]), rf"{MULTS}; got \[\('head',\)\]"),
+        (lambda: clip_by_global_norm(0.0), "max_norm must be a finite number > 0; got 0.0"),
+        (lambda: clip_by_value(-1), "max_value must be a finite number > 0; got -1"),
+        (lambda: chain(adamw(1e-3), lambda g: g), TX_ERROR),
     ],
 )
 def test_invalid_config_raises_config_error_naming_the_value(make, match):
@@ -78,12 +86,10 @@ def test_get_optimizer():
     assert get_optimizer("AdamW", lr=1e-3).spec.name == "adamw"
     assert get_optimizer("sgd", lr=0.1, momentum=0.9).spec.momentum == 0.9
     with pytest.raises(
-        ConfigError,
-        match=r"unknown optimizer 'lamb'; valid names are "
-        r"\['adam', 'adamw', 'sgd'\]",
+        ConfigError, match=r"optimizer must be one of 'adamw', 'adam', 'sgd'; got 'lamb'"
     ):
         get_optimizer("lamb", lr=1e-3)
-    with pytest.raises(ConfigError, match="bad arguments for optimizer 'sgd'"):
+    with pytest.raises(ConfigError, match="optimizer 'sgd' got an unexpected argument 'betas'"):
         get_optimizer("sgd", lr=0.1, betas=(0.9, 0.99))
 
 

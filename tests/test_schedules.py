@@ -284,7 +284,7 @@ def test_negative_step_is_step_zero(name: str) -> None:
 
 @pytest.mark.parametrize("bad", [1.5, "3", None, True, torch.tensor(1.0), torch.tensor(True)])
 def test_bad_step_type(bad: object) -> None:
-    with pytest.raises(TypeError, match="int or an integer tensor"):
+    with pytest.raises(ConfigError, match="int or an integer tensor"):
         schedules.cosine(0.1, 10)(bad)
 
 

@@ -29,6 +29,7 @@ from medfunc.optim.interop import (
 from medfunc.optim.kernels import KERNELS
 from medfunc.optim.masks import ParamGroup, default_decay_mask, param_groups
 from medfunc.optim.optimizers import (
+    OPTIMIZER_NAMES,
     OPTIMIZERS,
     AdamState,
     OptimizerSpec,
@@ -42,6 +43,7 @@ from medfunc.optim.optimizers import (
 __all__ = [
     "KERNELS",
     "OPTIMIZERS",
+    "OPTIMIZER_NAMES",
     "AdamState",
     "GradientTransformation",
     "Grads",

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from medfunc import validation
 from medfunc.errors import ConfigError
 
 Params = OrderedDict  # OrderedDict[str, Tensor]: trainable params, model order
@@ -70,13 +71,10 @@ class GradientTransformation(NamedTuple):
     children: tuple[GradientTransformation, ...] = ()
 
 
-def _check_tx(tx: Any, where: str) -> None:
-    if not isinstance(tx, GradientTransformation):
-        raise ConfigError(
-            f"{where} expects medfunc.optim.GradientTransformation objects, got "
-            f"{type(tx).__name__}: build them with medfunc.optim.adamw(...), "
-            "clip_by_global_norm(...), etc."
-        )
+_TX_ALLOWED = (
+    "a medfunc.optim.GradientTransformation (build one with medfunc.optim.adamw(...), "
+    "clip_by_global_norm(...), etc.)"
+)
 
 
 def chain(*txs: GradientTransformation) -> GradientTransformation:
@@ -95,7 +93,7 @@ def chain(*txs: GradientTransformation) -> GradientTransformation:
         >>> tx = chain(clip_by_global_norm(1.0), adamw(3e-4, weight_decay=0.05))
     """
     for tx in txs:
-        _check_tx(tx, "chain()")
+        validation.instance_of("each argument of chain()", tx, GradientTransformation, _TX_ALLOWED)
 
     def init(params: Params) -> tuple:
         return tuple(tx.init(params) for tx in txs)
@@ -135,7 +133,7 @@ def find_optimizer(tx: GradientTransformation) -> tuple[Any, tuple[int, ...]]:
         >>> spec.name, path
         ('adamw', (1,))
     """
-    _check_tx(tx, "find_optimizer()")
+    validation.instance_of("find_optimizer()'s tx", tx, GradientTransformation, _TX_ALLOWED)
     found: list[tuple[Any, tuple[int, ...]]] = []
 
     def visit(t: GradientTransformation, path: tuple[int, ...]) -> None:

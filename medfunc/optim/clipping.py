@@ -11,14 +11,10 @@ Example:
 
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from medfunc.errors import ConfigError
+from medfunc import validation
 from medfunc.optim.base import GradientTransformation, Grads, Params, UpdateContext
 
 
@@ -29,14 +25,6 @@ class _GradHolder:
 
     def __init__(self, grad: Tensor) -> None:
         self.grad = grad
-
-
-def _positive(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{what} must be a number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{what} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def global_norm(grads: Grads, norm_type: float = 2.0) -> Tensor:
@@ -74,10 +62,10 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0) -> GradientTran
     Example:
         >>> tx = chain(clip_by_global_norm(1.0), sgd(0.1))
     """
-    max_norm = _positive(max_norm, "max_norm")
-    if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real) or norm_type <= 0:
-        raise ConfigError(f"norm_type must be a number > 0 (or math.inf), got {norm_type!r}")
-    norm_type = float(norm_type)
+    max_norm = validation.positive_float("max_norm", max_norm)
+    norm_type = validation.number(
+        "norm_type", norm_type, minimum=0.0, exclusive_minimum=True, allow_inf=True
+    )
 
     def init(params: Params) -> tuple:
         return ()
@@ -111,7 +99,7 @@ def clip_by_value(max_value: float) -> GradientTransformation:
     Example:
         >>> tx = chain(clip_by_value(0.5), adamw(1e-3))
     """
-    max_value = _positive(max_value, "max_value")
+    max_value = validation.positive_float("max_value", max_value)
 
     def init(params: Params) -> tuple:
         return ()

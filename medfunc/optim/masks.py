@@ -12,13 +12,12 @@ Example:
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
+from medfunc import validation
 from medfunc.errors import ConfigError
 
 DecayMask = str | None | Callable[[str], bool] | Sequence[str]
@@ -66,8 +65,14 @@ def default_decay_mask(name: str) -> bool:
     return True
 
 
+_DECAY_MASK_ALLOWED = (
+    "'default', None, a callable name -> bool (True = decay) or a non-empty list of non-empty "
+    "substrings whose parameters get no decay"
+)
+
+
 def validate_decay_mask(decay_mask: DecayMask) -> DecayMask:
-    """Check the form of a ``decay_mask`` argument (content is checked at init).
+    """Check the form of a ``decay_mask`` argument (which names it matches is checked at init).
 
     Args:
         decay_mask: "default", None (decay everything), a callable ``name -> bool`` (True =
@@ -75,59 +80,28 @@ def validate_decay_mask(decay_mask: DecayMask) -> DecayMask:
 
     Returns:
         The mask in canonical, hashable form (a list becomes a tuple).
+
+    Raises:
+        ConfigError: any other value (a bare string, an empty list, ...).
+
+    Example:
+        >>> validate_decay_mask(["bias", "norm"])
+        ('bias', 'norm')
     """
     if decay_mask is None or decay_mask == "default" or callable(decay_mask):
         return decay_mask
     if isinstance(decay_mask, str):
-        raise ConfigError(
-            f"decay_mask must be 'default', None, a callable name -> bool or a list of "
-            f"substrings, got the string {decay_mask!r} (wrap one substring in a list)"
+        raise validation.fail(
+            "decay_mask", _DECAY_MASK_ALLOWED, decay_mask, "; wrap one substring in a list"
         )
-    if isinstance(decay_mask, Sequence) and all(isinstance(s, str) and s for s in decay_mask):
-        if not decay_mask:
-            raise ConfigError("decay_mask is an empty list; pass None to decay every parameter")
-        return tuple(decay_mask)
-    raise ConfigError(
-        f"decay_mask must be 'default', None, a callable name -> bool or a list of non-empty "
-        f"substrings, got {decay_mask!r}"
-    )
-
-
-def validate_lr_multipliers(lr_multipliers: LrMultipliers) -> tuple[tuple[str, float], ...]:
-    """Check an ``lr_multipliers`` argument: ``[(substring, multiplier), ...]`` (or a mapping).
-
-    Returns:
-        The multipliers as a tuple of ``(substring, float)`` pairs.
-    """
-    if lr_multipliers is None:
-        return ()
-    if isinstance(lr_multipliers, Mapping):
-        lr_multipliers = list(lr_multipliers.items())
-    if isinstance(lr_multipliers, (str, bytes)) or not isinstance(lr_multipliers, Sequence):
-        raise ConfigError(
-            f"lr_multipliers must be a list of (substring, multiplier) pairs, got "
-            f"{lr_multipliers!r}"
+    is_list = isinstance(decay_mask, Sequence)
+    if not is_list or not all(isinstance(part, str) and part for part in decay_mask):
+        raise validation.fail("decay_mask", _DECAY_MASK_ALLOWED, decay_mask)
+    if not decay_mask:
+        raise validation.fail(
+            "decay_mask", _DECAY_MASK_ALLOWED, decay_mask, "; pass None to decay every parameter"
         )
-    out = []
-    for item in lr_multipliers:
-        if (
-            not isinstance(item, (tuple, list))
-            or len(item) != 2
-            or not isinstance(item[0], str)
-            or not item[0]
-            or isinstance(item[1], bool)
-            or not isinstance(item[1], numbers.Real)
-        ):
-            raise ConfigError(
-                f"lr_multipliers entries must be (substring, multiplier) pairs, got {item!r}"
-            )
-        mult = float(item[1])
-        if not math.isfinite(mult) or mult < 0:
-            raise ConfigError(
-                f"lr multiplier for {item[0]!r} must be a finite number >= 0, got {item[1]!r}"
-            )
-        out.append((item[0], mult))
-    return tuple(out)
+    return tuple(decay_mask)
 
 
 def _decays(decay_mask: DecayMask, name: str) -> bool:
@@ -198,24 +172,58 @@ def param_groups(
 ) -> tuple[ParamGroup, ...]:
     """Group parameter names by ``(lr multiplier, weight decay)``, as torch param_groups.
 
+    Checks and normalises ``decay_mask`` and ``lr_multipliers``, then :func:`group_names`.
+
     Args:
         names: trainable parameter names in model order.
         weight_decay: the optimizer's weight decay (applied where the mask says decay).
         decay_mask: see :func:`validate_decay_mask`.
-        lr_multipliers: ``[(substring, multiplier), ...]``; the first matching pattern wins.
+        lr_multipliers: ``[(substring, multiplier), ...]`` or a mapping; the first matching
+            pattern wins.
+
+    Returns:
+        The groups, ordered by the first appearance of their key in ``names``.
+
+    Raises:
+        ConfigError: an invalid ``decay_mask`` or ``lr_multipliers``.
+
+    Example:
+        >>> groups = param_groups(["fc.weight", "fc.bias"], 0.1, "default", None)
+        >>> [(g.names, g.weight_decay) for g in groups]
+        [(('fc.weight',), 0.1), (('fc.bias',), 0.0)]
+    """
+    return group_names(
+        names,
+        weight_decay,
+        validate_decay_mask(decay_mask),
+        validation.name_multipliers("lr_multipliers", lr_multipliers),
+    )
+
+
+def group_names(
+    names: Sequence[str],
+    weight_decay: float,
+    decay_mask: DecayMask,
+    lr_multipliers: tuple[tuple[str, float], ...],
+) -> tuple[ParamGroup, ...]:
+    """:func:`param_groups` for arguments already checked (as an ``OptimizerSpec`` holds them).
+
+    Args:
+        names: trainable parameter names in model order.
+        weight_decay: the optimizer's weight decay (applied where the mask says decay).
+        decay_mask: a mask :func:`validate_decay_mask` returned.
+        lr_multipliers: ``((substring, multiplier), ...)`` as
+            :func:`~medfunc.validation.name_multipliers` returns them.
 
     Returns:
         The groups, ordered by the first appearance of their key in ``names``.
 
     Example:
-        >>> param_groups(["fc.weight", "fc.bias"], 0.1, "default", None)
-        (ParamGroup(names=('fc.weight',), lr_multiplier=1.0, weight_decay=0.1),
-         ParamGroup(names=('fc.bias',), lr_multiplier=1.0, weight_decay=0.0))
+        >>> [g.names for g in group_names(["fc.weight", "fc.bias"], 0.0, None, ())]
+        [('fc.weight', 'fc.bias')]
     """
-    decay_mask = validate_decay_mask(decay_mask)
-    mults = validate_lr_multipliers(lr_multipliers)
     groups: dict[tuple[float, float], list[str]] = {}
     for name in names:
         wd = float(weight_decay) if weight_decay and _decays(decay_mask, name) else 0.0
-        groups.setdefault((_multiplier(mults, name), wd), []).append(name)
+        groups.setdefault((_multiplier(lr_multipliers, name), wd), []).append(name)
     return tuple(ParamGroup(tuple(ns), m, wd) for (m, wd), ns in groups.items())

@@ -13,8 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from medfunc import validation
 from medfunc.errors import ConfigError
 from medfunc.optim import kernels
 from medfunc.optim.base import GradientTransformation, Grads, Params, UpdateContext
@@ -31,9 +30,8 @@ from medfunc.optim.masks import (
     LrMultipliers,
     ParamGroup,
     check_patterns,
-    param_groups,
+    group_names,
     validate_decay_mask,
-    validate_lr_multipliers,
 )
 
 Schedule = Callable[[int | Tensor], Tensor]
@@ -138,7 +136,7 @@ class OptimizerSpec:
         key = tuple(names)
         groups = self._groups_cache.get(key)
         if groups is None:
-            groups = param_groups(key, self.weight_decay, self.decay_mask, self.lr_multipliers)
+            groups = group_names(key, self.weight_decay, self.decay_mask, self.lr_multipliers)
             self._groups_cache[key] = groups
         return groups
 
@@ -160,53 +158,16 @@ class OptimizerSpec:
         return float(self.lr(step))
 
 
-# ---------------------------------------------------------------------------------------------
-# validation
-
-
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{what} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ConfigError(f"{what} must be finite, got {value!r}")
-    return value
-
-
-def _non_negative(value: Any, what: str) -> float:
-    v = _number(value, what)
-    if v < 0:
-        raise ConfigError(f"{what} must be >= 0, got {value!r}")
-    return v
-
-
-def _validate_lr(lr: Any) -> LearningRate:
-    if callable(lr):
-        return lr
+def _checked_lr(lr: Any) -> LearningRate:
+    """``lr`` as given if it is a schedule, else checked as a learning rate (a float >= 0)."""
     if isinstance(lr, Tensor):
         raise ConfigError(
-            "lr must be a Python float or a schedule callable (step -> lr tensor), got a "
-            "Tensor; wrap it: lr=lambda step: my_tensor"
+            "lr must be a Python float or a schedule callable (step -> lr tensor); got a "
+            "Tensor: wrap it, lr=lambda step: my_tensor"
         )
-    return _non_negative(lr, "lr (learning rate)")
-
-
-def _validate_betas(betas: Any) -> tuple[float, float]:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    out = []
-    for i, b in enumerate(betas):
-        v = _number(b, f"betas[{i}]")
-        if not 0.0 <= v < 1.0:
-            raise ConfigError(f"betas[{i}] must be in [0, 1), got {b!r}")
-        out.append(v)
-    return (out[0], out[1])
-
-
-def _validate_bool(value: Any, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{what} must be True or False, got {value!r}")
-    return value
+    if callable(lr):
+        return lr
+    return validation.non_negative_float("lr", lr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,11 +244,11 @@ def _make_spec(
 ) -> OptimizerSpec:
     return OptimizerSpec(
         name=name,
-        lr=_validate_lr(lr),
-        weight_decay=_non_negative(weight_decay, "weight_decay"),
+        lr=_checked_lr(lr),
+        weight_decay=validation.non_negative_float("weight_decay", weight_decay),
         decay_mask=validate_decay_mask(decay_mask),
-        lr_multipliers=validate_lr_multipliers(lr_multipliers),
-        kernel=kernels.validate_kernel(kernel),
+        lr_multipliers=validation.name_multipliers("lr_multipliers", lr_multipliers),
+        kernel=validation.one_of("kernel", kernel, kernels.KERNELS),
         **hyper,
     )
 
@@ -350,9 +311,9 @@ def _adam_family(
         decay_mask,
         lr_multipliers,
         kernel,
-        betas=_validate_betas(betas),
-        eps=_non_negative(eps, "eps"),
-        amsgrad=_validate_bool(amsgrad, "amsgrad"),
+        betas=validation.betas("betas", betas),
+        eps=validation.non_negative_float("eps", eps),
+        amsgrad=validation.boolean("amsgrad", amsgrad),
     )
     decoupled = spec.name == "adamw"
 
@@ -500,12 +461,12 @@ def sgd(
     Example:
         >>> tx = sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     """
-    momentum = _non_negative(momentum, "momentum")
-    dampening = _number(dampening, "dampening")
-    nesterov = _validate_bool(nesterov, "nesterov")
+    momentum = validation.non_negative_float("momentum", momentum)
+    dampening = validation.number("dampening", dampening)
+    nesterov = validation.boolean("nesterov", nesterov)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ConfigError(
-            f"nesterov=True needs momentum > 0 and dampening == 0, got momentum={momentum!r} "
+            f"nesterov=True needs momentum > 0 and dampening == 0; got momentum={momentum!r} "
             f"and dampening={dampening!r}"
         )
     spec = _make_spec(
@@ -564,28 +525,36 @@ OPTIMIZERS: dict[str, Callable[..., GradientTransformation]] = {
     "adam": adam,
     "sgd": sgd,
 }
+"""The optimizers by name: the one table that config files (and
+:class:`~medfunc.trainer_config.TrainerConfig`) choose from. Adding an optimizer is one entry
+here."""
+
+OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
+"""The names :func:`get_optimizer` accepts, in :data:`OPTIMIZERS` order."""
 
 
 def get_optimizer(name: str, **kwargs: Any) -> GradientTransformation:
     """Build an optimizer by name (the seed's ``optimizer_name`` option).
 
+    The name is looked up in :data:`OPTIMIZERS`; the keyword arguments are checked against the
+    factory's signature before it is called, so an error raised inside the factory (an invalid
+    value) reaches the caller as it is.
+
     Args:
-        name: "adamw", "adam" or "sgd" (case-insensitive).
+        name: one of :data:`OPTIMIZER_NAMES` (case-insensitive, surrounding spaces ignored).
         **kwargs: the optimizer's arguments (``lr`` is required).
 
     Returns:
         The optimizer transformation.
 
     Raises:
-        ConfigError: unknown name (lists the valid ones) or invalid arguments.
+        ConfigError: an unknown name (with the closest known one), an argument the optimizer
+            does not take (with the closest one it does) or lacks, or an invalid value.
 
     Example:
         >>> tx = get_optimizer("sgd", lr=0.01, momentum=0.9)
     """
-    key = name.lower() if isinstance(name, str) else name
-    if key not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {name!r}; valid names are {sorted(OPTIMIZERS)}")
-    try:
-        return OPTIMIZERS[key](**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"bad arguments for optimizer {key!r}: {e}") from e
+    key = validation.one_of("optimizer", name, tuple(OPTIMIZERS), normalize=True)
+    factory = OPTIMIZERS[key]
+    validation.check_kwargs(factory, kwargs, f"optimizer {key!r}")
+    return factory(**kwargs)
