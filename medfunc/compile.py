@@ -233,6 +233,8 @@ class _Inductor:
         self.fullgraph = fullgraph
         self.options = options
         self.whole: dict[bool, Callable] = {}
+        # one patch object for every call: each new one leaves a ContextVar behind (a leak)
+        self.patch = _dynamo_patch()
         self.grads_part: Callable | None = None
 
     def _compile(self, fn: Callable, fullgraph: bool) -> Callable:
@@ -279,7 +281,7 @@ class _Inductor:
         before = _dynamo_unique_graphs()
         names = self.static.names
         try:
-            with _dynamo_patch():
+            with self.patch:
                 out, metrics = self._run(grad_leaves(trees, names), batch, apply)
             return without_grad_leaves(out, trees, names), metrics
         finally:

@@ -485,3 +485,27 @@ def test_graph_modes_launch_one_graph_and_no_kernels_per_step(mode):
     assert kernels == _replay_prologue_kernels()  # nothing of medfunc's own runs as a kernel
     assert eager_graphs == 0
     assert eager_kernels > 20  # the eager step launches each of its kernels from the host
+
+
+def test_compiled_calls_do_not_grow_memory():
+    """Each call once entered a fresh dynamo config patch, whose ContextVar stayed behind
+    (about 200 bytes per call)."""
+    import tracemalloc
+
+    fast = compile_step(mf.train_step, mode="inductor")
+    state = _state()
+    batch = make_batches(1)[0]
+    for _ in range(50):
+        state, _ = fast(state, batch)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for _ in range(2000):
+            state, _ = fast(state, batch)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    growth = {d.traceback[0].filename: d.size_diff for d in after.compare_to(before, "filename")}
+    config_growth = sum(v for k, v in growth.items() if k.endswith("_config_module.py"))
+    assert config_growth < 20_000  # 2000 calls at ~200 bytes each: about 400 kB
+    assert fast.stats.calls == 2050
