@@ -257,7 +257,13 @@ def init_state(
     if not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     if device is not None:
-        model.to(torch.device(device))
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={str(device)!r} but CUDA is not available here (torch "
+                f"{torch.__version__}); use device='cpu' or install a CUDA build of torch"
+            )
+        model.to(device)
     policy = get_policy(precision)
     params = OrderedDict((n, p.detach()) for n, p in model.named_parameters())
     buffers = OrderedDict((n, b.detach()) for n, b in model.named_buffers())

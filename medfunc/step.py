@@ -149,10 +149,16 @@ def extract_loss(outputs: Any, batch: Any, loss_fn: Any = None) -> torch.Tensor:
             if isinstance(outputs, Mapping)
             else type(outputs).__name__
         )
+        hint = ""
+        if isinstance(batch, Mapping) and "label" in batch and "labels" not in batch:
+            hint = (
+                " The batch has a 'label' entry: Hugging Face models compute their loss from "
+                "'labels' (plural); rename the column."
+            )
         raise LossError(
             f"the model's output holds no loss: expected a loss tensor or a mapping/ModelOutput "
             f"with a 'loss' entry, found {found}. Return the loss from the model or pass "
-            "loss_fn=lambda outputs, batch: ... to init_state"
+            f"loss_fn=lambda outputs, batch: ... to init_state.{hint}"
         )
     if not isinstance(loss, torch.Tensor):
         raise LossError(f"{source} must be a tensor, got {type(loss).__name__}")
@@ -292,6 +298,12 @@ def _value_and_grad(
                 outputs = functional_call(static.module, bindings, args, kwargs)
         loss = extract_loss(outputs, batch, static.loss_fn)
         del outputs  # the outputs (e.g. an LM's logits) need not live through the backward pass
+        if not loss.requires_grad:
+            raise LossError(
+                "the loss does not depend on any trainable parameter (it does not require "
+                "grad): was it computed under torch.no_grad(), detached, or from frozen "
+                "parameters only?"
+            )
         grads = torch.autograd.grad(
             objective(loss), leaves, allow_unused=True, materialize_grads=True
         )
@@ -348,7 +360,7 @@ def not_applied(
     metrics = {
         "loss": loss,
         "grad_norm": nan,
-        "lr": nan,
+        "lr": torch.full((), float("nan"), dtype=torch.float64, device=device),
         "skipped": torch.zeros((), dtype=torch.bool, device=device),
         "applied": torch.zeros((), dtype=torch.bool, device=device),
     }
@@ -395,7 +407,7 @@ def apply_update(
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
-        "lr": ctx.metrics.get("lr", nan),
+        "lr": ctx.metrics.get("lr", nan).to(torch.float64),  # one dtype on every call
         "skipped": found_inf > 0,
         "applied": torch.ones((), dtype=torch.bool, device=device),
     }
@@ -516,6 +528,12 @@ def train_step(
     """
     state.check_alive()
     static = static_of(state)
+    if not static.names:
+        raise ConfigError(
+            "the state has no trainable parameters (every parameter had requires_grad=False "
+            "when init_state ran); unfreeze some (param.requires_grad_(True)) and build the "
+            "state again"
+        )
     if static.grad_path is not None and static.grad_path.engine is not None:
         raise ConfigError(
             f"this state steps through its {static.grad_path.name} engine; call "

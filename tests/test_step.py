@@ -305,3 +305,47 @@ def test_step_restores_each_submodules_mode():
     mf.train_step(state, make_batches(1)[0])
     mf.eval_step(state, make_batches(1)[0])
     assert [m.training for m in model.modules()] == [m is model.fc1 for m in model.modules()]
+
+
+def test_errors_name_the_problem_instead_of_leaking_raw_torch_errors():
+    frozen = _model()
+    frozen.requires_grad_(False)
+    state = mf.init_state(frozen, mf.optim.adamw(1e-2))
+    with pytest.raises(mf.ConfigError, match="no trainable parameters"):
+        mf.train_step(state, make_batches(1)[0])
+
+    class Detached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x, labels):
+            return nn.functional.cross_entropy(self.fc(x), labels).detach()
+
+    state = mf.init_state(Detached(), mf.optim.adamw(1e-2))
+    with pytest.raises(mf.LossError, match="does not require grad"):
+        mf.train_step(state, make_batches(1)[0])
+
+    class NoLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x, label=None):
+            return {"logits": self.fc(x)}
+
+    batch = {"x": torch.randn(4, 6), "label": torch.zeros(4, dtype=torch.long)}
+    with pytest.raises(mf.LossError, match="'labels' \\(plural\\)"):
+        mf.train_step(mf.init_state(NoLoss(), mf.optim.sgd(0.1)), batch)
+    if not torch.cuda.is_available():
+        with pytest.raises(mf.ConfigError, match="CUDA is not available"):
+            mf.init_state(_model(), mf.optim.sgd(0.1), device="cuda")
+
+
+def test_lr_metric_has_one_dtype_on_accumulate_and_update_calls():
+    state = mf.init_state(_model(), mf.optim.adamw(1e-2), accumulate_steps=2)
+    dtypes = []
+    for batch in make_batches(4):
+        state, metrics = mf.train_step(state, batch)
+        dtypes.append(metrics["lr"].dtype)
+    assert dtypes == [torch.float64] * 4
