@@ -42,6 +42,7 @@ from torch.optim.adam import adam as _torch_adam
 from torch.optim.sgd import sgd as _torch_sgd
 
 from medfunc.errors import ConfigError
+from medfunc.validation import one_of
 
 KERNELS = ("auto", "foreach", "fused")
 
@@ -83,13 +84,6 @@ def _capturable_devices() -> list[str]:
         return ["cuda", "xpu"]
 
 
-def validate_kernel(kernel: str) -> str:
-    """Check a ``kernel`` argument ("auto", "foreach" or "fused")."""
-    if kernel not in KERNELS:
-        raise ConfigError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    return kernel
-
-
 @functools.lru_cache(maxsize=64)
 def resolve_kernel(kernel: str, device: torch.device, *, adam: bool = True) -> KernelConfig:
     """Pick the kernel path for parameters on ``device``.
@@ -106,7 +100,7 @@ def resolve_kernel(kernel: str, device: torch.device, *, adam: bool = True) -> K
         >>> resolve_kernel("auto", torch.device("cpu"))
         KernelConfig(fused=False, capturable=False, device_type='cpu')
     """
-    validate_kernel(kernel)
+    one_of("kernel", kernel, KERNELS)
     dtype = device.type
     fused = kernel == "fused" or (kernel == "auto" and dtype == "cuda")
     if fused and dtype not in _fused_devices():
