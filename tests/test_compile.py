@@ -22,14 +22,8 @@ import torch
 from conftest import TinyClassifier, make_batches
 
 import medfunc as mf
-from medfunc.compile import (
-    MODES,
-    _batch_signature,
-    _MetricPack,
-    compile_step,
-    default_mode,
-    resolve_mode,
-)
+from medfunc.compile import MODES, compile_step, default_mode, resolve_mode
+from medfunc.graphs import MetricPack, batch_signature
 from medfunc.testing import assert_trees_close, assert_trees_equal
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -279,7 +273,7 @@ def test_metric_pack_returns_fresh_tensors_of_each_dtype():
         "applied": torch.tensor(False),
         "grad_norm": torch.tensor(0.5, dtype=torch.bfloat16),
     }
-    pack = _MetricPack(metrics, torch.device("cpu"))
+    pack = MetricPack(metrics, torch.device("cpu"))
     pack.write(metrics)
     first = pack.read()
     assert_trees_equal(first, metrics)
@@ -288,17 +282,17 @@ def test_metric_pack_returns_fresh_tensors_of_each_dtype():
     assert not pack.read()["skipped"]
 
 
-def test_batch_signature_keys_shapes_dtypes_and_constants():
+def testbatch_signature_keys_shapes_dtypes_and_constants():
     a = {"x": torch.zeros(4, 3), "labels": torch.zeros(4, dtype=torch.long)}
     b = {"labels": torch.ones(4, dtype=torch.long), "x": torch.ones(4, 3)}
     c = {"x": torch.zeros(5, 3), "labels": torch.zeros(5, dtype=torch.long)}
     d = {"x": torch.zeros(4, 3, dtype=torch.float64), "labels": torch.zeros(4, dtype=torch.long)}
-    keys = [_batch_signature(batch)[2] for batch in (a, b, c, d)]
+    keys = [batch_signature(batch)[2] for batch in (a, b, c, d)]
     assert keys[0] == keys[1]
     assert len({keys[0], keys[2], keys[3]}) == 3
-    assert _batch_signature((torch.zeros(2), 1))[2] != _batch_signature((torch.zeros(2), 2))[2]
+    assert batch_signature((torch.zeros(2), 1))[2] != batch_signature((torch.zeros(2), 2))[2]
     with pytest.raises(mf.BatchError, match="cannot be part of a CUDA graph"):
-        _batch_signature({"x": torch.zeros(2), "meta": {1, 2}})
+        batch_signature({"x": torch.zeros(2), "meta": {1, 2}})
 
 
 # ---------------------------------------------------------------------------------------------
