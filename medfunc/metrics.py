@@ -5,7 +5,8 @@ recall and F1 (binary: of class 1; multi-class: macro average over the classes p
 for binary tasks the exact AUROC from ranks, ties given their average rank.
 
 :class:`EvalAccumulator` collects an evaluation batch by batch (on every rank under torchrun) and
-computes these metrics once over all examples.
+computes these metrics once over all examples; :func:`evaluate_batches` runs ``mf.eval_step``
+over a whole evaluation set through it.
 
 Example:
     >>> logits = torch.tensor([[2.0, -1.0], [0.1, 0.3], [-0.5, 0.5]])
@@ -15,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ import torch
 from medfunc import distributed
 from medfunc.data import to_device
 from medfunc.errors import ConfigError
+from medfunc.state import TrainState
+from medfunc.step import eval_step
 
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 IGNORE_INDEX = -100
@@ -291,3 +294,32 @@ class EvalAccumulator:
                 )
             metrics.update({str(k): float(v) for k, v in extra.items()})
         return metrics
+
+
+def evaluate_batches(
+    state: TrainState,
+    batches: Iterable[Any],
+    metric_fn: Callable[[list, torch.Tensor | None], Mapping[str, float]] | None = None,
+) -> dict[str, float]:
+    """Evaluate ``state`` on every batch with ``mf.eval_step``; metrics over the whole set.
+
+    Under torchrun each rank passes its share of the batches and every rank gets the metrics of
+    all of them (see :meth:`EvalAccumulator.compute`).
+
+    Args:
+        state: the state to evaluate (eval mode, no gradients).
+        batches: the evaluation batches, already on the state's device.
+        metric_fn: optional ``metric_fn(outputs_list, labels) -> {name: number}``.
+
+    Returns:
+        metric name -> float (see :meth:`EvalAccumulator.compute`).
+
+    Example:
+        >>> evaluate_batches(state, [{"x": x, "labels": y}])
+        {'loss': 0.31, 'accuracy': 0.9, ...}
+    """
+    accumulator = EvalAccumulator(state.device, keep_outputs=metric_fn is not None)
+    for batch in batches:
+        result = eval_step(state, batch)
+        accumulator.add(batch, result["outputs"], result["loss"])
+    return accumulator.compute(metric_fn)

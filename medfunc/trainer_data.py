@@ -10,6 +10,10 @@ DataLoaders and iterables of batches are used as given (their sampler's ``set_ep
 every epoch); for evaluation under torchrun they are split by batch index unless their sampler
 already is a ``DistributedSampler``.
 
+The helpers at the end build the Trainer's batches from a :class:`TrainerConfig`
+(:func:`training_batches`, :func:`evaluation_batches`, :func:`steps_per_epoch`), name the
+training device (:func:`resolve_device`) and move each batch there (:func:`to_training_device`).
+
 Example:
     >>> batches = DatasetBatches(dataset, role="train_dataset", batch_size=32, shuffle=True,
     ...                          seed=0, rank=0, world=1, train=True)
@@ -34,7 +38,9 @@ from torch.utils.data import (
     default_collate,
 )
 
+from medfunc.data import to_device
 from medfunc.errors import BatchError, ConfigError
+from medfunc.trainer_config import TrainerConfig
 
 log = logging.getLogger("medfunc.trainer")
 
@@ -243,3 +249,153 @@ class DatasetBatches:
                 f"({type(err).__name__}: {err}); return tensors or numbers of equal "
                 "shapes (or dicts of them) from the dataset"
             ) from err
+
+
+def training_batches(data: Any, config: TrainerConfig, *, rank: int, world: int) -> DatasetBatches:
+    """The training batches of ``data``: seeded shuffle per epoch, this rank's part.
+
+    Args:
+        data: a map-style Dataset, a DataLoader or an iterable of batches.
+        config: the options (``batch_size``, ``shuffle``, ``seed``, ``num_epochs``).
+        rank: this process's rank.
+        world: the number of processes.
+
+    Returns:
+        The batches.
+
+    Raises:
+        ConfigError: ``data`` is a one-shot iterator and ``num_epochs > 1``.
+
+    Example:
+        >>> batches = training_batches(dataset, TrainerConfig(batch_size=16), rank=0, world=1)
+    """
+    batches = DatasetBatches(
+        data,
+        role="train_dataset",
+        train=True,
+        batch_size=config.batch_size,
+        shuffle=config.shuffle,
+        seed=config.seed,
+        rank=rank,
+        world=world,
+    )
+    if batches.one_shot and config.num_epochs > 1:
+        raise ConfigError(
+            "train_dataset is a one-shot iterator but num_epochs > 1; pass a "
+            "list, a Dataset or a DataLoader that can be iterated again"
+        )
+    return batches
+
+
+def evaluation_batches(
+    data: Any, config: TrainerConfig, *, rank: int, world: int, role: str = "eval_dataset"
+) -> DatasetBatches:
+    """The evaluation batches of ``data``, in order (``rank=0, world=1`` for all of them).
+
+    Args:
+        data: a map-style Dataset, a DataLoader or an iterable of batches.
+        config: the options (``eval_batch_size``, else ``batch_size``).
+        rank: this process's rank.
+        world: the number of processes sharing the evaluation.
+        role: the argument's name for messages.
+
+    Returns:
+        The batches.
+
+    Example:
+        >>> batches = evaluation_batches(dataset, TrainerConfig(), rank=0, world=1)
+    """
+    return DatasetBatches(
+        data,
+        role=role,
+        train=False,
+        batch_size=config.eval_batch_size or config.batch_size,
+        shuffle=False,
+        seed=config.seed,
+        rank=rank,
+        world=world,
+    )
+
+
+def steps_per_epoch(batches: DatasetBatches, accumulation: int) -> int | None:
+    """Optimizer steps per epoch (None when the data has no length).
+
+    Args:
+        batches: the training batches.
+        accumulation: micro-batches per optimizer step (``gradient_accumulation_steps``).
+
+    Returns:
+        ``len(batches) // accumulation``, or None.
+
+    Raises:
+        ConfigError: an epoch has fewer micro-batches than one optimizer step needs.
+
+    Example:
+        >>> steps_per_epoch(batches, accumulation=4)
+        10
+    """
+    if not batches.has_length:
+        return None
+    steps = len(batches) // accumulation
+    if steps == 0:
+        raise ConfigError(
+            f"{batches.role} gives {len(batches)} batch(es) per epoch, "
+            f"fewer than gradient_accumulation_steps={accumulation}: no optimizer step "
+            "would run; lower batch_size or gradient_accumulation_steps"
+        )
+    return steps
+
+
+def to_training_device(batch: Any, device: torch.device) -> Any:
+    """Move a batch to the training device; to CUDA through pinned memory, without waiting.
+
+    Args:
+        batch: a tensor or a nest of mappings, lists and tuples.
+        device: the training device.
+
+    Returns:
+        The batch on ``device``; a CUDA copy is asynchronous (no host sync per step).
+
+    Example:
+        >>> to_training_device({"x": torch.zeros(2)}, torch.device("cpu"))["x"].device
+        device(type='cpu')
+    """
+    if device.type != "cuda":
+        return to_device(batch, device)
+    return to_device(pin_memory(batch), device, non_blocking=True)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The device a ``TrainerConfig.device`` value names.
+
+    Args:
+        spec: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N" or "xla".
+
+    Returns:
+        The device.
+
+    Raises:
+        ConfigError: CUDA or torch_xla was asked for but is not available.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"TrainerConfig.device={spec!r} but CUDA is not available in this "
+            "PyTorch build or machine; use device='auto' or 'cpu'"
+        )
+    if spec == "xla":
+        try:
+            import torch_xla.core.xla_model as xm
+        except ImportError:
+            raise ConfigError(
+                "TrainerConfig.device='xla' needs the torch_xla package, which is "
+                "not installed; install torch-xla on a TPU host or use "
+                "device='auto'"
+            ) from None
+        return xm.xla_device()
+    return torch.device(spec)

@@ -1,5 +1,6 @@
-"""MedicalModelTrainer: the loop against an imperative PyTorch reference, evaluation over the whole
-set, accumulation cadence, early stopping, non-finite steps, data errors and final outputs."""
+"""MedicalModelTrainer: the loop against an imperative PyTorch reference, optimizers and schedules
+from the registries, evaluation over the whole set, accumulation cadence, early stopping,
+non-finite steps, data errors, the process group and final outputs."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 from torch.utils.data import DataLoader
 
+from medfunc import distributed, optim, schedules
 from medfunc.errors import BatchError, ConfigError, NonFiniteError
 from medfunc.recipes.base import TensorDictDataset
-from medfunc.trainer import MedicalModelTrainer, TrainerConfig
+from medfunc.trainer import MedicalModelTrainer, TrainerConfig, build_optimizer, build_schedule
 
 
 def _data(n: int, classes: int = 3, seed: int = 0, features: int = 6) -> TensorDictDataset:
@@ -365,3 +367,169 @@ def test_compiled_step_trains_like_the_eager_step(tmp_path):
         params[mode] = trainer.state.params
     for name, value in params[False].items():
         torch.testing.assert_close(params["inductor"][name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def _per_param_groups(model, lr, weight_decay, multipliers=()):
+    """torch.optim param groups as medfunc builds them: no decay for biases, LR multipliers."""
+    groups = []
+    for name, param in model.named_parameters():
+        factor = next((m for pattern, m in multipliers if pattern in name), 1.0)
+        decay = 0.0 if name.endswith("bias") else weight_decay
+        groups.append({"params": [param], "lr": lr * factor, "weight_decay": decay})
+    return groups
+
+
+REGISTRY_CASES = {
+    "sgd-value-step": (
+        dict(
+            optimizer="sgd",
+            sgd_momentum=0.8,
+            weight_decay=0.01,
+            layer_wise_lrs=[("fc1", 0.5)],
+            grad_clip_mode="value",
+            grad_clip_value=0.05,
+            scheduler="step",
+            step_size=3,
+            gamma=0.5,
+        ),
+        lambda groups, c: torch.optim.SGD(groups, lr=c.learning_rate, momentum=0.8),
+        lambda opt, c, total: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+    ),
+    "adam-cosine": (
+        dict(
+            optimizer="adam",
+            betas=(0.8, 0.99),
+            eps=1e-6,
+            weight_decay=0.01,
+            grad_clip_mode="none",
+            scheduler="cosine",
+            eta_min=1e-4,
+        ),
+        lambda groups, c: torch.optim.Adam(groups, lr=c.learning_rate, betas=(0.8, 0.99), eps=1e-6),
+        lambda opt, c, total: torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=total, eta_min=1e-4
+        ),
+    ),
+    "adamw-norm-one_cycle": (
+        dict(
+            optimizer="adamw",
+            weight_decay=0.05,
+            max_grad_norm=0.3,
+            scheduler="one_cycle",
+            pct_start=0.25,
+            anneal_strategy="linear",
+            div_factor=10.0,
+            final_div_factor=100.0,
+        ),
+        lambda groups, c: torch.optim.AdamW(groups, lr=c.learning_rate),
+        lambda opt, c, total: torch.optim.lr_scheduler.OneCycleLR(
+            opt,
+            max_lr=c.learning_rate,
+            total_steps=total,
+            pct_start=0.25,
+            anneal_strategy="linear",
+            div_factor=10.0,
+            final_div_factor=100.0,
+            cycle_momentum=False,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REGISTRY_CASES))
+def test_registry_optimizers_and_schedules_equal_torch(tmp_path, case):
+    """Each config reaches the registries' factories: the run equals torch.optim + lr_scheduler."""
+    options, make_optimizer, make_schedule = REGISTRY_CASES[case]
+    model = _model()
+    reference = copy.deepcopy(model)
+    data = _data(48)
+    config = _quiet(
+        num_epochs=2, batch_size=8, learning_rate=0.05, shuffle=False, log_every=1, **options
+    )
+    trainer = MedicalModelTrainer(model, config)
+    trainer.train(data, output_dir=tmp_path)
+
+    total = 12
+    groups = _per_param_groups(reference, 0.05, config.weight_decay, config.layer_wise_lrs or ())
+    opt = make_optimizer(groups, config)
+    schedule = make_schedule(opt, config, total)
+    x, y = data.tensors["x"], data.tensors["labels"]
+    lrs = []
+    for _ in range(2):
+        for start in range(0, 48, 8):
+            reference(x[start : start + 8], labels=y[start : start + 8])["loss"].backward()
+            if config.grad_clip_mode == "value":
+                torch.nn.utils.clip_grad_value_(reference.parameters(), config.grad_clip_value)
+            elif config.grad_clip_mode == "norm":
+                torch.nn.utils.clip_grad_norm_(reference.parameters(), config.max_grad_norm)
+            lrs.append(opt.param_groups[-1]["lr"])
+            opt.step()
+            schedule.step()
+            opt.zero_grad()
+    for (name, got), want in zip(trainer.state.params.items(), reference.parameters()):
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-6, msg=name)
+    logged = [r["train/lr"] for r in _records(tmp_path, "train/")]
+    assert logged == pytest.approx(lrs, rel=1e-12, abs=1e-15)
+
+
+def test_a_newly_registered_schedule_and_optimizer_need_no_trainer_change(monkeypatch):
+    def halving(lr, step_size, floor=0.0):
+        return lambda step: torch.tensor(
+            max(lr * 0.5 ** (int(step) // step_size), floor), dtype=torch.float64
+        )
+
+    def sgd_nesterov(lr, momentum, weight_decay, *, lr_multipliers=None):
+        return optim.sgd(lr, momentum, 0.0, True, weight_decay, lr_multipliers=lr_multipliers)
+
+    monkeypatch.setitem(schedules.SCHEDULES, "halving", halving)
+    monkeypatch.setitem(optim.OPTIMIZERS, "sgd_nesterov", sgd_nesterov)
+    config = TrainerConfig(learning_rate=0.8, step_size=2, sgd_momentum=0.7, weight_decay=0.1)
+    config.scheduler, config.optimizer = "halving", "sgd_nesterov"  # not yet in TrainerConfig
+    schedule = build_schedule(config, total_steps=None)
+    assert [float(schedule(s)) for s in range(6)] == [0.8, 0.8, 0.4, 0.4, 0.2, 0.2]
+    spec, path = optim.find_optimizer(build_optimizer(config, schedule))
+    assert path == (1,)  # after the default clipping
+    assert (spec.name, spec.momentum, spec.nesterov, spec.weight_decay) == ("sgd", 0.7, True, 0.1)
+
+
+def test_schedules_that_need_the_run_length_say_so(caplog):
+    with pytest.raises(ConfigError, match="scheduler='cosine' needs the run length"):
+        build_schedule(TrainerConfig(scheduler="cosine"), total_steps=None)
+    with pytest.raises(ConfigError, match="scheduler='one_cycle' needs the run length"):
+        build_schedule(TrainerConfig(scheduler="one_cycle"), total_steps=None)
+    cosine = build_schedule(TrainerConfig(scheduler="cosine", t_max=10, learning_rate=1.0), None)
+    assert float(cosine(5)) == float(schedules.cosine(1.0, 10)(5))
+    with caplog.at_level(logging.WARNING, logger="medfunc.trainer"):
+        warm = build_schedule(TrainerConfig(learning_rate=1.0, warmup_steps=50), total_steps=20)
+    assert "warmup_steps=50 exceeds the run's 20 optimizer steps" in caplog.text
+    reference = schedules.linear_warmup(1.0, 20, 20)
+    assert [float(warm(s)) for s in range(22)] == [float(reference(s)) for s in range(22)]
+
+
+def test_constructing_a_trainer_does_not_join_the_process_group(tmp_path, monkeypatch):
+    """Under torchrun the group is joined by train(), not by the constructor."""
+    joined = []
+    real_init = distributed.init
+
+    def refusing_init(*args, **kwargs):
+        raise AssertionError("the constructor joined the process group")
+
+    monkeypatch.setattr(distributed, "init", refusing_init)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    trainer = MedicalModelTrainer(_model(), _quiet(num_epochs=1, batch_size=8))
+    assert not torch.distributed.is_initialized()
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(distributed, "init", lambda *a, **k: joined.append(1) or real_init(*a, **k))
+    trainer.train(_data(16), output_dir=tmp_path)
+    assert joined
+
+
+def test_the_weights_file_is_written_atomically(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"an older run's weights")
+    trainer = MedicalModelTrainer(_model(), _quiet(num_epochs=1, batch_size=8))
+    result = trainer.train(_data(16), output_dir=tmp_path)
+    assert set(load_file(result.weights_path)) == set(trainer.state.params)
+    assert (result.weights_path.stat().st_mode & 0o777) == 0o644
+    assert not list(tmp_path.glob(".model.safetensors.tmp*"))

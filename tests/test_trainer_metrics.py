@@ -1,4 +1,4 @@
-"""Whole-set classification metrics against scikit-learn."""
+"""Whole-set classification metrics against scikit-learn; the training loop's metric tracking."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import TinyClassifier
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import (
@@ -16,7 +17,18 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from medfunc.metrics import auroc, batch_size_of, classification_metrics, find_labels, find_logits
+import medfunc as mf
+from medfunc.early_stopping import EarlyStopping
+from medfunc.errors import NonFiniteError
+from medfunc.metrics import (
+    auroc,
+    batch_size_of,
+    classification_metrics,
+    evaluate_batches,
+    find_labels,
+    find_logits,
+)
+from medfunc.tracking import LoopPosition, StepMetricSums, check_skipped_run
 
 
 @settings(max_examples=80, deadline=None)
@@ -111,3 +123,101 @@ def test_output_and_batch_helpers():
     assert find_labels((torch.zeros(3),)) is None
     assert batch_size_of({"x": torch.zeros(5, 2)}) == 5
     assert batch_size_of((torch.zeros(()), torch.zeros(4))) == 4
+
+
+def _step_metrics(loss, grad_norm, lr, skipped, loss_scale=None):
+    metrics = {
+        "loss": torch.tensor(loss, dtype=torch.float32),
+        "grad_norm": torch.tensor(grad_norm, dtype=torch.float32),
+        "lr": torch.tensor(lr, dtype=torch.float64),
+        "skipped": torch.tensor(skipped),
+    }
+    if loss_scale is not None:
+        metrics["loss_scale"] = torch.tensor(loss_scale)
+    return metrics
+
+
+def test_step_metric_sums_average_each_interval_like_a_plain_loop():
+    g = torch.Generator().manual_seed(5)
+    steps = [
+        (float(torch.rand((), generator=g)), float(torch.rand((), generator=g)), 0.1 / (i + 1), s)
+        for i, s in enumerate([0, 1, 1, 0, 0, 1, 1, 1, 0, 0])
+    ]
+    sums = StepMetricSums(torch.device("cpu"))
+    run = 0
+    for interval in (steps[:4], steps[4:9], steps[9:]):
+        longest = 0
+        for loss, norm, lr, skipped in interval:
+            sums.record(_step_metrics(loss, norm, lr, skipped, loss_scale=2.0**16))
+            run = run + 1 if skipped else 0
+            longest = max(longest, run)
+        scalars, skipped_run = sums.flush()
+        applied = [norm for _, norm, _, skipped in interval if not skipped]
+        loss_mean = sum(torch.tensor(x[0]).double().item() for x in interval) / len(interval)
+        assert scalars["train/loss"] == pytest.approx(loss_mean, rel=1e-12)
+        norm_mean = sum(torch.tensor(n).double().item() for n in applied) / len(applied)
+        assert scalars["train/grad_norm"] == pytest.approx(norm_mean, rel=1e-12)
+        assert scalars["train/lr"] == interval[-1][2]
+        assert scalars["train/skipped_steps"] == sum(s for *_, s in interval)
+        assert scalars["train/loss_scale"] == 2.0**16
+        assert skipped_run == longest
+        assert sums.steps == 0
+
+
+def test_a_run_of_skipped_steps_is_counted_across_intervals_and_stops_training():
+    sums = StepMetricSums(torch.device("cpu"))
+    for _ in range(3):
+        sums.record(_step_metrics(float("nan"), float("nan"), 0.1, 1))
+    scalars, first = sums.flush()
+    assert math.isnan(scalars["train/grad_norm"]) and "train/loss_scale" not in scalars
+    sums.record(_step_metrics(float("nan"), float("nan"), 0.1, 1))
+    _, second = sums.flush()
+    assert (first, second) == (3, 4)
+    check_skipped_run(second, limit=5, step=4)
+    check_skipped_run(second, limit=None, step=4)
+    with pytest.raises(NonFiniteError, match=r"4 consecutive optimizer steps \(up to step 4\)"):
+        check_skipped_run(second, limit=4, step=4)
+
+
+def test_loop_position_round_trips_through_a_checkpoints_trainer_state():
+    stopping = EarlyStopping(patience=3, mode="max", min_delta=0.01)
+    position = LoopPosition(stopping, epoch=2, batch_index=6, global_step=13, last_eval_step=12)
+    position.stopping.update(0.8)
+    position.stopping.update(0.7)
+    saved = position.to_trainer_state("auroc", run={"recipe": "breast_cancer"})
+    assert saved == {
+        "epoch": 2,
+        "batch_index": 6,
+        "loop_step": 13,
+        "best_metric": 0.8,
+        "patience_counter": 1,
+        "last_eval_step": 12,
+        "eval_metric": "auroc",
+        "run": {"recipe": "breast_cancer"},
+    }
+    restored = LoopPosition.from_trainer_state(saved, EarlyStopping(patience=3, mode="max"))
+    assert (restored.stopping.best, restored.stopping.wait) == (0.8, 1)
+    assert (restored.epoch, restored.batch_index, restored.global_step) == (2, 6, 13)
+    assert restored.last_eval_step == 12
+    # an older checkpoint without the loop entries resumes from its step counter
+    legacy = LoopPosition.from_trainer_state({"global_step": 7}, EarlyStopping())
+    assert (legacy.global_step, legacy.epoch, legacy.stopping.best) == (7, 0, None)
+
+
+def test_evaluate_batches_computes_metrics_over_the_whole_set():
+    torch.manual_seed(0)
+    model = TinyClassifier(classes=2)
+    state = mf.init_state(model, mf.optim.chain())
+    g = torch.Generator().manual_seed(6)
+    x, labels = torch.randn(23, 6, generator=g), torch.randint(0, 2, (23,), generator=g)
+    batches = [{"x": x[i : i + 5], "labels": labels[i : i + 5]} for i in range(0, 23, 5)]
+    seen = []
+    got = evaluate_batches(state, batches, lambda outputs, y: seen.append(len(outputs)) or {"n": 1})
+    with torch.no_grad():
+        out = model.eval()(x, labels)
+    want = classification_metrics(out["logits"], labels)
+    assert "auroc" in want
+    assert got["loss"] == pytest.approx(out["loss"].item(), rel=1e-6)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+    assert got["n"] == 1.0 and seen == [5]
