@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -126,6 +127,9 @@ class TrainState:
         default_factory=_Liveness, init=False, repr=False, compare=False
     )
 
+    def __post_init__(self) -> None:
+        _LIVE_STATES.setdefault(self.module, weakref.WeakSet()).add(self)
+
     def __getattribute__(self, name: str) -> Any:
         if name in LEAF_FIELDS and object.__getattribute__(self, "_liveness").consumed:
             raise ConsumedStateError(
@@ -219,8 +223,35 @@ def tree_leaves_with_path(tree: Any) -> list[tuple[str, Any]]:
     return [("/".join(str(k) for k in path), leaf) for path, leaf in zip(paths, leaves)]
 
 
+# The states built over each module (weakly held), to find a live state that already uses the
+# module's own tensors as its storage.
+_LIVE_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _storage_in_use(model: torch.nn.Module) -> bool:
+    """Whether a live (not consumed) state holds ``model``'s own parameters as its storage."""
+    own = {p.data_ptr() for p in model.parameters() if p.numel()}
+    own.update(b.data_ptr() for b in model.buffers() if b.numel())
+    for state in list(_LIVE_STATES.get(model, ())):
+        if state.consumed:
+            continue
+        tensors = (*state.params.values(), *state.buffers.values())
+        if any(t.numel() and t.data_ptr() in own for t in tensors):
+            return True
+    return False
+
+
+def _build_model(model: torch.nn.Module | Callable[[], torch.nn.Module], seed: int) -> Any:
+    """``model`` itself, or the module a zero-argument constructor builds under ``seed``."""
+    if isinstance(model, torch.nn.Module) or not callable(model):
+        return model
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return model()
+
+
 def init_state(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Callable[[], torch.nn.Module],
     tx: Any,
     *,
     loss_fn: Callable | None = None,
@@ -232,15 +263,20 @@ def init_state(
     """Build the initial :class:`TrainState` of ``model`` trained with ``tx``.
 
     The state's params and buffers share storage with ``model`` (no copy): a pure step writes new
-    tensors, a donating step updates them (and so the model) in place.
+    tensors, a donating step updates them (and so the model) in place. Two live states never
+    share storage: when a live state already uses ``model``'s tensors, the new state gets its
+    own copy of them (the model keeps following the first state).
 
     Args:
-        model: the module to train. Parameters with ``requires_grad=False`` stay in the state but
-            are not optimized.
+        model: the module to train, or a zero-argument constructor of it, which is called with
+            the global RNG seeded from ``seed`` (so ``seed`` also fixes the initial weights:
+            the way to build differently initialised ensemble members). Parameters with
+            ``requires_grad=False`` stay in the state but are not optimized.
         tx: a :class:`medfunc.optim.GradientTransformation`.
         loss_fn: optional ``loss_fn(outputs, batch) -> scalar loss``.
         precision: "fp32", "bf16" or "fp16" (or a :class:`Policy`).
-        seed: RNG key for dropout and any other randomness in the step.
+        seed: RNG key for dropout and any other randomness in the step (and, when ``model``
+            is a constructor, the seed its weights are drawn with).
         accumulate_steps: micro-batches per optimizer update (>= 1).
         device: move the model there first (default: where its parameters are).
 
@@ -250,8 +286,12 @@ def init_state(
     Example:
         >>> state = init_state(torch.nn.Linear(4, 2), mf.optim.adamw(1e-3), precision="bf16")
     """
+    model = _build_model(model, seed) if isinstance(seed, int) else model
     if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise ConfigError(
+            "model must be a torch.nn.Module or a zero-argument function returning one, got "
+            f"{type(model).__name__}"
+        )
     if not isinstance(accumulate_steps, int) or accumulate_steps < 1:
         raise ConfigError(f"accumulate_steps must be an integer >= 1, got {accumulate_steps!r}")
     if not isinstance(seed, int):
@@ -265,8 +305,9 @@ def init_state(
             )
         model.to(device)
     policy = get_policy(precision)
-    params = OrderedDict((n, p.detach()) for n, p in model.named_parameters())
-    buffers = OrderedDict((n, b.detach()) for n, b in model.named_buffers())
+    take = (lambda t: t.detach().clone()) if _storage_in_use(model) else torch.Tensor.detach
+    params = OrderedDict((n, take(p)) for n, p in model.named_parameters())
+    buffers = OrderedDict((n, take(b)) for n, b in model.named_buffers())
     first = next(iter(params.values()), None)
     dev = first.device if first is not None else torch.device("cpu")
     trainable = OrderedDict((n, params[n]) for n, p in model.named_parameters() if p.requires_grad)

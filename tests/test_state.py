@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 
 import optree
@@ -12,6 +13,7 @@ from conftest import TinyClassifier, make_batches
 from torch import nn
 
 import medfunc as mf
+from medfunc.compile import compile_step
 from medfunc.state import LEAF_FIELDS, PYTREE_NAMESPACE
 
 
@@ -136,3 +138,67 @@ def test_bind_module_writes_state_values_into_the_module():
     module = mf.bind_module(state)
     for name, p in module.named_parameters():
         assert torch.equal(p, state.params[name])
+
+
+def _ensemble_reference(model, batches, seed):
+    """One member trained alone on its own deep copy of ``model``."""
+    state = mf.init_state(copy.deepcopy(model), mf.optim.adamw(1e-2), seed=seed)
+    for batch in batches:
+        state, _ = mf.train_step(state, batch)
+    return state
+
+
+@pytest.mark.parametrize("donate", [True, False])
+def test_states_built_from_one_model_never_share_storage(donate):
+    torch.manual_seed(0)
+    model = TinyClassifier(dropout=0.3)
+    initial = copy.deepcopy(model)
+    states = [mf.init_state(model, mf.optim.adamw(1e-2), seed=s) for s in range(3)]
+    # the first state uses the model's own tensors; the others got copies
+    assert states[0].params["fc1.weight"].data_ptr() == model.fc1.weight.data_ptr()
+    pointers = {s.params["fc1.weight"].data_ptr() for s in states}
+    assert len(pointers) == 3
+    batches = make_batches(4)
+    for batch in batches:
+        states = [mf.train_step(s, batch, donate=donate)[0] for s in states]
+    for seed, state in enumerate(states):
+        expected = _ensemble_reference(initial, batches, seed)
+        for name, value in state.params.items():
+            assert torch.equal(value, expected.params[name]), (seed, name)
+    assert torch.equal(model.fc1.weight.detach(), states[0].params["fc1.weight"]) is donate
+
+
+def test_compiled_ensemble_members_stay_independent():
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    initial = copy.deepcopy(model)
+    states = [mf.init_state(model, mf.optim.sgd(0.1), seed=s) for s in range(2)]
+    steps = [compile_step(mf.train_step, mode="inductor") for _ in states]
+    batches = make_batches(3)
+    for batch in batches:
+        states = [step(s, batch)[0] for step, s in zip(steps, states)]
+    alone = mf.init_state(copy.deepcopy(initial), mf.optim.sgd(0.1), seed=1)
+    for batch in batches:
+        alone, _ = mf.train_step(alone, batch)
+    for name, value in states[1].params.items():
+        torch.testing.assert_close(value, alone.params[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_state_is_free_to_reuse_the_model_once_the_old_one_is_gone():
+    model = TinyClassifier()
+    first = mf.init_state(model, mf.optim.sgd(0.1))
+    del first
+    again = mf.init_state(model, mf.optim.sgd(0.1))
+    assert again.params["fc1.weight"].data_ptr() == model.fc1.weight.data_ptr()
+
+
+def test_a_model_constructor_is_built_under_the_seed():
+    a = mf.init_state(lambda: TinyClassifier(), mf.optim.sgd(0.1), seed=1)
+    b = mf.init_state(lambda: TinyClassifier(), mf.optim.sgd(0.1), seed=1)
+    c = mf.init_state(lambda: TinyClassifier(), mf.optim.sgd(0.1), seed=2)
+    assert torch.equal(a.params["fc1.weight"], b.params["fc1.weight"])
+    assert not torch.equal(a.params["fc1.weight"], c.params["fc1.weight"])
+    torch.manual_seed(1)
+    assert torch.equal(a.params["fc1.weight"], TinyClassifier().fc1.weight.detach())
+    with pytest.raises(mf.ConfigError, match="zero-argument function"):
+        mf.init_state(lambda: 3, mf.optim.sgd(0.1))
