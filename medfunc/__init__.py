@@ -2,8 +2,13 @@
 
 Example:
     >>> import medfunc as mf
-    >>> state = mf.init_state(model, mf.optim.adamw(mf.schedules.linear_warmup(1e-3, 10, 100)))
+    >>> model = torch.nn.Linear(4, 1)
+    >>> tx = mf.optim.adamw(mf.schedules.linear_warmup(1e-3, 10, 100))
+    >>> state = mf.init_state(model, tx, loss_fn=lambda outputs, x: outputs.square().mean())
+    >>> batch = torch.randn(8, 4)
     >>> state, metrics = mf.train_step(state, batch, donate=True)
+    >>> int(state.step), sorted(metrics)
+    (1, ['applied', 'grad_norm', 'loss', 'lr', 'skipped'])
 """
 
 from medfunc import data, export, modeling, optim, schedules, testing

@@ -10,6 +10,8 @@ that died mid-write (:func:`remove_stray_temporaries`); temporaries of running p
 
 Example:
     >>> atomic_write("run/notes.txt", lambda handle: handle.write(b"step 100\\n"))
+    >>> Path("run/notes.txt").read_bytes()
+    b'step 100\\n'
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ def temporary_path(path: str | os.PathLike) -> Path:
         ``{folder}/.{name}.tmp-<pid>-<8 hex digits>``; nothing is created.
 
     Example:
-        >>> temporary_path("run/ckpt.pt").name  # doctest: +SKIP
-        '.ckpt.pt.tmp-4242-9f86d081'
+        >>> temporary_path("run/ckpt.pt").name
+        '.ckpt.pt.tmp-...-...'
     """
     path = Path(path)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
@@ -86,7 +88,12 @@ def remove_stray_temporaries(folder: str | os.PathLike) -> None:
         None.
 
     Example:
+        >>> Path("run").mkdir()
+        >>> stray = temporary_path("run/ckpt.pt")  # this process's, but no write owns it
+        >>> _ = stray.write_bytes(b"half a checkpoint")
         >>> remove_stray_temporaries("run")
+        >>> stray.exists()
+        False
     """
     for entry in os.scandir(folder):
         match = _TEMPORARY.match(entry.name)
@@ -114,6 +121,11 @@ def pending_temporaries(path: str | os.PathLike) -> list[Path]:
     Example:
         >>> pending_temporaries("run/ckpt.pt")
         []
+        >>> Path("run").mkdir()
+        >>> stray = temporary_path("run/ckpt.pt")
+        >>> _ = stray.write_bytes(b"half a checkpoint")
+        >>> pending_temporaries("run/ckpt.pt") == [stray]
+        True
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -137,7 +149,7 @@ def fsync_folder(folder: str | os.PathLike) -> None:
         None.
 
     Example:
-        >>> fsync_folder("run")
+        >>> fsync_folder(".")
     """
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
     try:
@@ -186,6 +198,8 @@ def atomic_write(
 
     Example:
         >>> atomic_write("run/ckpt.pt", lambda handle: torch.save({"step": 3}, handle))
+        >>> torch.load("run/ckpt.pt")
+        {'step': 3}
     """
     path = Path(path)
     folder = path.parent
@@ -227,8 +241,10 @@ def atomic_replace(src: str | os.PathLike, dst: str | os.PathLike, *, mode: int 
 
     Example:
         >>> staged = temporary_path("model.pt")
-        >>> scripted.save(str(staged))
+        >>> torch.save(torch.nn.Linear(4, 2).state_dict(), str(staged))  # e.g. an exporter
         >>> atomic_replace(staged, "model.pt")
+        >>> staged.exists(), sorted(torch.load("model.pt"))
+        (False, ['bias', 'weight'])
     """
     src, dst = Path(src), Path(dst)
     _fsync_file(src)

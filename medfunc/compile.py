@@ -15,12 +15,14 @@ The host-side parts of a step stay outside the compiled/captured region: the liv
 batch validation, train mode, seeding the RNG from ``state.rng``, and the ``[key, counter]``
 and accumulation counters (CPU tensors). See ``docs/performance.md`` for when to use which mode.
 
-Example:
-    >>> from medfunc.compile import compile_step, default_mode
-    >>> fast_step = compile_step(mf.train_step, mode=default_mode(state.device))
-    >>> for batch in loader:
-    ...     state, metrics = fast_step(state, batch)
-    >>> fast_step.stats.replays  # CUDA-graph modes: one replay per call
+Example::
+
+    from medfunc.compile import compile_step, default_mode
+
+    fast_step = compile_step(mf.train_step, mode=default_mode(state.device))
+    for batch in loader:
+        state, metrics = fast_step(state, batch)
+    fast_step.stats.replays  # CUDA-graph modes: one replay per call
 """
 
 from __future__ import annotations
@@ -453,11 +455,11 @@ def compile_step(
         ConfigError: an unknown mode, a step function other than ``train_step``, a CUDA-graph
             mode without CUDA, or invalid ``max_graphs`` / ``warmup_steps``.
 
-    Example:
-        >>> fast_step = compile_step(mf.train_step, mode="inductor")
-        >>> state, metrics = fast_step(state, batch)
-        >>> fast_step.stats.compiles
-        1
+    Example::
+
+        fast_step = compile_step(mf.train_step, mode="inductor")
+        state, metrics = fast_step(state, batch)  # the first call compiles (seconds)
+        fast_step.stats.compiles  # 1
     """
     if step_fn is not train_step:
         raise ConfigError(

@@ -1,8 +1,11 @@
 """Batching dict batches and moving pytrees of tensors to a device.
 
 Example:
+    >>> x, y = torch.randn(100, 4), torch.randint(0, 2, (100,))
     >>> batches = list(iterate_batches({"x": x, "labels": y}, batch_size=32, shuffle=True, seed=0))
-    >>> batch = to_device(batches[0], "cuda")
+    >>> [len(batch["x"]) for batch in batches]
+    [32, 32, 32, 4]
+    >>> batch = to_device(batches[0], "cuda" if torch.cuda.is_available() else "cpu")
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ Each helper changes the module in place and leaves its ``state_dict()`` keys alo
 checkpoints stay interchangeable with the unprepared model.
 
 Example:
+    >>> layer = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, batch_first=True)
+    >>> model = nn.TransformerEncoder(layer, num_layers=2)
     >>> model = prepare_model(model, gradient_checkpointing=True, dropout_prob=0.1)
     >>> state = mf.init_state(model, mf.optim.adamw(3e-5))
 """
@@ -139,8 +141,11 @@ def is_checkpointed(module: nn.Module) -> bool:
         True if its ``forward`` runs under medfunc's activation checkpointing.
 
     Example:
-        >>> is_checkpointed(model.encoder.layers[0])
-        True
+        >>> layer = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, batch_first=True)
+        >>> encoder = nn.TransformerEncoder(layer, num_layers=2)
+        >>> names = enable_gradient_checkpointing(encoder)
+        >>> is_checkpointed(encoder.layers[0]), is_checkpointed(encoder)
+        (True, False)
     """
     return isinstance(module.__dict__.get("forward"), _CheckpointedForward)
 
@@ -229,9 +234,14 @@ def enable_gradient_checkpointing(
         ConfigError: nothing matched (the message lists the model's top-level children).
 
     Example:
+        >>> layer = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, batch_first=True)
         >>> enable_gradient_checkpointing(nn.TransformerEncoder(layer, 6))
         ['layers.0', 'layers.1', 'layers.2', 'layers.3', 'layers.4', 'layers.5']
+        >>> model = nn.Module()
+        >>> model.encoder = nn.Module()
+        >>> model.encoder.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
         >>> enable_gradient_checkpointing(model, ["encoder.blocks.*"])
+        ['encoder.blocks.0', 'encoder.blocks.1']
     """
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -285,6 +295,7 @@ def set_dropout(model: nn.Module, p: float) -> int:
         ConfigError: ``p`` is not a number in ``[0, 1)``.
 
     Example:
+        >>> model = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32)
         >>> set_dropout(model, 0.0)   # deterministic fine-tuning
         4
     """
@@ -318,9 +329,10 @@ def to_channels_last(model: nn.Module, device: str | torch.device | None = None)
     Returns:
         True if the model was converted.
 
-    Example:
-        >>> to_channels_last(cnn, "cuda")
-        True
+    Example (on a CUDA machine)::
+
+        cnn = torch.nn.Conv2d(3, 8, kernel_size=3)
+        to_channels_last(cnn, "cuda")  # True
     """
     if device is None:
         first = next(iter((*model.parameters(), *model.buffers())), None)
@@ -364,7 +376,11 @@ def prepare_model(
         ConfigError: invalid ``dropout_prob``, or no block to checkpoint.
 
     Example:
+        >>> layer = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, batch_first=True)
+        >>> model = nn.TransformerEncoder(layer, num_layers=2)
         >>> model = prepare_model(model, gradient_checkpointing=True, dropout_prob=0.0)
+        >>> model.layers[0].dropout.p
+        0.0
     """
     if dropout_prob is not None:
         set_dropout(model, dropout_prob)

@@ -156,7 +156,10 @@ class TrainState:
         """Return a copy with ``changes`` applied (like ``flax.struct.PyTreeNode.replace``).
 
         Example:
-            >>> state.replace(step=torch.zeros((), dtype=torch.int64))
+            >>> state = init_state(torch.nn.Linear(4, 2), mf.optim.sgd(0.1))
+            >>> state = state.replace(step=torch.tensor(5))
+            >>> int(state.step)
+            5
         """
         self.check_alive()
         return dataclasses.replace(self, **changes)
@@ -349,7 +352,14 @@ def bind_module(state: TrainState) -> torch.nn.Module:
         ``state.module``, holding the state's values.
 
     Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> state = init_state(model, mf.optim.sgd(0.1), loss_fn=lambda out, x: out.mean())
+        >>> state, _ = mf.train_step(state, torch.randn(8, 4))   # new tensors; model unchanged
+        >>> torch.equal(model.weight, state.params["weight"])
+        False
         >>> model = bind_module(state)   # then export, save or evaluate it imperatively
+        >>> torch.equal(model.weight, state.params["weight"])
+        True
     """
     named = dict(state.module.named_parameters())
     named.update(state.module.named_buffers())

@@ -7,9 +7,13 @@ gradient transformation. Nothing in it waits for the device: the non-finite guar
 scale and the LR are device tensors.
 
 Example:
-    >>> state = mf.init_state(model, mf.optim.adamw(1e-3))
+    >>> model = torch.nn.Linear(4, 1)
+    >>> loader = [torch.randn(8, 4) for _ in range(3)]
+    >>> state = mf.init_state(model, mf.optim.adamw(1e-3), loss_fn=lambda out, x: out.mean())
     >>> for batch in loader:
     ...     state, metrics = mf.train_step(state, batch, donate=True)
+    >>> int(state.step)
+    3
 """
 
 from __future__ import annotations
@@ -85,8 +89,11 @@ def split_batch(batch: Any) -> tuple[tuple, dict]:
         ``(args, kwargs)``.
 
     Example:
+        >>> t = torch.ones(2)
         >>> split_batch({"x": t})
-        ((), {'x': t})
+        ((), {'x': tensor([1., 1.])})
+        >>> split_batch((t, t))
+        ((tensor([1., 1.]), tensor([1., 1.])), {})
     """
     if isinstance(batch, Mapping):
         if not batch:
@@ -132,8 +139,11 @@ def extract_loss(outputs: Any, batch: Any, loss_fn: Any = None) -> torch.Tensor:
         The 0-d floating-point loss tensor.
 
     Example:
+        >>> batch = {"x": torch.ones(2, 4)}
         >>> extract_loss({"loss": torch.tensor(0.5)}, batch)
         tensor(0.5000)
+        >>> extract_loss(torch.ones(2), batch, loss_fn=lambda outputs, batch: outputs.sum())
+        tensor(2.)
     """
     if loss_fn is not None:
         loss, source = loss_fn(outputs, batch), "loss_fn(outputs, batch)"
@@ -523,8 +533,12 @@ def train_step(
         ``loss_scale``.
 
     Example:
-        >>> state, metrics = mf.train_step(state, {"x": x, "labels": y})
+        >>> from medfunc.recipes.breast_cancer import MLPClassifier   # returns {"logits", "loss"}
+        >>> state = mf.init_state(MLPClassifier(in_features=4), mf.optim.adamw(1e-3))
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> state, metrics = mf.train_step(state, {"features": x, "labels": y})
         >>> float(metrics["loss"])
+        0.73...
     """
     state.check_alive()
     static = static_of(state)
@@ -576,7 +590,12 @@ def apply_model(state: TrainState, batch: Any, *, train: bool = False) -> Any:
         The model's raw outputs.
 
     Example:
-        >>> logits = mf.apply_model(state, {"x": x})["logits"]
+        >>> from medfunc.recipes.breast_cancer import MLPClassifier
+        >>> state = mf.init_state(MLPClassifier(in_features=4), mf.optim.adamw(1e-3))
+        >>> x = torch.randn(8, 4)
+        >>> logits = mf.apply_model(state, {"features": x})["logits"]
+        >>> logits.shape
+        torch.Size([8, 2])
     """
     state.check_alive()
     with torch.no_grad(), module_mode(state.module, train):
@@ -594,8 +613,12 @@ def eval_step(state: TrainState, batch: Any) -> dict[str, Any]:
         ``{"loss": 0-d float32 tensor, "outputs": the model's outputs}``.
 
     Example:
+        >>> from medfunc.recipes.breast_cancer import MLPClassifier
+        >>> state = mf.init_state(MLPClassifier(in_features=4), mf.optim.adamw(1e-3))
+        >>> batch = {"features": torch.randn(8, 4), "labels": torch.randint(0, 2, (8,))}
         >>> metrics = mf.eval_step(state, batch)
-        >>> metrics["loss"], metrics["outputs"]["logits"]
+        >>> metrics["loss"], metrics["outputs"]["logits"].shape
+        (tensor(0.69...), torch.Size([8, 2]))
     """
     outputs = apply_model(state, batch)
     loss = extract_loss(outputs, batch, state.loss_fn)

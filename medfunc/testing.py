@@ -2,6 +2,9 @@
 
 Example:
     >>> from medfunc.testing import check_step_deterministic, check_step_pure
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+    >>> state = mf.init_state(model, mf.optim.adamw(1e-3), loss_fn=lambda out, x: out.mean())
+    >>> batch = torch.randn(8, 4)
     >>> check_step_pure(state, batch)            # the input state is bitwise unchanged
     >>> check_step_deterministic(state, batch)   # two calls give bitwise equal results
 """
@@ -64,7 +67,15 @@ def assert_trees_equal(actual: Any, expected: Any) -> None:
         AssertionError naming the first differing leaf, its max difference and dtype.
 
     Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> state = mf.init_state(model, mf.optim.sgd(0.1), loss_fn=lambda out, x: out.mean())
+        >>> batch = torch.randn(8, 4)
+        >>> state_a, _ = mf.train_step(state, batch)
+        >>> state_b, _ = mf.train_step(state, batch)
         >>> assert_trees_equal(state_a.params, state_b.params)
+        >>> assert_trees_equal(state_a.params, state.params)
+        Traceback (most recent call last):
+        AssertionError: leaf 'weight' differs: max abs difference ... (dtype torch.float32, ...)
     """
     message = _first_difference(actual, expected, 0.0, 0.0)
     if message:
@@ -86,7 +97,8 @@ def assert_trees_close(
         AssertionError naming the first differing leaf, its max difference and dtype.
 
     Example:
-        >>> assert_trees_close(state_a.params, state_b.params, rtol=1e-6)
+        >>> params = {"weight": torch.tensor([1.0, 2.0])}
+        >>> assert_trees_close(params, {"weight": torch.tensor([1.0, 2.0 + 1e-7])}, rtol=1e-6)
     """
     message = _first_difference(actual, expected, rtol, atol)
     if message:

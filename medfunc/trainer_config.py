@@ -7,7 +7,10 @@ overrides such as ``{"deepspeed_config.zero_optimization.stage": 2}``.
 
 Example:
     >>> config = TrainerConfig(num_epochs=3, learning_rate=1e-3, scheduler="cosine")
+    >>> _ = Path("train.toml").write_text('num_epochs = 3\\nscheduler = "cosine"\\n')
     >>> config = TrainerConfig.from_file("train.toml", overrides={"num_epochs": 1})
+    >>> config.num_epochs, config.scheduler
+    (1, 'cosine')
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class TrainerConfig:
 
     Example:
         >>> TrainerConfig(optimizer="sgd", sgd_momentum=0.9, grad_clip_mode="value")
+        TrainerConfig(optimizer='sgd', learning_rate=5e-05, ..., sgd_momentum=0.9, ...)
     """
 
     # optimizer
@@ -191,7 +195,9 @@ class TrainerConfig:
             ConfigError: an unknown key (with the closest known name) or an invalid value.
 
         Example:
-            >>> TrainerConfig.from_dict({"num_epochs": 2, "learning_rate": "1e-3"})
+            >>> config = TrainerConfig.from_dict({"num_epochs": 2, "learning_rate": "1e-3"})
+            >>> config.learning_rate
+            0.001
         """
         if not isinstance(options, Mapping):
             raise ConfigError(
@@ -232,7 +238,10 @@ class TrainerConfig:
                 file and line), a key is unknown, or a value is invalid.
 
         Example:
-            >>> TrainerConfig.from_file("run.yaml", overrides={"num_epochs": 1})
+            >>> _ = Path("run.yaml").write_text("num_epochs: 5\\nlearning_rate: 1.0e-3\\n")
+            >>> config = TrainerConfig.from_file("run.yaml", overrides={"num_epochs": 1})
+            >>> config.num_epochs, config.learning_rate
+            (1, 0.001)
         """
         mapping = apply_overrides(load_config_file(path), overrides or {})
         options = {k: v for k, v in mapping.items() if k not in RUN_KEYS}
@@ -254,6 +263,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             top level that is not a mapping.
 
     Example:
+        >>> _ = Path("run.toml").write_text('recipe = "breast_cancer"\\nnum_epochs = 3\\n')
         >>> load_config_file("run.toml")["recipe"]
         'breast_cancer'
     """

@@ -11,9 +11,15 @@ like the seed trainer's so plain PyTorch can continue from it (see
 - :mod:`~medfunc.checkpoint.inspect`: :func:`inspect_checkpoint`, a readable summary.
 
 Example:
-    >>> mf.save_state(state, "run/ckpt.pt", extra={"epoch": 3})
-    >>> state = mf.restore_state("run/ckpt.pt", like=state)
-    >>> print(mf.inspect_checkpoint("run/ckpt.pt"))
+    >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.adamw(1e-3))
+    >>> path = mf.save_state(state, "run/ckpt.pt", extra={"epoch": 3})
+    >>> state = mf.restore_state(path, like=state)
+    >>> print(mf.inspect_checkpoint(path))
+    checkpoint run/ckpt.pt (... KB)
+    format version: 1
+    global step: 0
+    epoch: 3
+    ...
 """
 
 from medfunc.checkpoint.inspect import inspect_checkpoint

@@ -97,10 +97,22 @@ def inspect_checkpoint(path: str | os.PathLike) -> str:
         dtypes, the parts present, the loss scale and the caller's extra entries.
 
     Example:
-        >>> print(mf.inspect_checkpoint("runs/exp1/step-100.pt"))
-        checkpoint runs/exp1/step-100.pt (1.2 MB)
+        >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.adamw(1e-3), precision="fp16")
+        >>> path = mf.save_state(state, "runs/exp1/step-100.pt", extra={"epoch": 2, "batch": 40})
+        >>> print(mf.inspect_checkpoint(path))
+        checkpoint runs/exp1/step-100.pt (... KB)
         format version: 1
-        ...
+        global step: 0
+        epoch: 2
+        precision: fp16
+        model_state: 2 tensors, 10 values, 40 B
+        dtypes: float32 (2)
+        parts: model_state, optimizer_state, scheduler_state, scaler_state, trainer_state, ...
+        optimizer_state: 2 param group(s), state for 0 parameter(s)
+        scheduler_state: last_epoch 0, lr [0.001, 0.001]
+        loss scale: 65536.0 (growth tracker 0)
+        rng: key 0, counter 0
+        extra: batch=40
     """
     path = Path(path)
     payload = read_payload(path, "cpu", mmap=True)

@@ -269,7 +269,9 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         CheckpointVersionError: the file was written by a newer checkpoint format.
 
     Example:
-        >>> payload = mf.read_checkpoint("runs/exp1/step-100.pt")
+        >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.adamw(1e-3))
+        >>> path = mf.save_state(state, "runs/exp1/step-100.pt", extra={"epoch": 2})
+        >>> payload = mf.read_checkpoint(path)
         >>> payload["trainer_state"]["epoch"]
         2
     """

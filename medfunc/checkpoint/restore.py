@@ -366,8 +366,12 @@ def restore_state(
         CheckpointVersionError: see :func:`read_checkpoint`.
 
     Example:
+        >>> model, tx = torch.nn.Linear(4, 2), mf.optim.adamw(1e-3)
+        >>> path = mf.save_state(mf.init_state(model, tx, precision="fp16"), "step-100.pt")
         >>> state = mf.init_state(model, tx, precision="fp16")
-        >>> state = mf.restore_state("runs/exp1/step-100.pt", like=state)
+        >>> state = mf.restore_state(path, like=state)
+        >>> int(state.step), state.policy.name
+        (0, 'fp16')
     """
     builder = {
         "model": model,

@@ -73,7 +73,9 @@ def save_state(
             ``weights_only=True`` could not read back.
 
     Example:
-        >>> mf.save_state(state, "runs/exp1/step-100.pt", extra={"epoch": 2, "batch": 40})
+        >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.adamw(1e-3))
+        >>> print(mf.save_state(state, "runs/exp1/step-100.pt", extra={"epoch": 2, "batch": 40}))
+        runs/exp1/step-100.pt
     """
     state.check_alive()
     payload = build_payload(state, check_extra(extra), save_optimizer, save_scheduler)

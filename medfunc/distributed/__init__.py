@@ -17,15 +17,17 @@ Every adapter is one line of set-up around the same ``mf.train_step(state, batch
 - Collective helpers (:func:`all_reduce_mean`, :func:`agree`, :func:`broadcast_object`, ...) raise
   :class:`~medfunc.errors.DistributedError` instead of hanging when a peer dies.
 
-Example (run with ``torchrun --nproc_per_node=2 train.py``):
-    >>> import medfunc as mf
-    >>> info = mf.distributed.init()
-    >>> state = mf.distributed.data_parallel(mf.init_state(model, mf.optim.adamw(1e-3)))
-    >>> for batch in my_shard_of_the_data:
-    ...     state, metrics = mf.train_step(state, batch, donate=True)
-    >>> if mf.distributed.is_main_process():
-    ...     mf.save_state(state, "last.pt")
-    >>> mf.distributed.shutdown()
+Example (``train.py``, run with ``torchrun --nproc_per_node=2 train.py``)::
+
+    import medfunc as mf
+
+    info = mf.distributed.init()
+    state = mf.distributed.data_parallel(mf.init_state(model, mf.optim.adamw(1e-3)))
+    for batch in my_shard_of_the_data:
+        state, metrics = mf.train_step(state, batch, donate=True)
+    if mf.distributed.is_main_process():
+        mf.save_state(state, "last.pt")
+    mf.distributed.shutdown()
 """
 
 from medfunc.distributed.checkpoint import (

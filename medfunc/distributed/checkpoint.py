@@ -13,9 +13,12 @@
 Loading writes into ``like``'s tensors in place (a sharded model has one copy of its weights)
 and returns a new state over them; ``like`` is consumed.
 
-Example:
-    >>> mf.distributed.save_full(state, "run/last.pt", extra={"epoch": 3})   # on every rank
-    >>> mf.distributed.save_sharded(state, "run/step-100")
+Example (a single process here; under ``torchrun`` the same calls run on every rank):
+    >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.adamw(1e-3))
+    >>> print(mf.distributed.save_full(state, "run/last.pt", extra={"epoch": 3}))
+    run/last.pt
+    >>> print(mf.distributed.save_sharded(state, "run/step-100"))
+    run/step-100
     >>> state = mf.distributed.load_sharded("run/step-100", like=state)
 """
 
@@ -175,7 +178,10 @@ def gather_full_state(state: TrainState) -> TrainState:
         A state that :func:`medfunc.save_state` can write (static parts unchanged).
 
     Example:
+        >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.adamw(1e-3))
         >>> full = mf.distributed.gather_full_state(state)
+        >>> full is state   # a single-process state is already full
+        True
     """
     state.check_alive()
     engine = deepspeed_engine_of(state)
@@ -202,7 +208,9 @@ def save_full(
         The path (on every rank, once the file is complete).
 
     Example:
-        >>> mf.distributed.save_full(state, "run/epoch-3.pt", extra={"epoch": 3})
+        >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.adamw(1e-3))
+        >>> print(mf.distributed.save_full(state, "run/epoch-3.pt", extra={"epoch": 3}))
+        run/epoch-3.pt
     """
     full = gather_full_state(state)
     path = Path(path)
@@ -267,6 +275,8 @@ def load_full(path: str | Path, like: TrainState) -> TrainState:
         CheckpointMismatchError etc.: as :func:`medfunc.restore_state`.
 
     Example:
+        >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.adamw(1e-3))
+        >>> path = mf.distributed.save_full(state, "run/epoch-3.pt", extra={"epoch": 3})
         >>> state = mf.distributed.load_full("run/epoch-3.pt", like=state)
     """
     like.check_alive()
@@ -314,7 +324,9 @@ def save_sharded(state: TrainState, directory: str | Path) -> Path:
         The folder.
 
     Example:
-        >>> mf.distributed.save_sharded(state, "run/step-500")
+        >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.adamw(1e-3))
+        >>> print(mf.distributed.save_sharded(state, "run/step-500"))
+        run/step-500
     """
     state.check_alive()
     directory = Path(directory)
@@ -353,7 +365,12 @@ def load_sharded(directory: str | Path, like: TrainState) -> TrainState:
         CheckpointNotFoundError: the folder does not exist.
 
     Example:
+        >>> model, tx = torch.nn.Linear(4, 2), mf.optim.adamw(1e-3)
+        >>> path = mf.distributed.save_sharded(mf.init_state(model, tx), "run/step-500")
+        >>> fresh_state = mf.init_state(torch.nn.Linear(4, 2), tx)
         >>> state = mf.distributed.load_sharded("run/step-500", like=fresh_state)
+        >>> torch.equal(state.params["weight"], model.weight)
+        True
     """
     like.check_alive()
     directory = Path(directory)

@@ -6,10 +6,11 @@ whose ``reduce`` the step core calls on the final gradient list of each optimize
 gradients into flat buckets, starts one asynchronous all-reduce (SUM) per bucket, waits, and
 divides by the world size, so every rank applies the same mean gradient and the replicas stay equal.
 
-Example:
-    >>> mf.distributed.init()
-    >>> state = mf.distributed.data_parallel(mf.init_state(model, tx))
-    >>> state, metrics = mf.train_step(state, my_half_of_the_batch, donate=True)
+Example (on every rank of a ``torchrun`` job)::
+
+    mf.distributed.init()
+    state = mf.distributed.data_parallel(mf.init_state(model, tx))
+    state, metrics = mf.train_step(state, my_half_of_the_batch, donate=True)
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def check_in_sync(params: OrderedDict | TrainState, *, what: str = "parameters")
         DistributedError: naming the first tensor that differs and the largest difference.
 
     Example:
-        >>> mf.distributed.check_in_sync(state)
+        >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.sgd(0.1))
+        >>> mf.distributed.check_in_sync(state)   # returns quietly when the ranks agree
     """
     if isinstance(params, TrainState):
         params = params.params
@@ -183,7 +185,10 @@ def data_parallel(
         A state equal to rank 0's, whose steps average gradients across ranks.
 
     Example:
+        >>> model, tx = torch.nn.Linear(4, 2), mf.optim.sgd(0.1)
         >>> state = mf.distributed.data_parallel(mf.init_state(model, tx), debug=True)
+        >>> state.grad_path is None   # in a single process: the state as it is
+        True
     """
     state.check_alive()
     if debug is None:

@@ -16,11 +16,12 @@ write and read DeepSpeed's own checkpoints.
 Without DeepSpeed installed, :func:`deepspeed_state` warns and returns a DDP state
 (:func:`~medfunc.distributed.data_parallel`) instead.
 
-Example:
-    >>> mf.distributed.init()
-    >>> state = mf.distributed.deepspeed_state(model, mf.optim.adamw(1e-3), {"zero_optimization":
-    ...                                        {"stage": 1}}, max_grad_norm=1.0)
-    >>> state, metrics = mf.distributed.deepspeed_step(state, batch)
+Example (on every rank of a ``torchrun`` job)::
+
+    mf.distributed.init()
+    state = mf.distributed.deepspeed_state(model, mf.optim.adamw(1e-3), {"zero_optimization":
+                                           {"stage": 1}}, max_grad_norm=1.0)
+    state, metrics = mf.distributed.deepspeed_step(state, batch)
 """
 
 from __future__ import annotations
@@ -213,8 +214,10 @@ def deepspeed_step(
     Raises:
         ConfigError: ``state`` is not a DeepSpeed state.
 
-    Example:
-        >>> state, metrics = mf.distributed.deepspeed_step(state, batch)
+    Example::
+
+        state = mf.distributed.deepspeed_state(model, mf.optim.adamw(1e-3), "ds_zero1.json")
+        state, metrics = mf.distributed.deepspeed_step(state, batch)
     """
     state.check_alive()
     engine = deepspeed_engine_of(state)
@@ -277,8 +280,12 @@ def step_for(state: TrainState) -> Callable[..., tuple[TrainState, dict[str, tor
     :func:`medfunc.train_step` (which runs single-process, DDP and FSDP2 states).
 
     Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> state = mf.init_state(model, mf.optim.sgd(0.1), loss_fn=lambda out, x: out.mean())
         >>> step = mf.distributed.step_for(state)
-        >>> state, metrics = step(state, batch, donate=True)
+        >>> step is mf.train_step   # not a DeepSpeed state
+        True
+        >>> state, metrics = step(state, torch.randn(8, 4), donate=True)
     """
     return deepspeed_step if deepspeed_engine_of(state) is not None else train_step
 
@@ -300,7 +307,9 @@ def deepspeed_engine_of(state: TrainState) -> Any | None:
     """The DeepSpeed engine behind ``state``, or None for other states.
 
     Example:
-        >>> engine = deepspeed_engine_of(state)
+        >>> engine = deepspeed_engine_of(mf.init_state(torch.nn.Linear(4, 2), mf.optim.sgd(0.1)))
+        >>> engine is None   # not a DeepSpeed state
+        True
     """
     path = state.grad_path
     return path.engine if path is not None and path.name == "deepspeed" else None
@@ -436,9 +445,10 @@ def deepspeed_state(
     Raises:
         ConfigError: an optimizer given twice or not at all, ZeRO-3, or an unreadable config.
 
-    Example:
-        >>> state = mf.distributed.deepspeed_state(
-        ...     model, mf.optim.adamw(3e-4), "ds_zero1.json", max_grad_norm=1.0)
+    Example (on every rank of a ``torchrun`` job, or in one process)::
+
+        state = mf.distributed.deepspeed_state(
+            model, mf.optim.adamw(3e-4), "ds_zero1.json", max_grad_norm=1.0)
     """
     tx, user_config = _split_optimizer(tx_or_config, deepspeed_config)
     policy = get_policy(precision)

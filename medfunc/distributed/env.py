@@ -12,9 +12,11 @@ rather than a bare backend error or a hang.
 
 Example:
     >>> info = init()
-    >>> info.rank, info.world_size, info.device
-    (0, 1, device(type='cpu'))
-    >>> stop = agree(val_loss_stalled, op="any")   # the same answer on every rank
+    >>> info.rank, info.world_size
+    (0, 1)
+    >>> val_loss_stalled = True
+    >>> agree(val_loss_stalled, op="any")   # the same answer on every rank
+    True
 """
 
 from __future__ import annotations
@@ -115,7 +117,9 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> DistInfo
 
     Example:
         >>> info = mf.distributed.init(timeout_s=120)
-        >>> batch = mf.data.to_device(batch, info.device)
+        >>> batch = mf.data.to_device({"x": torch.ones(2, 4)}, info.device)
+        >>> batch["x"].device.type == info.device.type
+        True
     """
     global _info
     if _info is not None:
@@ -221,8 +225,9 @@ def is_main_process() -> bool:
     """True on rank 0 (and in a single process): the rank that logs and writes files.
 
     Example:
+        >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.sgd(0.1))
         >>> if mf.distributed.is_main_process():
-        ...     mf.save_state(state, "best.pt")
+        ...     path = mf.save_state(state, "best.pt")
     """
     return rank() == 0
 
@@ -272,9 +277,10 @@ def collective_guard(what: str) -> Iterator[None]:
     Args:
         what: the collective's name, for the message (e.g. "gradient all-reduce").
 
-    Example:
-        >>> with collective_guard("all_reduce of the loss"):
-        ...     torch.distributed.all_reduce(loss)
+    Example (in a ``torchrun`` job)::
+
+        with collective_guard("all_reduce of the loss"):
+            torch.distributed.all_reduce(loss)
     """
     try:
         yield
@@ -349,7 +355,9 @@ def all_reduce_sum(value: torch.Tensor | Mapping[str, torch.Tensor]) -> Any:
         The same structure holding the sums (a copy in a single process).
 
     Example:
-        >>> totals = mf.distributed.all_reduce_sum({"correct": correct, "seen": seen})
+        >>> correct, seen = torch.tensor(45), torch.tensor(50)   # this rank's counts
+        >>> mf.distributed.all_reduce_sum({"correct": correct, "seen": seen})
+        {'correct': tensor(45), 'seen': tensor(50)}
     """
     return _reduce(value, mean=False)
 
@@ -366,7 +374,9 @@ def all_reduce_mean(value: torch.Tensor | Mapping[str, torch.Tensor]) -> Any:
         The same structure holding the means (a copy in a single process).
 
     Example:
-        >>> metrics = mf.distributed.all_reduce_mean(metrics)   # e.g. before logging on rank 0
+        >>> metrics = {"loss": torch.tensor(0.25), "correct": torch.tensor(3)}
+        >>> mf.distributed.all_reduce_mean(metrics)   # e.g. before logging on rank 0
+        {'loss': tensor(0.2500), 'correct': tensor(3., dtype=torch.float64)}
     """
     return _reduce(value, mean=True)
 
@@ -382,8 +392,12 @@ def agree(flag: bool, op: str = "any") -> bool:
         The agreed decision, the same on every rank.
 
     Example:
-        >>> if mf.distributed.agree(patience_exhausted, op="any"):
-        ...     break   # every rank breaks at the same step
+        >>> for epoch in range(100):
+        ...     patience_exhausted = epoch == 3
+        ...     if mf.distributed.agree(patience_exhausted, op="any"):
+        ...         break   # every rank breaks at the same epoch
+        >>> epoch
+        3
     """
     if op not in ("any", "all"):
         raise ConfigError(f"op must be 'any' or 'all', got {op!r}")
@@ -407,7 +421,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
         ``src``'s object, on every rank.
 
     Example:
-        >>> run_name = mf.distributed.broadcast_object(make_run_name())
+        >>> mf.distributed.broadcast_object("run-42")   # rank 0's name on every rank
+        'run-42'
     """
     if not is_distributed():
         return obj
@@ -421,7 +436,9 @@ def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's picklable ``obj``, in rank order.
 
     Example:
-        >>> sizes = mf.distributed.all_gather_object(len(my_shard))
+        >>> my_shard = shard_indices(11)
+        >>> mf.distributed.all_gather_object(len(my_shard))
+        [11]
     """
     if not is_distributed():
         return [obj]
@@ -455,8 +472,8 @@ def main_process_first() -> Iterator[None]:
     """Run the block on rank 0 first, then on the other ranks (e.g. preparing a data cache).
 
     Example:
-        >>> with mf.distributed.main_process_first():
-        ...     data = load_or_build_cache("cache/")
+        >>> with mf.distributed.main_process_first():   # rank 0 builds, the others reuse
+        ...     os.makedirs("cache", exist_ok=True)
     """
     if not is_main_process():
         barrier()

@@ -16,10 +16,11 @@ Everything after that is the ordinary step: accumulation, loss scaling, the glob
 run on the DTensor shards. Because the module holds the one copy of the weights, an FSDP step
 always donates: the state it is given is consumed (``donate=False`` behaves like ``True``).
 
-Example:
-    >>> mf.distributed.init()
-    >>> state = mf.distributed.fully_shard_state(model, mf.optim.adamw(1e-3))
-    >>> state, metrics = mf.train_step(state, batch)   # the old state is consumed
+Example (on every rank of a ``torchrun`` job)::
+
+    mf.distributed.init()
+    state = mf.distributed.fully_shard_state(model, mf.optim.adamw(1e-3))
+    state, metrics = mf.train_step(state, batch)   # the old state is consumed
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def is_fsdp_state(state: TrainState) -> bool:
     """True when ``state``'s parameters are FSDP DTensor shards.
 
     Example:
-        >>> mf.distributed.is_fsdp_state(state)
-        True
+        >>> mf.distributed.is_fsdp_state(mf.init_state(torch.nn.Linear(4, 2), mf.optim.sgd(0.1)))
+        False
     """
     return any(isinstance(p, DTensor) for p in state.params.values())
 
@@ -159,9 +160,10 @@ def fully_shard_state(
     Returns:
         A TrainState whose params are the module's DTensor shards; ``mf.train_step`` runs it.
 
-    Example:
-        >>> state = mf.distributed.fully_shard_state(model, tx, shard_modules=[BertLayer],
-        ...                                          precision="bf16")
+    Example (on every rank of a ``torchrun`` job)::
+
+        state = mf.distributed.fully_shard_state(model, tx, shard_modules=[BertLayer],
+                                                 precision="bf16")
     """
     if "device" in init_state_kwargs:
         raise ConfigError(

@@ -25,11 +25,13 @@ The package's modules: :mod:`~medfunc.export.torchscript` (:func:`to_torchscript
 the comparison both verifications use) and :mod:`~medfunc.export.common` (what both share). Files
 are moved into place with :func:`medfunc.atomic.atomic_replace`.
 
-Example:
-    >>> from medfunc.export import to_onnx, to_torchscript
-    >>> example = {"input_ids": ids, "attention_mask": mask}
-    >>> to_torchscript(state, example, "out/model.pt")
-    >>> to_onnx(state, example, "out/model.onnx", opset=18)
+Example::
+
+    from medfunc.export import to_onnx, to_torchscript
+
+    example = {"input_ids": ids, "attention_mask": mask}
+    to_torchscript(state, example, "out/model.pt")
+    to_onnx(state, example, "out/model.onnx", opset=18)   # needs medfunc[onnx]; takes seconds
 """
 
 from medfunc.export.compare import compare_outputs, flatten_outputs

@@ -33,6 +33,7 @@ def flatten_outputs(outputs: Any, prefix: str = "") -> list[tuple[str, torch.Ten
             is no tensor at all.
 
     Example:
+        >>> a, b, c = torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 4)
         >>> [n for n, _ in flatten_outputs({"logits": a, "hidden": (b, c)})]
         ['logits', 'hidden.0', 'hidden.1']
     """
@@ -135,8 +136,10 @@ def compare_outputs(
             the maximum difference.
 
     Example:
+        >>> a = torch.tensor([[0.5, -1.0]])
+        >>> b = (a + 2**-20).numpy()   # e.g. what onnxruntime returned
         >>> compare_outputs([("logits", a)], [("logits", b)], atol=1e-4, label="ONNX")
-        3.1e-07
+        9.5367431640625e-07
     """
     want = _as_named_pairs(expected)
     got = _align(want, _as_named_pairs(actual), label)

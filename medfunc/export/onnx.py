@@ -301,10 +301,11 @@ def to_onnx(
             opset could not be produced; or onnxruntime's outputs disagree with the eager model
             (the message names the output and gives the max difference).
 
-    Example:
-        >>> to_onnx(state, {"input_ids": ids, "attention_mask": mask}, "out/model.onnx")
-        >>> sess = onnxruntime.InferenceSession("out/model.onnx")
-        >>> (logits,) = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": m.numpy()})
+    Example::
+
+        to_onnx(state, {"input_ids": ids, "attention_mask": mask}, "out/model.onnx")
+        sess = onnxruntime.InferenceSession("out/model.onnx")
+        (logits,) = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
     """
     onnx, ort = _require_onnx(verify)
     module = resolve_module(state_or_module)

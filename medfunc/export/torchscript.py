@@ -138,9 +138,13 @@ def to_torchscript(
             difference). The underlying exception is chained.
 
     Example:
-        >>> to_torchscript(state, {"input_ids": ids}, "out/model.pt")
+        >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.sgd(0.1))
+        >>> x = torch.randn(3, 4)
+        >>> print(to_torchscript(state, x, "out/model.pt"))
+        out/model.pt
         >>> loaded = torch.jit.load("out/model.pt")
-        >>> logits = loaded(input_ids=ids)["logits"]
+        >>> torch.allclose(loaded(x), mf.apply_model(state, x))
+        True
     """
     module = resolve_module(state_or_module)
     path = Path(path)

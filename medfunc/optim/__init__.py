@@ -2,11 +2,15 @@
 
 Example:
     >>> import medfunc as mf
+    >>> from collections import OrderedDict
     >>> tx = mf.optim.chain(
     ...     mf.optim.clip_by_global_norm(1.0),
     ...     mf.optim.adamw(mf.schedules.linear_warmup(3e-4, 100, 1000), weight_decay=0.05),
     ... )
+    >>> trainable_params = OrderedDict(torch.nn.Linear(4, 2).named_parameters())
     >>> opt_state = tx.init(trainable_params)
+    >>> [type(part).__name__ for part in opt_state]   # one state per part of the chain
+    ['tuple', 'AdamState']
 """
 
 from medfunc.optim.base import (

@@ -7,12 +7,17 @@ update parameters in place, so a transformation receives the parameters too and 
 in a pure step, donated storage otherwise); transformations modify them in place and return them.
 
 Example:
+    >>> from medfunc.optim import adamw, clip_by_global_norm
+    >>> params = OrderedDict(w=torch.ones(3))
+    >>> grads = OrderedDict(w=torch.full((3,), 2.0))
     >>> tx = chain(clip_by_global_norm(1.0), adamw(1e-3))
     >>> opt_state = tx.init(params)
     >>> ctx = UpdateContext(step=torch.zeros((), dtype=torch.int64))
     >>> grads, params, opt_state = tx.update(grads, opt_state, params, ctx)
     >>> ctx.metrics["lr"]
     tensor(0.0010, dtype=torch.float64)
+    >>> params["w"]
+    tensor([0.9990, 0.9990, 0.9990])
 """
 
 from __future__ import annotations
@@ -90,7 +95,10 @@ def chain(*txs: GradientTransformation) -> GradientTransformation:
         The chained :class:`GradientTransformation` (its ``children`` are ``txs``).
 
     Example:
+        >>> from medfunc.optim import adamw, clip_by_global_norm
         >>> tx = chain(clip_by_global_norm(1.0), adamw(3e-4, weight_decay=0.05))
+        >>> len(tx.children)
+        2
     """
     for tx in txs:
         validation.instance_of("each argument of chain()", tx, GradientTransformation, _TX_ALLOWED)
@@ -129,6 +137,7 @@ def find_optimizer(tx: GradientTransformation) -> tuple[Any, tuple[int, ...]]:
         ConfigError: ``tx`` holds no optimizer or more than one.
 
     Example:
+        >>> from medfunc.optim import adamw, clip_by_global_norm
         >>> spec, path = find_optimizer(chain(clip_by_global_norm(1.0), adamw(1e-3)))
         >>> spec.name, path
         ('adamw', (1,))

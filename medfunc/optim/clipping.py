@@ -6,7 +6,7 @@ foreach clamps), so the clipped gradients are bitwise those of the torch utiliti
 reads a tensor on the host: the clip coefficient is a clamped device tensor.
 
 Example:
-    >>> tx = chain(clip_by_global_norm(1.0), adamw(1e-3))
+    >>> tx = mf.optim.chain(clip_by_global_norm(1.0), mf.optim.adamw(1e-3))
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def global_norm(grads: Grads, norm_type: float = 2.0) -> Tensor:
         A 0-d tensor on the first gradient's device (no host sync).
 
     Example:
+        >>> from collections import OrderedDict
         >>> global_norm(OrderedDict(w=torch.tensor([3.0, 4.0])))
         tensor(5.)
     """
@@ -60,7 +61,14 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0) -> GradientTran
         A stateless transformation (state ``()``).
 
     Example:
-        >>> tx = chain(clip_by_global_norm(1.0), sgd(0.1))
+        >>> from collections import OrderedDict
+        >>> tx = mf.optim.chain(clip_by_global_norm(1.0), mf.optim.sgd(0.1))
+        >>> params = OrderedDict(w=torch.zeros(2))
+        >>> grads = OrderedDict(w=torch.tensor([3.0, 4.0]))
+        >>> ctx = mf.optim.UpdateContext(step=torch.zeros((), dtype=torch.int64))
+        >>> grads, params, _ = tx.update(grads, tx.init(params), params, ctx)
+        >>> grads["w"], ctx.metrics["grad_norm"]   # clipped to norm 1; the pre-clip norm
+        (tensor([0.6000, 0.8000]), tensor(5.))
     """
     max_norm = validation.positive_float("max_norm", max_norm)
     norm_type = validation.number(
@@ -97,7 +105,7 @@ def clip_by_value(max_value: float) -> GradientTransformation:
         A stateless transformation (state ``()``).
 
     Example:
-        >>> tx = chain(clip_by_value(0.5), adamw(1e-3))
+        >>> tx = mf.optim.chain(clip_by_value(0.5), mf.optim.adamw(1e-3))
     """
     max_value = validation.positive_float("max_value", max_value)
 

@@ -10,10 +10,18 @@ Parameter indices follow ``torch.optim``: a state dict numbers parameters in par
 group. Every group also carries ``param_names``.
 
 Example:
+    >>> from collections import OrderedDict
+    >>> model = torch.nn.Linear(4, 2)
+    >>> model_params = OrderedDict(model.named_parameters())
+    >>> params = OrderedDict((name, p.detach().clone()) for name, p in model_params.items())
+    >>> tx = mf.optim.adamw(1e-3)
+    >>> opt_state = tx.init(params)
     >>> sd = to_torch_state_dict(tx, opt_state, params, step=100)
     >>> torch_opt = torch.optim.AdamW(torch_param_groups(tx, model_params), foreach=True)
     >>> torch_opt.load_state_dict(sd)                 # continue in plain PyTorch
     >>> opt_state = from_torch_state_dict(tx, torch_opt.state_dict(), params)   # and back
+    >>> [group["param_names"] for group in sd["param_groups"]]   # decayed, then not decayed
+    [['weight'], ['bias']]
 """
 
 from __future__ import annotations
@@ -88,8 +96,12 @@ def torch_param_groups(
         A fresh list of group dicts (torch mutates them, so build one per optimizer).
 
     Example:
-        >>> groups = torch_param_groups(adamw(1e-3), OrderedDict(model.named_parameters()))
+        >>> from collections import OrderedDict
+        >>> model = torch.nn.Linear(4, 2)
+        >>> groups = torch_param_groups(mf.optim.adamw(1e-3), OrderedDict(model.named_parameters()))
         >>> opt = torch.optim.AdamW(groups, foreach=True)
+        >>> [(group["param_names"], group["weight_decay"]) for group in opt.param_groups]
+        [(['weight'], 0.01), (['bias'], 0.0)]
     """
     _check_params(params, "torch_param_groups")
     spec, groups = _spec_groups(tx, params)
@@ -119,7 +131,11 @@ def torch_optimizer(
         e.g. ``torch.optim.AdamW(groups, betas=..., foreach=True)`` without state.
 
     Example:
-        >>> opt = torch_optimizer(adamw(1e-3), OrderedDict(model.named_parameters()))
+        >>> from collections import OrderedDict
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch_optimizer(mf.optim.adamw(1e-3), OrderedDict(model.named_parameters()))
+        >>> type(opt).__name__, len(opt.param_groups)
+        ('AdamW', 2)
     """
     _check_params(params, "torch_optimizer")
     spec, _ = find_optimizer(tx)
@@ -160,7 +176,13 @@ def to_torch_state_dict(
         ``torch.optim.X.load_state_dict`` accepts.
 
     Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> state = mf.init_state(model, mf.optim.adamw(1e-3), loss_fn=lambda out, x: out.mean())
+        >>> state, _ = mf.train_step(state, torch.randn(8, 4))
+        >>> trainable_params = state.params
         >>> sd = to_torch_state_dict(state.tx, state.opt_state, trainable_params, state.step)
+        >>> sorted(sd["state"][0])   # parameter 0 ("weight"), as torch.optim.AdamW keeps it
+        ['exp_avg', 'exp_avg_sq', 'step']
     """
     _check_params(params, "to_torch_state_dict")
     spec, path = find_optimizer(tx)
@@ -274,7 +296,16 @@ def from_torch_state_dict(
             parameters, other names, wrong shapes or missing entries (the message names them).
 
     Example:
+        >>> from collections import OrderedDict
+        >>> model = torch.nn.Linear(4, 2)
+        >>> params = OrderedDict(model.named_parameters())
+        >>> tx = mf.optim.sgd(0.1, momentum=0.9)
+        >>> torch_opt = mf.optim.torch_optimizer(tx, params)
+        >>> model(torch.randn(8, 4)).sum().backward()
+        >>> torch_opt.step()
         >>> opt_state = from_torch_state_dict(tx, torch_opt.state_dict(), params)
+        >>> type(opt_state).__name__
+        'SGDState'
     """
     _check_params(params, "from_torch_state_dict")
     if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):

@@ -6,9 +6,16 @@ optimizer kernels (see :mod:`medfunc.optim.kernels`), one kernel call per parame
 ``torch.optim.AdamW/Adam/SGD`` with the same param_groups: bitwise for the same kernel path.
 
 Example:
+    >>> from medfunc.optim import UpdateContext
+    >>> model = nn.Sequential(OrderedDict(body=nn.Linear(4, 4), classifier=nn.Linear(4, 2)))
+    >>> params = OrderedDict((name, p.detach().clone()) for name, p in model.named_parameters())
+    >>> grads = OrderedDict((name, torch.ones_like(p)) for name, p in params.items())
     >>> tx = adamw(3e-4, weight_decay=0.05, lr_multipliers=[("classifier", 10.0)])
     >>> opt_state = tx.init(params)                    # AdamState of OrderedDicts
+    >>> ctx = UpdateContext(step=torch.zeros((), dtype=torch.int64))
     >>> grads, params, opt_state = tx.update(grads, opt_state, params, ctx)
+    >>> type(opt_state).__name__, list(opt_state.exp_avg)
+    ('AdamState', ['body.weight', 'body.bias', 'classifier.weight', 'classifier.bias'])
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The recipe contract: what a recipe builds, and a dataset of dict examples over tensors.
 
 Example:
+    >>> from medfunc.recipes import get_recipe
     >>> parts = get_recipe("breast_cancer").build(seed=0)
     >>> parts.train_dataset[0]
     {'features': tensor([...]), 'labels': tensor(1)}

@@ -6,7 +6,7 @@ standardisation is fitted on the training split only, and class 1 is *malignant*
 
 Example:
     >>> parts = build(seed=0)
-    >>> out = parts.model(**medfunc.data.collate([parts.eval_dataset[0]]))
+    >>> out = parts.model(**mf.data.collate([parts.eval_dataset[0]]))
     >>> out["logits"].shape
     torch.Size([1, 2])
 """

@@ -199,10 +199,12 @@ class MiniLMClassifier(nn.Module):
         encoder: a Hugging Face encoder returning ``last_hidden_state``.
         dropout: dropout before the head.
 
-    Example:
-        >>> model = MiniLMClassifier(load_encoder())
-        >>> model(input_ids=ids, attention_mask=mask)["logits"].shape
-        torch.Size([8, 2])
+    Example::
+
+        model = MiniLMClassifier(load_encoder())   # reads the pretrained weights (seconds)
+        ids = torch.randint(0, 1000, (8, 16))
+        mask = torch.ones(8, 16, dtype=torch.long)
+        model(input_ids=ids, attention_mask=mask)["logits"].shape   # torch.Size([8, 2])
     """
 
     def __init__(self, encoder: nn.Module, dropout: float = 0.1) -> None:
