@@ -47,7 +47,7 @@ AMP_DTYPES = {
 #: Keys of a run file that belong to the ``medfunc`` command, not to TrainerConfig.
 RUN_KEYS = ("recipe", "recipe_options", "output_dir")
 #: Fields that hold Python objects and cannot come from a config file.
-_OBJECT_FIELDS = ("eval_compute_metrics", "export_input_example")
+_OBJECT_FIELDS = ("eval_compute_metrics", "export_input_example", "collate_fn")
 
 
 @dataclasses.dataclass
@@ -98,6 +98,7 @@ class TrainerConfig:
     batch_size: int = 8
     eval_batch_size: int | None = None
     shuffle: bool = True
+    collate_fn: Callable[[list], Any] | None = None
     seed: int = 42
     log_every: int = 50
     progress_bar: bool | None = None
@@ -484,6 +485,12 @@ def _optional_callable(name: str, value: Any) -> Callable | None:
     return value
 
 
+def _collate_fn(name: str, value: Any) -> Callable | None:
+    if value is not None and not callable(value):
+        raise validation.fail(name, "a callable list_of_examples -> batch, or None", value)
+    return value
+
+
 def _export_example(name: str, value: Any) -> Any:
     if value is None or isinstance(value, (Mapping, tuple, list, torch.Tensor)):
         return value
@@ -530,6 +537,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "batch_size": validation.positive_int,
     "eval_batch_size": functools.partial(validation.positive_int, optional=True),
     "shuffle": validation.boolean,
+    "collate_fn": _collate_fn,
     "seed": validation.non_negative_int,
     "log_every": validation.positive_int,
     "progress_bar": functools.partial(validation.boolean, optional=True),

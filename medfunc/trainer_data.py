@@ -1,24 +1,31 @@
-"""How the Trainer turns a dataset into batches: seeded epoch order, resume offsets, rank shards.
+"""How the Trainer turns data into batches: one rule, seeded epoch order, resume offsets, shards.
 
-Map-style datasets are batched here. For training, epoch ``e`` visits the examples in the order
-of ``DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)``
-after ``set_epoch(e)`` - in a single process simply ``torch.randperm(len(dataset))`` drawn from a
-generator seeded with ``seed + e`` - so a resumed epoch replays the same order and can skip the
-batches it already consumed without reading them. Evaluation visits the examples
-``rank, rank + world, ...`` in order, so every example is seen exactly once across ranks.
-DataLoaders and iterables of batches are used as given (their sampler's ``set_epoch`` is called
-every epoch); for evaluation under torchrun they are split by batch index unless their sampler
-already is a ``DistributedSampler``.
+The rule: a list, a tuple or a map-style dataset (an object with ``__getitem__`` and ``__len__``)
+holds *examples*; the trainer batches them with ``batch_size`` and collates each batch with
+``collate_fn`` (default: ``torch.utils.data.default_collate``). A ``DataLoader``, or an iterable
+that is not a sized dataset (a generator, an ``IterableDataset``), yields *ready batches*, used
+as they are. Data that contradicts the rule raises :class:`~medfunc.errors.ConfigError` naming
+the rule and how to choose the other (see :func:`looks_batched` and :func:`check_ready_batch`).
+
+For training, epoch ``e`` visits the examples in the order of ``DistributedSampler(dataset,
+num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)`` after ``set_epoch(e)`` - in a single
+process simply ``torch.randperm(len(dataset))`` drawn from a generator seeded with ``seed + e`` -
+so a resumed epoch replays the same order and can skip the batches it already consumed without
+reading them. Evaluation visits the examples ``rank, rank + world, ...`` in order, so every
+example is seen exactly once across ranks. Ready batches are used as given (a DataLoader's
+sampler gets ``set_epoch`` every epoch); for evaluation under torchrun they are split by batch
+index unless their sampler already is a ``DistributedSampler``.
 
 The helpers at the end build the Trainer's batches from a :class:`TrainerConfig`
 (:func:`training_batches`, :func:`evaluation_batches`, :func:`steps_per_epoch`), name the
 training device (:func:`resolve_device`) and move each batch there (:func:`to_training_device`).
 
 Example:
-    >>> batches = DatasetBatches(dataset, role="train_dataset", batch_size=32, shuffle=True,
+    >>> examples = [{"x": torch.randn(6), "labels": torch.tensor(i % 2)} for i in range(10)]
+    >>> batches = DatasetBatches(examples, role="train_dataset", batch_size=4, shuffle=True,
     ...                          seed=0, rank=0, world=1, train=True)
-    >>> for window in batches.windows(epoch=0, start=0, size=4):   # 4 micro-batches per step
-    ...     ...
+    >>> [len(window[0]["labels"]) for window in batches.windows(epoch=0, start=0, size=1)]
+    [4, 4, 2]
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -45,25 +52,127 @@ from medfunc.trainer_config import TrainerConfig
 log = logging.getLogger("medfunc.trainer")
 
 
+#: Batch keys that hold labels (as :data:`medfunc.metrics.LABEL_KEYS`).
+LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+#: How many items of a list :func:`looks_batched` inspects.
+INSPECTED_ITEMS = 16
+
+
 def is_map_style(data: Any) -> bool:
-    """Whether ``data`` is a map-style dataset (indexed examples) rather than batches.
+    """Whether ``data`` holds examples (batched by the trainer) rather than ready batches.
 
     Args:
-        data: a ``Dataset``, a ``DataLoader``, a list of batches, ...
+        data: a ``Dataset``, a list, a ``DataLoader``, a generator, ...
 
     Returns:
-        True for ``torch.utils.data.Dataset`` objects (not iterable datasets) and other objects
-        with ``__getitem__`` and ``__len__``; False for DataLoaders, lists, tuples, mappings.
+        True for lists, tuples, ``torch.utils.data.Dataset`` objects (not iterable datasets) and
+        other objects with ``__getitem__`` and ``__len__``; False for DataLoaders, iterable
+        datasets, iterators, mappings and strings.
 
     Example:
-        >>> is_map_style(TensorDictDataset({"x": x})), is_map_style([{"x": x}])
+        >>> x = torch.zeros(4, 6)
+        >>> is_map_style([{"x": x[0]}]), is_map_style(DataLoader([{"x": x[0]}], batch_size=2))
         (True, False)
     """
-    if isinstance(data, (DataLoader, IterableDataset, list, tuple, Mapping, str, bytes)):
+    if isinstance(data, (DataLoader, IterableDataset, Mapping, str, bytes)):
         return False
-    if isinstance(data, Dataset):
+    if isinstance(data, (Dataset, list, tuple)):
         return True
     return hasattr(data, "__getitem__") and hasattr(data, "__len__")
+
+
+def _label_of(item: Any) -> Any:
+    """The labels of a dict or tuple example/batch (a tuple's last element), or None."""
+    if isinstance(item, Mapping):
+        return next((item[k] for k in LABEL_KEYS if k in item), None)
+    if isinstance(item, (list, tuple)) and len(item) > 1:
+        return item[-1]
+    return None
+
+
+def _leading_size(item: Any) -> int | None:
+    """``n`` when ``item`` looks like one batch of ``n > 1`` examples, else None.
+
+    That is: a dict or tuple whose values are all tensors with at least one dimension, sharing
+    one leading size ``n > 1``, one of them with two or more dimensions, with a label (see
+    :func:`_label_of`) that has that leading dimension (not a scalar per example).
+    """
+    values = list(item.values()) if isinstance(item, Mapping) else item
+    if not isinstance(values, (list, tuple)) or not values:
+        return None
+    if not all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in values):
+        return None
+    sizes = {v.shape[0] for v in values}
+    label = _label_of(item)
+    if len(sizes) != 1 or label is None or not any(v.dim() >= 2 for v in values):
+        return None
+    n = sizes.pop()
+    return n if n > 1 else None
+
+
+def looks_batched(items: list | tuple) -> bool:
+    """Whether a list's items already carry a batch dimension that collation would stack again.
+
+    The heuristic: each of the first :data:`INSPECTED_ITEMS` items (all of them when fewer) is a
+    dict or tuple whose values are all tensors with at least one dimension, share one leading
+    size ``n > 1``, include a tensor with two or more dimensions, and include labels
+    (``labels``, ``label``, ``targets``, ``target``, ``y``, or a tuple's last element) that are
+    not a scalar per example; and ``n`` is the same for all of them (the list's last item may
+    be smaller, as a last partial batch). Examples of token-level tasks (``input_ids`` and
+    ``labels`` of shape ``(T,)``) and of image classification (``(C, H, W)`` and a scalar label)
+    are not taken for batches.
+
+    Args:
+        items: the list (or tuple) given as a dataset.
+
+    Returns:
+        True when the items look like ready batches.
+
+    Example:
+        >>> batch = {"x": torch.zeros(8, 6), "labels": torch.zeros(8, dtype=torch.long)}
+        >>> example = {"x": torch.zeros(6), "labels": torch.tensor(0)}
+        >>> looks_batched([batch, batch]), looks_batched([example, example])
+        (True, False)
+    """
+    inspected = items[:INSPECTED_ITEMS]
+    sizes = [_leading_size(item) for item in inspected]
+    if not sizes or any(size is None for size in sizes):
+        return False
+    full = sizes[:-1] if len(inspected) == len(items) and len(sizes) > 1 else sizes
+    return len(set(full)) == 1 and sizes[-1] <= full[0]
+
+
+def _is_scalar(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_ready_batch(batch: Any, role: str, kind: str, batch_size: int) -> None:
+    """Refuse a "ready batch" that is a single example: its labels are a scalar (0-d).
+
+    Args:
+        batch: the first batch the data yielded.
+        role: the argument's name for messages, e.g. ``"train_dataset"``.
+        kind: what the data is, e.g. ``"a DataLoader"``.
+        batch_size: the configured batch size, for the message.
+
+    Raises:
+        ConfigError: the batch's labels are a scalar.
+
+    Example:
+        >>> check_ready_batch({"x": torch.zeros(4, 6), "labels": torch.zeros(4)}, "data",
+        ...                   "a DataLoader", 8)
+    """
+    if not _is_scalar(_label_of(batch)):
+        return
+    raise ConfigError(
+        f"{role} is {kind}, so each item it yields is used as a ready batch (the rule: a "
+        "DataLoader or a generator yields batches; a list or a Dataset holds examples), but "
+        "its first item has scalar labels: it is a single example, not a batch. Give the "
+        "DataLoader a batch_size, or pass the examples themselves (a list or a map-style "
+        f"Dataset) to have the trainer batch them with batch_size={batch_size}"
+    )
 
 
 def pin_memory(tree: Any) -> Any:
@@ -76,10 +185,10 @@ def pin_memory(tree: Any) -> Any:
         The same structure with pinned CPU tensors (tensors already pinned or not on the CPU
         are returned as they are).
 
-    Example:
-        >>> batch = pin_memory({"x": torch.zeros(2)})
-        >>> batch["x"].is_pinned()
-        True
+    Example::
+
+        batch = pin_memory({"x": torch.zeros(2)})   # needs a CUDA machine
+        assert batch["x"].is_pinned()
     """
     if isinstance(tree, torch.Tensor):
         return tree.pin_memory() if tree.device.type == "cpu" and not tree.is_pinned() else tree
@@ -113,9 +222,11 @@ class DatasetBatches:
         world: the number of processes.
         train: training order (shuffled, every rank a ``DistributedSampler`` part) or
             evaluation order (in order, examples split by ``index % world``).
+        collate_fn: ``collate_fn(list_of_examples) -> batch`` (default ``default_collate``).
 
     Raises:
-        ConfigError: ``data`` is none of the accepted kinds.
+        ConfigError: ``data`` is none of the accepted kinds, or a list of ready batches (see
+            :func:`looks_batched`).
     """
 
     def __init__(
@@ -129,18 +240,31 @@ class DatasetBatches:
         rank: int,
         world: int,
         train: bool,
+        collate_fn: Callable[[list], Any] | None = None,
     ) -> None:
         map_style = is_map_style(data)
         if not map_style and (
             isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable)
         ):
             raise ConfigError(
-                f"{role} must be a map-style Dataset, a DataLoader or an iterable "
-                f"of batches; got {type(data).__name__}"
+                f"{role} must be a list or map-style Dataset of examples, a DataLoader or an "
+                f"iterable of batches; got {type(data).__name__}"
+            )
+        if isinstance(data, (list, tuple)) and looks_batched(data):
+            raise ConfigError(
+                f"{role} is a {type(data).__name__}, so its items are taken as single examples "
+                f"and batched {batch_size} at a time (the rule: a list or a Dataset holds "
+                "examples; a DataLoader or a generator yields batches), but its items already "
+                "look like batches (tensors sharing a leading size > 1, labels not scalar per "
+                "example), which batching would stack again. To train on them as ready "
+                "batches pass DataLoader(data, batch_size=None); if they really are single "
+                "examples, wrap them in a map-style Dataset (any object with __getitem__ and "
+                "__len__ that is not a list), which is batched without this check"
             )
         self.data, self.role, self.rank, self.world = data, role, rank, world
         self.map_style = map_style
         self.batch_size = batch_size
+        self.collate_fn = collate_fn or default_collate
         self.sampler = None
         if map_style and train:
             self.sampler = DistributedSampler(
@@ -202,7 +326,11 @@ class DatasetBatches:
         batches: Iterable[Any] = self.data
         if self._split_batches:
             batches = itertools.islice(batches, self.rank, None, self.world)
-        yield from itertools.islice(batches, start, None)
+        kind = "a DataLoader" if isinstance(self.data, DataLoader) else "an iterable of batches"
+        for count, batch in enumerate(itertools.islice(batches, start, None)):
+            if count == 0:
+                check_ready_batch(batch, self.role, kind, self.batch_size)
+            yield batch
 
     def windows(self, epoch: int, start: int, size: int) -> Iterator[list[Any]]:
         """Yield the micro-batches of ``epoch`` in groups of ``size`` (one optimizer step each).
@@ -242,12 +370,12 @@ class DatasetBatches:
                     f"{self.role}[{index}] could not be read: {type(err).__name__}: {err}"
                 ) from err
         try:
-            return default_collate(items)
+            return self.collate_fn(items)
         except Exception as err:
             raise BatchError(
                 f"{self.role} items {indices[:4]}... could not be batched together "
                 f"({type(err).__name__}: {err}); return tensors or numbers of equal "
-                "shapes (or dicts of them) from the dataset"
+                "shapes (or dicts of them) from the dataset, or set TrainerConfig.collate_fn"
             ) from err
 
 
@@ -267,7 +395,9 @@ def training_batches(data: Any, config: TrainerConfig, *, rank: int, world: int)
         ConfigError: ``data`` is a one-shot iterator and ``num_epochs > 1``.
 
     Example:
-        >>> batches = training_batches(dataset, TrainerConfig(batch_size=16), rank=0, world=1)
+        >>> examples = [{"x": torch.zeros(6), "labels": torch.tensor(0)}] * 40
+        >>> len(training_batches(examples, TrainerConfig(batch_size=16), rank=0, world=1))
+        3
     """
     batches = DatasetBatches(
         data,
@@ -278,6 +408,7 @@ def training_batches(data: Any, config: TrainerConfig, *, rank: int, world: int)
         seed=config.seed,
         rank=rank,
         world=world,
+        collate_fn=config.collate_fn,
     )
     if batches.one_shot and config.num_epochs > 1:
         raise ConfigError(
@@ -303,7 +434,9 @@ def evaluation_batches(
         The batches.
 
     Example:
-        >>> batches = evaluation_batches(dataset, TrainerConfig(), rank=0, world=1)
+        >>> examples = [{"x": torch.zeros(6), "labels": torch.tensor(0)}] * 40
+        >>> len(evaluation_batches(examples, TrainerConfig(batch_size=16), rank=1, world=2))
+        2
     """
     return DatasetBatches(
         data,
@@ -314,6 +447,7 @@ def evaluation_batches(
         seed=config.seed,
         rank=rank,
         world=world,
+        collate_fn=config.collate_fn,
     )
 
 
@@ -331,6 +465,8 @@ def steps_per_epoch(batches: DatasetBatches, accumulation: int) -> int | None:
         ConfigError: an epoch has fewer micro-batches than one optimizer step needs.
 
     Example:
+        >>> examples = [{"x": torch.zeros(6), "labels": torch.tensor(0)}] * 40
+        >>> batches = training_batches(examples, TrainerConfig(batch_size=1), rank=0, world=1)
         >>> steps_per_epoch(batches, accumulation=4)
         10
     """

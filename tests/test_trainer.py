@@ -246,19 +246,20 @@ def test_an_unreadable_item_is_named_by_its_index(tmp_path):
         MedicalModelTrainer(_model(), config).train(_BrokenDataset(), output_dir=tmp_path)
 
 
-def test_dataloaders_and_lists_of_batches_are_accepted(tmp_path):
+def test_dataloaders_and_lists_of_examples_are_accepted(tmp_path):
+    """Lists of batches are refused and DataLoaders of them accepted: tests/test_trainer_data.py."""
     data = _data(32)
     loader = DataLoader(data, batch_size=8, shuffle=False)
-    batches = list(loader)
+    examples = [data[i] for i in range(32)]
     a = MedicalModelTrainer(_model(), _quiet(num_epochs=2, learning_rate=1e-2))
     a.train(loader, eval_dataset=loader, output_dir=tmp_path / "loader")
-    b = MedicalModelTrainer(_model(), _quiet(num_epochs=2, learning_rate=1e-2))
-    b.train(batches, eval_dataset=batches, output_dir=tmp_path / "list")
+    b = MedicalModelTrainer(_model(), _quiet(num_epochs=2, learning_rate=1e-2, shuffle=False))
+    b.train(examples, eval_dataset=examples, output_dir=tmp_path / "list")
     for name, value in a.state.params.items():
         assert torch.equal(value, b.state.params[name]), name
     with pytest.raises(ConfigError, match="one-shot iterator"):
         MedicalModelTrainer(_model(), _quiet(num_epochs=2)).train(
-            iter(batches), output_dir=tmp_path / "it"
+            iter(list(loader)), output_dir=tmp_path / "it"
         )
 
 
