@@ -24,7 +24,6 @@ collect_ignore = [
     "plots.py",
     "tracking.py",
     "trainer.py",
-    "trainer_data.py",
 ]
 
 
