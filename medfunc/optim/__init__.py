@@ -43,6 +43,7 @@ from medfunc.optim.optimizers import (
     get_optimizer,
     sgd,
 )
+from medfunc.optim.torch_adapter import from_torch
 
 __all__ = [
     "KERNELS",
@@ -64,6 +65,7 @@ __all__ = [
     "clip_by_value",
     "default_decay_mask",
     "find_optimizer",
+    "from_torch",
     "from_torch_state_dict",
     "get_optimizer",
     "global_norm",
