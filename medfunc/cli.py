@@ -73,13 +73,6 @@ def _run_options(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return apply_overrides(mapping, overrides), source
 
 
-def _default_output_dir(recipe: str) -> Path:
-    from medfunc import distributed
-
-    stamp = distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
-    return Path("runs") / f"{recipe}-{stamp}"
-
-
 def _final_metrics(trainer: Any, result: Any, eval_dataset: Any) -> dict[str, float]:
     if result.history and result.history[-1]["step"] == result.global_step:
         return {k: v for k, v in result.history[-1].items() if k not in ("epoch", "step")}
@@ -87,10 +80,12 @@ def _final_metrics(trainer: Any, result: Any, eval_dataset: Any) -> dict[str, fl
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``medfunc train [CONFIG] [--recipe NAME] [--set KEY=VALUE ...] [--output-dir DIR]``."""
+    """``medfunc train [CONFIG] [--recipe NAME] [--set KEY=VALUE ...] [--output-dir DIR]
+    [--overwrite]``."""
     from medfunc import distributed
     from medfunc.plots import plot_metrics
     from medfunc.recipes import DEFAULT_RECIPE, get_recipe
+    from medfunc.run_folder import default_run_dir
     from medfunc.trainer import MedicalModelTrainer
     from medfunc.trainer_config import RUN_KEYS, TrainerConfig
 
@@ -105,8 +100,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{type(recipe_options).__name__}"
         )
     user_options = {k: v for k, v in mapping.items() if k not in RUN_KEYS}
-    TrainerConfig.from_dict(user_options, source=source)  # fail fast, before loading data
-    output_dir = Path(args.output_dir or mapping.get("output_dir") or _default_output_dir(name))
+    if args.overwrite:
+        user_options["overwrite_output_dir"] = True
+    checked = TrainerConfig.from_dict(user_options, source=source)  # fail fast, before the data
+    output_dir = Path(
+        args.output_dir
+        or mapping.get("output_dir")
+        or (Path(checked.resume_from).parent if checked.resume_from else default_run_dir(name))
+    )
     parts = get_recipe(name).build(**recipe_options)
     config = TrainerConfig.from_dict(
         {**_CLI_DEFAULTS, **parts.config, **user_options}, source=source
@@ -252,7 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable)",
     )
     train.add_argument(
-        "--output-dir", type=Path, help="run folder (default runs/<recipe>-<timestamp>)"
+        "--output-dir",
+        type=Path,
+        help="run folder (default: a new runs/<recipe>-<timestamp>-<pid>, or the folder of "
+        "the checkpoint being resumed); it must be new or empty unless --overwrite",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the previous run in --output-dir (its files are removed first; a folder "
+        "holding files the trainer does not write is refused)",
     )
     train.set_defaults(func=cmd_train)
 

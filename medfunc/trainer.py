@@ -37,6 +37,7 @@ from medfunc.errors import ConfigError
 from medfunc.logging import MetricLogger, create_logger
 from medfunc.metrics import evaluate_batches, find_logits
 from medfunc.modeling import prepare_model
+from medfunc.run_folder import default_run_dir, prepare_run_dir
 from medfunc.state import TrainState, bind_module, init_state
 from medfunc.step import apply_model
 from medfunc.tracking import LoopPosition, StepMetricSums, TrainResult, check_skipped_run
@@ -382,25 +383,29 @@ class MedicalModelTrainer:
         self,
         train_dataset: Any,
         eval_dataset: Any = None,
-        output_dir: str | os.PathLike = "./fine_tuned_model",
+        output_dir: str | os.PathLike | None = None,
     ) -> TrainResult:
         """Train for ``num_epochs`` epochs, evaluating, checkpointing and exporting as configured.
 
         Under torchrun this is where the process group is joined (see :mod:`medfunc.distributed`).
 
         Args:
-            train_dataset: a map-style Dataset (batched with a seeded shuffle per epoch), a
-                DataLoader, or an iterable of dict batches.
+            train_dataset: a list or map-style Dataset of examples (batched with a seeded
+                shuffle per epoch), a DataLoader, or a generator of batches.
             eval_dataset: optional evaluation data of the same kinds.
             output_dir: the run folder: ``checkpoint-epoch{N}.pt``, ``checkpoint-step{S}.pt``,
-                ``metrics.jsonl``, ``tb_logs/``, ``model.safetensors`` and exports.
+                ``metrics.jsonl``, ``tb_logs/``, ``model.safetensors`` and exports. It must be
+                new or empty, or the folder of the checkpoint being resumed, or
+                ``overwrite_output_dir`` must be set. Default: the resumed checkpoint's folder,
+                else a new ``runs/run-{timestamp}-{pid}``.
 
         Returns:
             The :class:`TrainResult`.
 
         Raises:
-            ConfigError: inconsistent options or data; BatchError: unreadable data;
-            NonFiniteError: too many consecutive non-finite steps.
+            ConfigError: inconsistent options or data, or an ``output_dir`` holding another
+            run; BatchError: unreadable data; NonFiniteError: too many consecutive non-finite
+            steps.
 
         Example:
             >>> result = trainer.train(train_ds, eval_ds, output_dir="runs/demo")
@@ -424,7 +429,7 @@ class MedicalModelTrainer:
         if cfg.resume_from:
             state, position = self._resume(state, cfg.resume_from, stopping)
         result = TrainResult(
-            output_dir=Path(output_dir),
+            output_dir=self._run_folder(output_dir),
             global_step=position.global_step,
             epochs_completed=position.epoch,
             best_metric=position.stopping.best,
@@ -441,6 +446,23 @@ class MedicalModelTrainer:
         finally:
             logger.close()
         return result
+
+    def _run_folder(self, output_dir: str | os.PathLike | None) -> Path:
+        """The run folder, checked (and emptied with ``overwrite_output_dir``) on rank 0."""
+        cfg = self.config
+        source = Path(cfg.resume_from).parent if cfg.resume_from else None
+        out = Path(output_dir) if output_dir is not None else source or default_run_dir("run")
+        resuming = source is not None and out.resolve() == source.resolve()
+        problem = None
+        if self.is_main_process:
+            try:
+                prepare_run_dir(out, resuming=resuming, overwrite=cfg.overwrite_output_dir)
+            except ConfigError as err:
+                problem = str(err)
+        problem = distributed.broadcast_object(problem)
+        if problem:
+            raise ConfigError(problem)
+        return out
 
     def _create_logger(self, out: Path, total_steps: int | None) -> MetricLogger:
         cfg = self.config

@@ -116,6 +116,7 @@ class TrainerConfig:
     save_optimizer: bool = True
     save_scheduler: bool = True
     resume_from: str | None = None
+    overwrite_output_dir: bool = False
     # export
     export_torchscript: bool = False
     export_onnx: bool = False
@@ -553,6 +554,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "save_optimizer": validation.boolean,
     "save_scheduler": validation.boolean,
     "resume_from": _optional_string,
+    "overwrite_output_dir": validation.boolean,
     "export_torchscript": validation.boolean,
     "export_onnx": validation.boolean,
     "export_input_example": _export_example,

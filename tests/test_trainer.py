@@ -21,7 +21,13 @@ from torch.utils.data import DataLoader
 from medfunc import distributed, optim, schedules
 from medfunc.errors import BatchError, ConfigError, NonFiniteError
 from medfunc.recipes.base import TensorDictDataset
-from medfunc.trainer import MedicalModelTrainer, TrainerConfig, build_optimizer, build_schedule
+from medfunc.trainer import (
+    MedicalModelTrainer,
+    TrainerConfig,
+    build_optimizer,
+    build_schedule,
+    save_weights,
+)
 
 
 def _data(n: int, classes: int = 3, seed: int = 0, features: int = 6) -> TensorDictDataset:
@@ -528,9 +534,12 @@ def test_constructing_a_trainer_does_not_join_the_process_group(tmp_path, monkey
 
 
 def test_the_weights_file_is_written_atomically(tmp_path):
-    (tmp_path / "model.safetensors").write_bytes(b"an older run's weights")
+    """save_weights replaces an existing file by a rename (a refused folder: run_folder tests)."""
     trainer = MedicalModelTrainer(_model(), _quiet(num_epochs=1, batch_size=8))
-    result = trainer.train(_data(16), output_dir=tmp_path)
-    assert set(load_file(result.weights_path)) == set(trainer.state.params)
-    assert (result.weights_path.stat().st_mode & 0o777) == 0o644
+    trainer.train(_data(16), output_dir=tmp_path / "run")
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"an older run's weights")
+    assert save_weights(trainer.state, target) == target
+    assert set(load_file(target)) == set(trainer.state.params)
+    assert (target.stat().st_mode & 0o777) == 0o644
     assert not list(tmp_path.glob(".model.safetensors.tmp*"))

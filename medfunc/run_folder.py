@@ -1,0 +1,234 @@
+"""Run folders: one run per folder, unique default names, checkpoint retention and ``best.json``.
+
+A run folder holds the files of exactly one run. :func:`default_run_dir` names a new folder per
+run (a timestamp with microseconds plus the process id). :func:`prepare_run_dir` refuses a
+non-empty folder that is not the one being resumed, unless the user asked to overwrite it; then
+it removes the previous run's files first, and only those: a folder holding anything the
+trainer does not write (:func:`is_run_file`) is refused, never emptied.
+:func:`prune_checkpoints` keeps the newest ``save_total_limit`` checkpoints, never deleting a
+protected one (the best, the one resumed from). :func:`write_best` records the best checkpoint
+in ``best.json``.
+
+Example:
+    >>> folder = Path("run")
+    >>> prepare_run_dir(folder, resuming=False, overwrite=False)   # new or empty: fine
+    >>> folder.mkdir()
+    >>> _ = (folder / "metrics.jsonl").write_text("{}")
+    >>> prepare_run_dir(folder, resuming=False, overwrite=True)    # the old run is removed
+    >>> list(folder.iterdir())
+    []
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from medfunc.atomic import atomic_write
+from medfunc.errors import ConfigError
+
+__all__ = [
+    "BEST_FILE",
+    "checkpoint_files",
+    "default_run_dir",
+    "is_run_file",
+    "prepare_run_dir",
+    "prune_checkpoints",
+    "write_best",
+]
+
+BEST_FILE = "best.json"
+#: Files the trainer (and ``medfunc train``) writes at the top of a run folder.
+RUN_FILES = frozenset(
+    {
+        "metrics.jsonl",
+        "model.safetensors",
+        "model.pt",
+        "model.onnx",
+        "model.onnx.data",
+        BEST_FILE,
+        "metrics.png",
+        "config.json",
+        "generation_config.json",
+    }
+)
+#: Folders the logging backends write in a run folder (TensorBoard, W&B).
+RUN_FOLDERS = frozenset({"tb_logs", "wandb"})
+_CHECKPOINT = re.compile(r"^checkpoint-(epoch|step)\d+\.pt$")
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-\d+-[0-9a-f]+$")
+
+
+def default_run_dir(prefix: str, root: str | os.PathLike = "runs") -> Path:
+    """A new run folder name, unique per run: ``{root}/{prefix}-{YYYYmmdd-HHMMSS-ffffff}-{pid}``.
+
+    Under torchrun every rank gets rank 0's name.
+
+    Args:
+        prefix: e.g. the recipe's name.
+        root: the parent folder.
+
+    Returns:
+        The folder's path (not created).
+
+    Example:
+        >>> default_run_dir("breast_cancer").name.startswith("breast_cancer-")
+        True
+    """
+    from medfunc import distributed
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    name = distributed.broadcast_object(f"{prefix}-{stamp}-{os.getpid()}")
+    return Path(root) / name
+
+
+def is_run_file(path: Path) -> bool:
+    """Whether ``path`` (an entry of a run folder) is something the trainer writes.
+
+    Args:
+        path: a file or folder directly inside a run folder.
+
+    Returns:
+        True for checkpoints, the weights, exports, logs, ``best.json``, the metrics plot, the
+        Hugging Face ``config.json``/``generation_config.json``, the logging folders
+        ``tb_logs``/``wandb`` and the temporary files of an interrupted atomic write of any of
+        them.
+
+    Example:
+        >>> is_run_file(Path("run/checkpoint-epoch3.pt")), is_run_file(Path("run/notes.txt"))
+        (True, False)
+    """
+    name = path.name
+    temporary = _TEMPORARY.match(name)
+    if temporary:
+        name = temporary.group("name")
+    if name in RUN_FOLDERS:
+        return path.is_dir() or temporary is not None
+    return bool(_CHECKPOINT.match(name)) or name in RUN_FILES
+
+
+def prepare_run_dir(path: Path, *, resuming: bool, overwrite: bool) -> None:
+    """Make sure ``path`` will hold this run's files only.
+
+    Args:
+        path: the run folder.
+        resuming: the run continues a checkpoint stored in ``path`` (its files are kept).
+        overwrite: remove a previous run's files first (``overwrite_output_dir``).
+
+    Raises:
+        ConfigError: ``path`` is a file; or it holds another run's files and ``overwrite`` is
+            false; or ``overwrite`` is set and it holds files the trainer does not write (they
+            are listed and nothing is removed); or ``overwrite`` and ``resuming`` are both set.
+
+    Example:
+        >>> prepare_run_dir(Path("new-run"), resuming=False, overwrite=False)
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir {path} is a file, not a folder; choose another output_dir")
+    entries = sorted(path.iterdir()) if path.is_dir() else []
+    if resuming:
+        if overwrite:
+            raise ConfigError(
+                f"overwrite_output_dir=True would delete {path}, the run being resumed from; "
+                "resume without overwrite_output_dir, or write the resumed run to another "
+                "output_dir"
+            )
+        return
+    if not entries:
+        return
+    shown = ", ".join(p.name for p in entries[:5]) + (", ..." if len(entries) > 5 else "")
+    if not overwrite:
+        raise ConfigError(
+            f"output_dir {path} already holds another run's files ({shown}); training into "
+            "it would mix two runs. Choose a new output_dir, resume that run with "
+            "resume_from=<one of its checkpoints>, or replace it with "
+            "TrainerConfig.overwrite_output_dir=True (medfunc train --overwrite)"
+        )
+    unknown = [p.name for p in entries if not is_run_file(p)]
+    if unknown:
+        raise ConfigError(
+            f"overwrite_output_dir=True but output_dir {path} holds files this trainer does "
+            f"not write ({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}); "
+            "nothing was removed. Move them away or choose a new output_dir"
+        )
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The checkpoints in ``folder``, oldest first (by modification time, then name).
+
+    Args:
+        folder: a run folder.
+
+    Returns:
+        The ``checkpoint-epoch{N}.pt`` / ``checkpoint-step{S}.pt`` files.
+
+    Example:
+        >>> checkpoint_files(Path("no-such-run"))
+        []
+    """
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _CHECKPOINT.match(p.name) and p.is_file()]
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def prune_checkpoints(
+    ordered: Iterable[Path], limit: int | None, protected: Iterable[Path | None]
+) -> list[Path]:
+    """Delete all but the newest ``limit`` checkpoints, never a protected one.
+
+    Call it after the newest checkpoint was written (atomically).
+
+    Args:
+        ordered: the run's checkpoint files, oldest first (duplicates ignored).
+        limit: ``save_total_limit``; None keeps every checkpoint.
+        protected: files never deleted (the best checkpoint, the one resumed from).
+
+    Returns:
+        The files deleted.
+
+    Example:
+        >>> prune_checkpoints([Path("a.pt"), Path("b.pt")], None, [])
+        []
+    """
+    unique = list(dict.fromkeys(Path(p) for p in ordered))
+    if limit is None or len(unique) <= limit:
+        return []
+    keep = {p.resolve() for p in protected if p is not None}
+    deleted = []
+    for path in unique[: len(unique) - limit]:
+        if path.resolve() in keep:
+            continue
+        path.unlink(missing_ok=True)
+        deleted.append(path)
+    return deleted
+
+
+def write_best(folder: Path, record: Mapping[str, Any]) -> Path:
+    """Write ``best.json`` (atomically): which checkpoint holds the best evaluation.
+
+    Args:
+        folder: the run folder.
+        record: ``{"checkpoint", "epoch", "step", "metric", "value", "metrics"}``.
+
+    Returns:
+        The file written.
+
+    Example:
+        >>> write_best(Path("."), {"checkpoint": "checkpoint-epoch2.pt", "step": 30}).name
+        'best.json'
+    """
+    text = json.dumps(dict(record), indent=2, sort_keys=True) + "\n"
+    path = folder / BEST_FILE
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+    return path
