@@ -26,6 +26,7 @@ import torch
 import torch.utils._pytree as torch_pytree
 
 from medfunc.errors import ConfigError, ConsumedStateError
+from medfunc.optim.torch_adapter import check_tx
 from medfunc.precision import LossScaleState, Policy, get_policy, init_loss_scale
 
 PYTREE_NAMESPACE = "medfunc"
@@ -295,6 +296,7 @@ def init_state(
             "model must be a torch.nn.Module or a zero-argument function returning one, got "
             f"{type(model).__name__}"
         )
+    check_tx(tx)
     if not isinstance(accumulate_steps, int) or accumulate_steps < 1:
         raise ConfigError(f"accumulate_steps must be an integer >= 1, got {accumulate_steps!r}")
     if not isinstance(seed, int):

@@ -202,3 +202,11 @@ def test_a_model_constructor_is_built_under_the_seed():
     assert torch.equal(a.params["fc1.weight"], TinyClassifier().fc1.weight.detach())
     with pytest.raises(mf.ConfigError, match="zero-argument function"):
         mf.init_state(lambda: 3, mf.optim.sgd(0.1))
+
+
+def test_a_torch_optimizer_as_tx_names_from_torch():
+    model = TinyClassifier()
+    with pytest.raises(mf.ConfigError, match="from_torch"):
+        mf.init_state(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(mf.ConfigError, match="from_torch"):
+        mf.init_state(model, torch.optim.SGD)
