@@ -390,6 +390,8 @@ def _initialize(model: torch.nn.Module, tx: GradientTransformation | None, confi
         optimizer = torch_optimizer(tx, trainable)
         scheduler = ScheduleLR(optimizer, spec)
     _disable_shm_op_on_cpu(deepspeed)
+    # get_info() joined the job through init(), which made the job's collective timeout torch's
+    # default for new groups: the groups DeepSpeed creates (all without a timeout) get it too.
     ensure_process_group()
     os.environ.setdefault("LOCAL_RANK", str(info.local_rank))  # DeepSpeed asserts it is set
     with collective_guard("deepspeed.initialize"):

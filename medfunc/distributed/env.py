@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -65,6 +66,8 @@ class DistInfo:
 
 
 _info: DistInfo | None = None
+# torch's own default timeouts for new groups, while :func:`init` has replaced them.
+_torch_defaults: dict[str, datetime.timedelta] = {}
 
 
 def _env_int(name: str, default: int) -> int:
@@ -130,13 +133,15 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> DistInfo
     rank_ = _env_int("RANK", 0)
     local = _env_int("LOCAL_RANK", rank_)
     if dist.is_available() and dist.is_initialized():
+        timeout = _joined_timeout(timeout_s)
+        _default_new_groups_to(timeout)
         _info = DistInfo(
             dist.get_rank(),
             dist.get_world_size(),
             local,
             _default_device(local, dist.get_backend()),
             dist.get_backend(),
-            _resolve_timeout(timeout_s),
+            timeout,
         )
         return _info
     if world <= 1:
@@ -166,11 +171,56 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> DistInfo
     except (RuntimeError, ValueError) as err:
         raise DistributedError(
             f"rank {rank_} of {world} could not join the process group at "
-            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout:.0f} s: "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout:g} s: "
             f"{err}. Check that every rank was started and the port is free."
         ) from err
+    _default_new_groups_to(timeout)
     _info = DistInfo(rank_, world, local, device, backend, timeout)
     return _info
+
+
+def _joined_timeout(timeout_s: float | None) -> float:
+    """The collective timeout of a process group someone else joined before :func:`init`.
+
+    A timeout given to :func:`init` (or in ``MEDFUNC_DIST_TIMEOUT_S``) is applied to every
+    existing group; otherwise the world group keeps the timeout it was created with, and that is
+    the job's timeout (torch's default when it cannot be read).
+    """
+    from torch.distributed import distributed_c10d
+
+    if timeout_s is not None or os.environ.get(TIMEOUT_ENV):
+        timeout = _resolve_timeout(timeout_s)
+        for group in list(distributed_c10d._world.pg_map):
+            if not distributed_c10d._rank_not_in_group(group):
+                distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout), group)
+        return timeout
+    world_group = distributed_c10d._get_default_group()
+    for device_type in world_group._device_types:
+        with contextlib.suppress(AttributeError, RuntimeError):
+            return world_group._get_backend(device_type).options._timeout.total_seconds()
+    return distributed_c10d._get_default_timeout(dist.get_backend()).total_seconds()
+
+
+def _default_new_groups_to(timeout: float) -> None:
+    """Give every process group created later without a timeout the job's ``timeout``.
+
+    ``torch.distributed.new_group(ranks)`` gives such a group torch's default timeout (30 min for
+    Gloo, 10 min for NCCL), not the world group's, and DeepSpeed creates all of its groups that
+    way (``deepspeed.comm.new_group`` has no timeout argument): with ``timeout=15`` a hung peer
+    held the others for 1800 s in DeepSpeed's gradient all-reduce. torch reads these module
+    defaults each time it creates a group, so setting them here covers DeepSpeed, device meshes
+    and user groups alike; :func:`shutdown` restores torch's values.
+    """
+    from torch.distributed import distributed_c10d
+
+    delta = datetime.timedelta(seconds=timeout)
+    _torch_defaults.setdefault("default_pg_timeout", distributed_c10d.default_pg_timeout)
+    distributed_c10d.default_pg_timeout = delta
+    if distributed_c10d.default_pg_nccl_timeout is not None:  # None: built without NCCL
+        _torch_defaults.setdefault(
+            "default_pg_nccl_timeout", distributed_c10d.default_pg_nccl_timeout
+        )
+        distributed_c10d.default_pg_nccl_timeout = delta
 
 
 def ensure_process_group() -> None:
@@ -282,13 +332,16 @@ def collective_guard(what: str) -> Iterator[None]:
         with collective_guard("all_reduce of the loss"):
             torch.distributed.all_reduce(loss)
     """
+    started = time.monotonic()
     try:
         yield
     except DistributedError:
         raise
     except RuntimeError as err:
         timeout = _info.timeout_s if _info is not None and _info.timeout_s else None
-        waited = f" (timeout {timeout:.0f} s)" if timeout else ""
+        waited = f" after {time.monotonic() - started:.1f} s"
+        if timeout:
+            waited += f" (timeout {timeout:g} s)"
         raise DistributedError(
             f"{what} failed on rank {rank()} of {world_size()}{waited}: a peer process probably "
             f"died or stopped responding, most likely {_likely_failed_ranks()}. Check that "
@@ -491,4 +544,10 @@ def shutdown() -> None:
     global _info
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    if _torch_defaults:
+        from torch.distributed import distributed_c10d
+
+        for name, value in _torch_defaults.items():
+            setattr(distributed_c10d, name, value)
+    _torch_defaults.clear()
     _info = None
