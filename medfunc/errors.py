@@ -57,6 +57,21 @@ class CheckpointVersionError(CheckpointError, ValueError):
     """The checkpoint was written by a newer format version than this medfunc reads."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A file could not be written: the disk is full, permission is denied, the file system is
+    read-only, or the target is a folder.
+
+    ``errno`` is the cause's (e.g. ``errno.ENOSPC``) and ``filename`` the target; the message
+    names both and says what to do. The file that was at the target before is unchanged.
+    """
+
+    def __init__(self, code: int, message: str, filename: str) -> None:
+        super().__init__(code, message, filename)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 class ExportError(MedfuncError, RuntimeError):
     """A model could not be exported, or the exported file disagrees with eager outputs."""
 

@@ -15,7 +15,7 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
@@ -63,10 +63,11 @@ def _check_exists(path: Path) -> None:
     raise CheckpointNotFoundError(f"checkpoint {path} does not exist{hint}")
 
 
-def _verify_archive(path: Path) -> None:
+def _verify_archive(handle: BinaryIO, path: Path) -> None:
     """Read every record of the zip archive, checking its CRC-32, before anything is unpickled."""
+    handle.seek(0)
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(handle) as archive:
             infos = archive.infolist()
             if not any(i.filename.endswith("/data.pkl") or i.filename == "data.pkl" for i in infos):
                 raise _corrupt(path, "the archive holds no data.pkl record")
@@ -82,9 +83,10 @@ def _verify_archive(path: Path) -> None:
         raise _corrupt(path, f"the zip archive cannot be read ({error})") from error
 
 
-def _unsafe_globals(path: Path) -> list[str]:
+def _unsafe_globals(handle: BinaryIO) -> list[str]:
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        handle.seek(0)
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(handle))
     except Exception:  # noqa: BLE001 - the names only enrich the message
         return []
 
@@ -98,34 +100,37 @@ def _unsafe(path: Path, error: BaseException, names: list[str]) -> UnsafeCheckpo
     )
 
 
-def _pickled_globals(path: Path) -> list[str]:
+def _pickled_globals(handle: BinaryIO) -> list[str]:
     """The globals named by the pickles at the start of a file, read from their opcodes only
     (nothing is unpickled); scanning stops at the first thing that is not a pickle."""
     names: list[str] = []
     strings: list[str] = []
-    with path.open("rb") as handle:
-        while True:
-            try:
-                for opcode, arg, _ in pickletools.genops(handle):
-                    if opcode.name in ("GLOBAL", "INST"):
-                        names.append(str(arg).replace(" ", "."))
-                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                        names.append(f"{strings[-2]}.{strings[-1]}")
-                    elif isinstance(arg, str):
-                        strings.append(arg)
-            except Exception:  # noqa: BLE001 - not (or no longer) pickle data: stop scanning
-                break
+    handle.seek(0)
+    while True:
+        try:
+            for opcode, arg, _ in pickletools.genops(handle):
+                if opcode.name in ("GLOBAL", "INST"):
+                    names.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except Exception:  # noqa: BLE001 - not (or no longer) pickle data: stop scanning
+            break
     return [n for n in dict.fromkeys(names) if not n.startswith(_TORCH_GLOBALS)]
 
 
-def _classify_non_zip(path: Path) -> CheckpointCorruptError | UnsafeCheckpointError:
+def _classify_non_zip(
+    handle: BinaryIO, path: Path
+) -> CheckpointCorruptError | UnsafeCheckpointError:
     """The error for a file that is not a zip archive (medfunc only writes zip archives)."""
+    handle.seek(0)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on foreign pickles are noise here
-            torch.load(path, map_location="cpu", weights_only=True)
+            torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every failure is classified below
-        names = _pickled_globals(path)
+        names = _pickled_globals(handle)
         if isinstance(error, pickle.UnpicklingError) and names:
             failure: CheckpointCorruptError | UnsafeCheckpointError = _unsafe(path, error, names)
         else:
@@ -135,21 +140,52 @@ def _classify_non_zip(path: Path) -> CheckpointCorruptError | UnsafeCheckpointEr
     return _not_medfunc(path, "it uses PyTorch's legacy (pre-zip) format")
 
 
+def _check_magic(handle: BinaryIO, path: Path) -> None:
+    """A medfunc checkpoint is a zip archive: anything else is classified and refused."""
+    handle.seek(0)
+    head = handle.read(len(_ZIP_MAGIC))
+    if not _ZIP_MAGIC.startswith(head):
+        raise _classify_non_zip(handle, path)
+    if len(head) < len(_ZIP_MAGIC):
+        raise _corrupt(path, f"the file is truncated to {len(head)} bytes")
+
+
+def _load_source(handle: BinaryIO, mmap: bool) -> tuple[BinaryIO | str, bool]:
+    """What ``torch.load`` reads: the open handle itself, or for ``mmap`` (which torch only
+    accepts by file name) the handle's ``/proc/self/fd`` entry, which names the file the handle
+    holds open even if the path was renamed over meanwhile. Where that entry does not exist
+    (outside Linux) the handle is read without mapping."""
+    handle.seek(0)
+    if mmap:
+        by_descriptor = f"/proc/self/fd/{handle.fileno()}"
+        if os.path.exists(by_descriptor):
+            return by_descriptor, True
+    return handle, False
+
+
 def _torch_load(path: Path, map_location: torch.device, mmap: bool) -> Any:
-    with path.open("rb") as handle:
-        head = handle.read(len(_ZIP_MAGIC))
-    if _ZIP_MAGIC.startswith(head):
-        if len(head) < len(_ZIP_MAGIC):
-            raise _corrupt(path, f"the file is truncated to {len(head)} bytes")
-    else:
-        raise _classify_non_zip(path)
-    _verify_archive(path)
+    """Check, verify and load the file at ``path`` through one open handle.
+
+    A checkpoint is often replaced (renamed over) while another process reads it; opening the
+    path once for the magic check, the CRC pass and the load makes all three see one file.
+    """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        raise _unsafe(path, error, _unsafe_globals(path)) from error
-    except Exception as error:  # noqa: BLE001 - anything else in an intact archive is damage
-        raise _corrupt(path, f"its records are inconsistent ({type(error).__name__})") from error
+        handle = path.open("rb")
+    except (FileNotFoundError, IsADirectoryError):
+        _check_exists(path)
+        raise
+    with handle:
+        _check_magic(handle, path)
+        _verify_archive(handle, path)
+        source, use_mmap = _load_source(handle, mmap)
+        try:
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=use_mmap)
+        except pickle.UnpicklingError as error:
+            raise _unsafe(path, error, _unsafe_globals(handle)) from error
+        except Exception as error:  # noqa: BLE001 - anything else in an intact archive is damage
+            raise _corrupt(
+                path, f"its records are inconsistent ({type(error).__name__})"
+            ) from error
 
 
 def _check_int(value: Any, where: str, path: Path) -> int:

@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 import torch
 from torch.utils.serialization import config as serialization_config
 
-from medfunc.atomic import atomic_write
+from medfunc.atomic import atomic_write, ensure_writable
 from medfunc.checkpoint.payload import build_payload, check_extra, check_loadable
 from medfunc.state import TrainState
 
@@ -53,7 +53,8 @@ def save_state(
 
     The file is written to a temporary ``.{name}.tmp-<pid>-<random>`` in the same folder,
     flushed and fsynced, renamed over ``path`` and the folder is fsynced: a reader sees the old
-    file or the complete new one, never a partial one, even if the process is killed mid-save.
+    file or the complete new one, never a partial one, even if the process is killed mid-save
+    or the disk fills up.
     Temporaries left in the folder by saves whose process died are removed. In distributed runs
     call it on one rank only.
 
@@ -71,6 +72,11 @@ def save_state(
     Raises:
         ConfigError: ``extra`` (or a module's extra state) holds values ``torch.load`` with
             ``weights_only=True`` could not read back.
+        CheckpointWriteError: the file cannot be written (also an ``OSError``; its message names
+            the path, the cause and what to do). A path that is a folder, or a folder that is
+            read-only, not writable or cannot be created, fails before the state is serialised;
+            a full disk fails while writing. Either way an existing checkpoint at ``path`` is
+            unchanged and no partial file is left.
 
     Example:
         >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.adamw(1e-3))
@@ -78,8 +84,8 @@ def save_state(
         runs/exp1/step-100.pt
     """
     state.check_alive()
+    path = ensure_writable(path)
     payload = build_payload(state, check_extra(extra), save_optimizer, save_scheduler)
     check_loadable(payload, "checkpoint")
-    path = Path(path)
     _write_payload(payload, path)
     return path
