@@ -327,3 +327,13 @@ def test_round_trip_example_in_the_docs_runs(tmp_path, monkeypatch, capsys):
     assert float(namespace["onnx_diff"]) <= 1e-4
     assert "TorchScript max diff" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "export_demo")) == ["model.onnx", "model.pt"]
+
+
+def test_an_export_target_that_cannot_be_written_fails_before_tracing(tmp_path):
+    from medfunc.errors import CheckpointWriteError
+    from medfunc.export import to_torchscript
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(CheckpointWriteError, match="EISDIR"):
+        to_torchscript(model, torch.zeros(1, 3), tmp_path)
+    assert not list(tmp_path.iterdir())

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from medfunc.atomic import atomic_replace, temporary_path
+from medfunc.atomic import atomic_replace, ensure_writable, temporary_path
 from medfunc.errors import ExportError
 from medfunc.export.common import (
     describe_error,
@@ -309,8 +309,7 @@ def to_onnx(
     """
     onnx, ort = _require_onnx(verify)
     module = resolve_module(state_or_module)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = ensure_writable(path)  # a target that cannot work fails before tracing
     use_dynamo = dynamo if dynamo is not None else (opset is None or opset >= DYNAMO_MIN_OPSET)
     label = f"ONNX export ({_exporter_name(use_dynamo)}) of {type(module).__name__}"
     args, kwargs, input_names = split_example(example, module_device(module))

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from medfunc.atomic import atomic_replace, temporary_path
+from medfunc.atomic import atomic_replace, ensure_writable, temporary_path
 from medfunc.errors import ExportError
 from medfunc.export.common import (
     describe_error,
@@ -147,8 +147,7 @@ def to_torchscript(
         True
     """
     module = resolve_module(state_or_module)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = ensure_writable(path)  # a target that cannot work fails before tracing
     device = module_device(module)
     args, kwargs, _ = split_example(example, device)
     name = type(module).__name__
