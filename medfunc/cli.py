@@ -74,6 +74,8 @@ def _run_options(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 
 def _final_metrics(trainer: Any, result: Any, eval_dataset: Any) -> dict[str, float]:
+    if result.loaded_best:
+        return result.eval_metrics
     if result.history and result.history[-1]["step"] == result.global_step:
         return {k: v for k, v in result.history[-1].items() if k not in ("epoch", "step")}
     return trainer.evaluate(eval_dataset)
@@ -124,14 +126,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = trainer.train(parts.train_dataset, parts.eval_dataset, output_dir=output_dir)
     metrics = _final_metrics(trainer, result, parts.eval_dataset)
     shown = [f"{key}={metrics[key]:.4f}" for key in SUMMARY_METRICS if key in metrics]
+    which = (
+        f"best model: epoch {result.best_epoch} step {result.best_step}, "
+        if result.loaded_best
+        else ""
+    )
     say(
-        f"held-out ({len(parts.eval_dataset)} examples, positive = {parts.positive_label}): "
-        + " ".join(shown)
+        f"held-out ({which}{len(parts.eval_dataset)} examples, positive = "
+        f"{parts.positive_label}): " + " ".join(shown)
     )
     if main:
         plot = plot_metrics(output_dir / "metrics.jsonl", output_dir / "metrics.png")
         if result.checkpoints:
             say(f"checkpoint: {result.checkpoints[-1]}")
+        if result.best_checkpoint is not None:
+            say(f"best checkpoint: {result.best_checkpoint}")
         say(f"weights: {result.weights_path}")
         if config.enable_tensorboard:
             say(f"tensorboard: {Path(config.tb_log_dir or output_dir / 'tb_logs')}")

@@ -35,6 +35,7 @@ from medfunc.errors import ConfigError
 
 __all__ = [
     "BEST_FILE",
+    "best_record",
     "checkpoint_files",
     "default_run_dir",
     "is_run_file",
@@ -212,6 +213,33 @@ def prune_checkpoints(
         path.unlink(missing_ok=True)
         deleted.append(path)
     return deleted
+
+
+def best_record(position: Any, metric: str) -> dict[str, Any]:
+    """The ``best.json`` record of a loop position whose best evaluation is checkpointed.
+
+    Args:
+        position: a :class:`~medfunc.tracking.LoopPosition`.
+        metric: the metric that decides the best (``eval_metric``).
+
+    Returns:
+        ``{"checkpoint", "epoch", "step", "metric", "value", "metrics"}``.
+
+    Example:
+        >>> from medfunc.early_stopping import EarlyStopping
+        >>> from medfunc.tracking import LoopPosition
+        >>> position = LoopPosition(EarlyStopping(), best_checkpoint="checkpoint-epoch2.pt")
+        >>> best_record(position, "loss")["checkpoint"]
+        'checkpoint-epoch2.pt'
+    """
+    return {
+        "checkpoint": position.best_checkpoint,
+        "epoch": position.best_epoch,
+        "step": position.best_step,
+        "metric": metric,
+        "value": position.stopping.best,
+        "metrics": dict(position.best_metrics),
+    }
 
 
 def write_best(folder: Path, record: Mapping[str, Any]) -> Path:

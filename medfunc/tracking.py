@@ -132,6 +132,12 @@ class LoopPosition:
         batch_index: micro-batches consumed in the current epoch.
         global_step: optimizer steps taken (skipped non-finite steps included).
         last_eval_step: the ``global_step`` of the last evaluation (-1: none yet).
+        best_checkpoint: the file name of the checkpoint holding the best evaluation's state
+            (None while no checkpoint holds it).
+        best_step: the ``global_step`` of the best evaluation (None before one).
+        best_epoch: the epoch of the best evaluation (None before one).
+        best_metrics: the best evaluation's metrics.
+        best_pending: the best evaluation's state is not in a checkpoint yet (not saved).
 
     Example:
         >>> position = LoopPosition(EarlyStopping(patience=3))
@@ -145,6 +151,22 @@ class LoopPosition:
     batch_index: int = 0
     global_step: int = 0
     last_eval_step: int = -1
+    best_checkpoint: str | None = None
+    best_step: int | None = None
+    best_epoch: int | None = None
+    best_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    best_pending: bool = False
+
+    def record_best(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Note that the evaluation just made at ``global_step`` is the best so far.
+
+        Args:
+            epoch: the evaluation's epoch.
+            metrics: its metrics.
+        """
+        self.best_step, self.best_epoch = self.global_step, epoch
+        self.best_metrics = dict(metrics)
+        self.best_checkpoint, self.best_pending = None, True
 
     def to_trainer_state(self, eval_metric: str, run: Mapping[str, Any] | None) -> dict[str, Any]:
         """The entries a checkpoint's ``trainer_state`` holds about the loop.
@@ -155,7 +177,8 @@ class LoopPosition:
 
         Returns:
             ``epoch``, ``batch_index``, ``loop_step``, ``best_metric``, ``patience_counter``,
-            ``last_eval_step``, ``eval_metric`` (and ``run``).
+            ``last_eval_step``, ``eval_metric``, ``best_checkpoint``, ``best_step``,
+            ``best_epoch``, ``best_metrics`` (and ``run``).
         """
         extra = {
             "epoch": self.epoch,
@@ -165,6 +188,10 @@ class LoopPosition:
             "patience_counter": self.stopping.wait,
             "last_eval_step": self.last_eval_step,
             "eval_metric": eval_metric,
+            "best_checkpoint": self.best_checkpoint,
+            "best_step": self.best_step,
+            "best_epoch": self.best_epoch,
+            "best_metrics": dict(self.best_metrics),
         }
         if run:
             extra["run"] = dict(run)
@@ -191,6 +218,10 @@ class LoopPosition:
             batch_index=int(saved.get("batch_index", 0)),
             global_step=int(saved.get("loop_step", saved.get("global_step", 0))),
             last_eval_step=int(saved.get("last_eval_step", -1)),
+            best_checkpoint=saved.get("best_checkpoint"),
+            best_step=saved.get("best_step"),
+            best_epoch=saved.get("best_epoch"),
+            best_metrics=dict(saved.get("best_metrics") or {}),
         )
 
 
@@ -204,12 +235,19 @@ class TrainResult:
         epochs_completed: epochs run to their end.
         stopped_early: early stopping ended the run.
         best_metric: the best value of ``eval_metric`` seen, or None without evaluation.
-        eval_metrics: the last evaluation's metrics (``{}`` without evaluation).
+        eval_metrics: the final model's metrics: the best evaluation's when the best model was
+            loaded at the end (``loaded_best``), else the last evaluation's (``{}`` without
+            evaluation).
         history: every evaluation as ``{"epoch", "step", **metrics}``.
         checkpoints: checkpoint files written, in order.
         weights_path: ``{output_dir}/model.safetensors`` (None on ranks other than 0).
         exports: export format -> written file.
         export_errors: export format -> why it failed (the run's other outputs are kept).
+        best_checkpoint: the checkpoint holding the best evaluation's state, or None.
+        best_step: the optimizer step of the best evaluation, or None.
+        best_epoch: the epoch of the best evaluation, or None.
+        loaded_best: the final weights, exports and ``eval_metrics`` are the best checkpoint's
+            (``load_best_model_at_end``), not the last step's.
     """
 
     output_dir: Path
@@ -223,3 +261,7 @@ class TrainResult:
     weights_path: Path | None = None
     exports: dict[str, Path] = dataclasses.field(default_factory=dict)
     export_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    best_checkpoint: Path | None = None
+    best_step: int | None = None
+    best_epoch: int | None = None
+    loaded_best: bool = False

@@ -37,7 +37,14 @@ from medfunc.errors import ConfigError
 from medfunc.logging import MetricLogger, create_logger
 from medfunc.metrics import evaluate_batches, find_logits
 from medfunc.modeling import prepare_model
-from medfunc.run_folder import default_run_dir, prepare_run_dir
+from medfunc.run_folder import (
+    best_record,
+    checkpoint_files,
+    default_run_dir,
+    prepare_run_dir,
+    prune_checkpoints,
+    write_best,
+)
 from medfunc.state import TrainState, bind_module, init_state
 from medfunc.step import apply_model
 from medfunc.tracking import LoopPosition, StepMetricSums, TrainResult, check_skipped_run
@@ -163,6 +170,14 @@ class _Run:
     position: LoopPosition
     sums: StepMetricSums
     steps_per_epoch: int | None
+    #: the run folder's checkpoints, oldest first (a resumed run's earlier ones included)
+    saved: list[Path] = dataclasses.field(default_factory=list)
+    #: load_best_model_at_end is in effect (an evaluation set is given)
+    keep_best: bool = False
+    #: the global step of the last checkpoint written (or resumed from)
+    last_saved_step: int = 0
+    #: the best checkpoint when it was written only because it was the best (off the cadence)
+    forced_best: Path | None = None
 
 
 class MedicalModelTrainer:
@@ -293,9 +308,19 @@ class MedicalModelTrainer:
             seed=self.config.seed,
         )
 
-    def _save_checkpoint(self, state: TrainState, run: _Run, name: str) -> None:
-        cfg = self.config
+    def _save_checkpoint(
+        self, state: TrainState, run: _Run, name: str, *, forced: bool = False
+    ) -> None:
+        """Write checkpoint ``name`` (marked best when it holds the best evaluation's state).
+
+        ``forced``: written only because it holds the best evaluation; removed once a newer
+        best checkpoint is written.
+        """
+        cfg, position = self.config, run.position
         path = run.result.output_dir / name
+        is_best = position.best_pending
+        if is_best:
+            position.best_checkpoint, position.best_pending = name, False
         options = {
             "extra": run.position.to_trainer_state(cfg.eval_metric, self.run_metadata),
             "save_optimizer": cfg.save_optimizer,
@@ -305,8 +330,32 @@ class MedicalModelTrainer:
             distributed.save_full(state, path, **options)
         elif self.is_main_process:
             save_state(state, path, **options)
-        distributed.barrier()
         run.result.checkpoints.append(path)
+        run.saved.append(path)
+        run.last_saved_step = position.global_step
+        if self.is_main_process:
+            if is_best:
+                write_best(run.result.output_dir, best_record(position, cfg.eval_metric))
+                self._drop_superseded_best(run, path, forced)
+            self._prune(run)
+        distributed.barrier()
+
+    def _drop_superseded_best(self, run: _Run, path: Path, forced: bool) -> None:
+        """Remove the previous best checkpoint if it was written only for being the best."""
+        previous, run.forced_best = run.forced_best, path if forced else None
+        if previous is not None and previous != path and previous in run.saved:
+            previous.unlink(missing_ok=True)
+            run.saved.remove(previous)
+
+    def _prune(self, run: _Run) -> None:
+        """Apply ``save_total_limit``: never to the best checkpoint or the one resumed from."""
+        best = run.position.best_checkpoint
+        protected = [Path(self.config.resume_from or "")] if self.config.resume_from else []
+        if best is not None:
+            protected.append(run.result.output_dir / best)
+        for path in prune_checkpoints(run.saved, self.config.save_total_limit, protected):
+            run.saved.remove(path)
+            log.info("removed %s (save_total_limit=%d)", path, self.config.save_total_limit)
 
     def _resume(
         self, state: TrainState, path: str, stopping: EarlyStopping
@@ -435,13 +484,14 @@ class MedicalModelTrainer:
             best_metric=position.stopping.best,
         )
         logger = self._create_logger(result.output_dir, total_steps)
-        run = _Run(
-            batches, evals, logger, result, position, StepMetricSums(state.device), per_epoch
-        )
+        sums, saved = StepMetricSums(state.device), checkpoint_files(result.output_dir)
+        run = _Run(batches, evals, logger, result, position, sums, per_epoch, saved)
+        run.keep_best = evals is not None and cfg.load_best_model_at_end is not False
+        run.last_saved_step = position.global_step
         try:
             if position.global_step:
                 logger.progress_update(position.global_step)
-            self.state = self._loop(state, run)
+            self.state = self._best_at_end(self._loop(state, run), run)
             self._finish(self.state, result)
         finally:
             logger.close()
@@ -508,6 +558,11 @@ class MedicalModelTrainer:
                 break
         if run.sums.steps:
             self._log_train(run, with_epoch=False)
+        saving = cfg.save_every_epochs or cfg.save_every_steps
+        if saving and run.last_saved_step != position.global_step:
+            at_epoch_end = position.batch_index == 0
+            name = f"epoch{position.epoch}" if at_epoch_end else f"step{position.global_step}"
+            self._save_checkpoint(state, run, f"checkpoint-{name}.pt")
         run.result.best_metric = position.stopping.best
         return state
 
@@ -520,8 +575,10 @@ class MedicalModelTrainer:
         stop = False
         if run.eval is not None and cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
             stop = self._evaluate_and_track(state, run, epoch=run.position.epoch + 1)
-        if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-            self._save_checkpoint(state, run, f"checkpoint-step{step}.pt")
+        due = bool(cfg.save_every_steps) and step % cfg.save_every_steps == 0
+        if due or (run.keep_best and run.position.best_pending):
+            self._save_checkpoint(state, run, f"checkpoint-step{step}.pt", forced=not due)
+        run.position.best_pending = False
         return stop
 
     def _end_epoch(self, state: TrainState, run: _Run, epoch: int) -> bool:
@@ -536,8 +593,10 @@ class MedicalModelTrainer:
             and position.last_eval_step != position.global_step
         ):
             stop = self._evaluate_and_track(state, run, epoch=epoch + 1)
-        if cfg.save_every_epochs and (epoch + 1) % cfg.save_every_epochs == 0:
-            self._save_checkpoint(state, run, f"checkpoint-epoch{epoch + 1}.pt")
+        due = bool(cfg.save_every_epochs) and (epoch + 1) % cfg.save_every_epochs == 0
+        if due or (run.keep_best and position.best_pending):
+            self._save_checkpoint(state, run, f"checkpoint-epoch{epoch + 1}.pt", forced=not due)
+        position.best_pending = False
         return stop
 
     def _log_train(self, run: _Run, *, with_epoch: bool = True) -> None:
@@ -572,6 +631,8 @@ class MedicalModelTrainer:
             )
         stopping = position.stopping
         stop = distributed.agree(stopping.update(metrics[cfg.eval_metric]), op="any")
+        if stopping.wait == 0:
+            position.record_best(epoch, metrics)
         if stop and self.is_main_process:
             log.info(
                 "early stopping at step %d: %s did not improve for %d evaluation(s) (best %.6g)",
@@ -581,6 +642,32 @@ class MedicalModelTrainer:
                 stopping.best,
             )
         return stop
+
+    def _best_at_end(self, state: TrainState, run: _Run) -> TrainState:
+        """The best checkpoint's state with ``load_best_model_at_end``, else ``state``."""
+        position, result = run.position, run.result
+        result.best_step, result.best_epoch = position.best_step, position.best_epoch
+        if position.best_checkpoint is None:
+            return state
+        path = result.output_dir / position.best_checkpoint
+        if not path.is_file() and self.config.resume_from:
+            path = Path(self.config.resume_from).parent / position.best_checkpoint
+        result.best_checkpoint = path
+        if not run.keep_best:
+            return state
+        result.loaded_best, result.eval_metrics = True, dict(position.best_metrics)
+        if self.is_main_process:
+            log.info(
+                "the final model is the best evaluation's (epoch %d, step %d): %s",
+                position.best_epoch,
+                position.best_step,
+                path,
+            )
+        if position.best_step == position.global_step:
+            return state
+        if self._sharded():
+            return distributed.load_full(path, like=state)
+        return restore_state(read_checkpoint(path), like=state)
 
     def _check_exports(self) -> None:
         cfg = self.config

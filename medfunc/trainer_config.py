@@ -110,9 +110,11 @@ class TrainerConfig:
     eval_compute_metrics: Callable[[list, torch.Tensor], Mapping[str, float]] | None = None
     early_stopping_patience: int | None = None
     early_stopping_min_delta: float = 0.0
+    load_best_model_at_end: bool | None = None
     # checkpoints
     save_every_epochs: int | None = 1
     save_every_steps: int | None = None
+    save_total_limit: int | None = None
     save_optimizer: bool = True
     save_scheduler: bool = True
     resume_from: str | None = None
@@ -549,8 +551,10 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "eval_compute_metrics": _optional_callable,
     "early_stopping_patience": functools.partial(validation.positive_int, optional=True),
     "early_stopping_min_delta": validation.non_negative_float,
+    "load_best_model_at_end": functools.partial(validation.boolean, optional=True),
     "save_every_epochs": functools.partial(validation.non_negative_int, optional=True),
     "save_every_steps": functools.partial(validation.positive_int, optional=True),
+    "save_total_limit": functools.partial(validation.positive_int, optional=True),
     "save_optimizer": validation.boolean,
     "save_scheduler": validation.boolean,
     "resume_from": _optional_string,

@@ -181,7 +181,9 @@ def test_log_and_eval_fire_per_optimizer_step_and_training_stays_in_train_mode(t
 
 def test_step_evaluation_does_not_change_training(tmp_path):
     config = dict(num_epochs=2, batch_size=8, learning_rate=1e-2, log_every=3)
-    with_eval = MedicalModelTrainer(_model(dropout=0.5), _quiet(eval_every_steps=1, **config))
+    with_eval = MedicalModelTrainer(
+        _model(dropout=0.5), _quiet(eval_every_steps=1, load_best_model_at_end=False, **config)
+    )
     with_eval.train(_data(40), _data(12, seed=5), output_dir=tmp_path / "a")
     plain = MedicalModelTrainer(_model(dropout=0.5), _quiet(**config))
     plain.train(_data(40), output_dir=tmp_path / "b")

@@ -181,8 +181,11 @@ def test_a_run_of_skipped_steps_is_counted_across_intervals_and_stops_training()
 
 def test_loop_position_round_trips_through_a_checkpoints_trainer_state():
     stopping = EarlyStopping(patience=3, mode="max", min_delta=0.01)
-    position = LoopPosition(stopping, epoch=2, batch_index=6, global_step=13, last_eval_step=12)
+    position = LoopPosition(stopping, epoch=2, batch_index=6, global_step=12, last_eval_step=12)
     position.stopping.update(0.8)
+    position.record_best(2, {"auroc": 0.8})
+    position.best_checkpoint = "checkpoint-epoch2.pt"
+    position.global_step = 13
     position.stopping.update(0.7)
     saved = position.to_trainer_state("auroc", run={"recipe": "breast_cancer"})
     assert saved == {
@@ -193,10 +196,20 @@ def test_loop_position_round_trips_through_a_checkpoints_trainer_state():
         "patience_counter": 1,
         "last_eval_step": 12,
         "eval_metric": "auroc",
+        "best_checkpoint": "checkpoint-epoch2.pt",
+        "best_step": 12,
+        "best_epoch": 2,
+        "best_metrics": {"auroc": 0.8},
         "run": {"recipe": "breast_cancer"},
     }
     restored = LoopPosition.from_trainer_state(saved, EarlyStopping(patience=3, mode="max"))
     assert (restored.stopping.best, restored.stopping.wait) == (0.8, 1)
+    assert (restored.best_checkpoint, restored.best_step, restored.best_epoch) == (
+        "checkpoint-epoch2.pt",
+        12,
+        2,
+    )
+    assert restored.best_metrics == {"auroc": 0.8} and not restored.best_pending
     assert (restored.epoch, restored.batch_index, restored.global_step) == (2, 6, 13)
     assert restored.last_eval_step == 12
     # an older checkpoint without the loop entries resumes from its step counter

@@ -56,6 +56,7 @@ def _config(**options) -> TrainerConfig:
         device="cpu",
         early_stopping_patience=50,
         eval_metric="accuracy",
+        load_best_model_at_end=False,  # the cadence alone (best checkpoints: test_checkpoints)
         progress_bar=False,
     )
     base.update(options)
