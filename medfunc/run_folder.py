@@ -60,8 +60,10 @@ RUN_FILES = frozenset(
     }
 )
 #: Folders the logging backends write in a run folder (TensorBoard, W&B).
-RUN_FOLDERS = frozenset({"tb_logs", "wandb"})
+RUN_FOLDERS = frozenset({"tb_logs", "wandb", "save_pretrained"})
 _CHECKPOINT = re.compile(r"^checkpoint-(epoch|step)\d+\.pt$")
+#: A Hugging Face model's sharded weights (``save_pretrained`` of a large model).
+_SHARDS = re.compile(r"^model-\d+-of-\d+\.safetensors$|^model\.safetensors\.index\.json$")
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-\d+-[0-9a-f]+$")
 
 
@@ -110,7 +112,7 @@ def is_run_file(path: Path) -> bool:
         name = temporary.group("name")
     if name in RUN_FOLDERS:
         return path.is_dir() or temporary is not None
-    return bool(_CHECKPOINT.match(name)) or name in RUN_FILES
+    return bool(_CHECKPOINT.match(name) or _SHARDS.match(name)) or name in RUN_FILES
 
 
 def prepare_run_dir(path: Path, *, resuming: bool, overwrite: bool) -> None:

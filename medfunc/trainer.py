@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from medfunc import distributed, export, optim, schedules
-from medfunc.atomic import atomic_write
 from medfunc.checkpoint import read_checkpoint, restore_state, save_state
 from medfunc.compile import compile_step, resolve_mode
 from medfunc.data import to_device
@@ -57,8 +56,15 @@ from medfunc.trainer_data import (
     to_training_device,
     training_batches,
 )
+from medfunc.weights import is_pretrained_model, save_pretrained, save_weights
 
-__all__ = ["MedicalModelTrainer", "TrainResult", "TrainerConfig", "resolve_device"]
+__all__ = [
+    "MedicalModelTrainer",
+    "TrainResult",
+    "TrainerConfig",
+    "resolve_device",
+    "save_weights",
+]
 
 log = logging.getLogger("medfunc.trainer")
 WEIGHTS_FILE = "model.safetensors"
@@ -687,6 +693,8 @@ class MedicalModelTrainer:
             bind_module(state)
         if self.is_main_process:
             result.weights_path = save_weights(full, result.output_dir / WEIGHTS_FILE)
+            if not self._sharded() and is_pretrained_model(state.module):
+                save_pretrained(state.module, result.output_dir)
             self._export(state, result)
         distributed.barrier()
 
@@ -717,26 +725,3 @@ class MedicalModelTrainer:
                 log.warning("%s export failed (training outputs are kept): %s", name, reason)
             else:
                 result.exports[name] = path
-
-
-def save_weights(state: TrainState, path: str | os.PathLike) -> Path:
-    """Write the state's parameters and buffers to a safetensors file, atomically.
-
-    Args:
-        state: the trained state.
-        path: the target, e.g. ``run/model.safetensors``.
-
-    Returns:
-        The path written.
-
-    Example:
-        >>> save_weights(trainer.state, "run/model.safetensors")
-    """
-    from safetensors.torch import save
-
-    tensors = {
-        name: t.detach().to("cpu").clone().contiguous()
-        for name, t in (*state.params.items(), *state.buffers.items())
-    }
-    atomic_write(path, lambda handle: handle.write(save(tensors, metadata={"format": "pt"})))
-    return Path(path)
