@@ -15,6 +15,12 @@ The host-side parts of a step stay outside the compiled/captured region: the liv
 batch validation, train mode, seeding the RNG from ``state.rng``, and the ``[key, counter]``
 and accumulation counters (CPU tensors). See ``docs/performance.md`` for when to use which mode.
 
+Which parameters get a gradient is part of what a graph is specialised on. A compiled graph
+finds it while tracing (None gradients are Python facts) and torch.compile's guards on the
+forward's Python control flow (a batch constant, a module attribute) compile another graph when
+it changes; an update that ends an accumulation window has one graph per set of parameters the
+window differentiated.
+
 Example::
 
     from medfunc.compile import compile_step, default_mode
@@ -48,6 +54,7 @@ from medfunc.step import (
     forward_backward,
     grad_leaves,
     module_mode,
+    next_window,
     not_applied,
     seeded_rng,
     split_batch,
@@ -55,6 +62,8 @@ from medfunc.step import (
     step_core,
     train_step,
     trees_of,
+    window_grads,
+    window_of,
     window_position,
     without_grad_leaves,
 )
@@ -187,12 +196,22 @@ def _quiet_logging_methods() -> set[_SkippedLogCall]:
     }
 
 
+# Graphs one code object may hold. Every compiled step in a process shares the code of
+# ``whole_step``, and each keeps a graph per accumulation phase and per set of parameters with
+# gradients (a model with two task heads and an optional block needs four); dynamo's default
+# of 8 made the second such model in a process fail under fullgraph=True.
+_RECOMPILE_LIMIT = 64
+
+
 def _dynamo_patch() -> Any:
-    """The dynamo settings of a compiled step (autograd ops traced, logging calls skipped)."""
-    settings: dict[str, Any] = {"trace_autograd_ops": True}
-    if hasattr(torch._dynamo.config, "ignore_logger_methods"):
+    """The dynamo settings of a compiled step (autograd ops traced, logging calls skipped, room
+    for a graph per set of parameters with gradients)."""
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    settings: dict[str, Any] = {"trace_autograd_ops": True, limit: _RECOMPILE_LIMIT}
+    if hasattr(config, "ignore_logger_methods"):
         settings["ignore_logger_methods"] = _quiet_logging_methods()
-    return torch._dynamo.config.patch(**settings)
+    return config.patch(**settings)
 
 
 def _dynamo_unique_graphs() -> int:
@@ -231,7 +250,7 @@ class _Inductor:
         self.dynamic = dynamic
         self.fullgraph = fullgraph
         self.options = options
-        self.whole: dict[bool, Callable] = {}
+        self.whole: dict[tuple[bool, tuple[str, ...]], Callable] = {}
         # one patch object for every call: each new one leaves a ContextVar behind (a leak)
         self.patch = _dynamo_patch()
         self.grads_part: Callable | None = None
@@ -245,27 +264,32 @@ class _Inductor:
             options=dict(self.options),
         )
 
-    def _whole(self, apply: bool) -> Callable:
-        fn = self.whole.get(apply)
+    def _whole(self, apply: bool, window: tuple[str, ...]) -> Callable:
+        # the window only matters to an update that ends an accumulation window
+        key = (apply, window if apply and self.static.accumulate_steps > 1 else ())
+        fn = self.whole.get(key)
         if fn is None:
             static = self.static
+            used = key[1]
 
-            def whole_step(trees: StepTrees, batch: Any) -> tuple[StepTrees, dict]:
-                return step_core(static, apply, trees, batch)
+            def whole_step(trees: StepTrees, batch: Any) -> tuple[StepTrees, dict, tuple]:
+                return step_core(static, apply, trees, batch, window=used)
 
-            fn = self.whole[apply] = self._compile(whole_step, fullgraph=True)
+            fn = self.whole[key] = self._compile(whole_step, fullgraph=True)
         return fn
 
-    def _split(self, trees: StepTrees, batch: Any, apply: bool) -> tuple[StepTrees, dict]:
+    def _split(
+        self, trees: StepTrees, batch: Any, apply: bool, window: tuple[str, ...]
+    ) -> tuple[StepTrees, dict, tuple[str, ...]]:
         if self.grads_part is None:
             static = self.static
 
-            def grads_part(trees: StepTrees, batch: Any) -> tuple[list, torch.Tensor]:
+            def grads_part(trees: StepTrees, batch: Any) -> tuple[list, torch.Tensor, tuple]:
                 return forward_backward(static, trees, batch)
 
             self.grads_part = self._compile(grads_part, fullgraph=self.fullgraph)
         try:
-            grads, loss = self.grads_part(trees, batch)
+            grads, loss, present = self.grads_part(trees, batch)
         except torch._dynamo.exc.TorchDynamoException as e:
             raise ConfigError(
                 "torch.compile could not capture the model's forward/backward as one graph "
@@ -273,25 +297,31 @@ class _Inductor:
                 "graph breaks, or use the eager train_step / mode='cudagraph'."
             ) from e
         if not apply:
-            return not_applied(self.static, trees, loss)
-        return apply_update(self.static, trees, grads, loss)
+            return (*not_applied(self.static, trees, loss), present)
+        if self.static.accumulate_steps > 1:
+            grads = window_grads(self.static.names, grads, (*window, *present))
+        return (*apply_update(self.static, trees, grads, loss), present)
 
-    def __call__(self, trees: StepTrees, batch: Any, apply: bool) -> tuple[StepTrees, dict]:
+    def __call__(
+        self, trees: StepTrees, batch: Any, apply: bool, window: tuple[str, ...]
+    ) -> tuple[StepTrees, dict, tuple[str, ...]]:
         before = _dynamo_unique_graphs()
         names = self.static.names
         try:
             with self.patch:
-                out, metrics = self._run(grad_leaves(trees, names), batch, apply)
-            return without_grad_leaves(out, trees, names), metrics
+                out, metrics, present = self._run(grad_leaves(trees, names), batch, apply, window)
+            return without_grad_leaves(out, trees, names), metrics, present
         finally:
             self.stats.compiles += _dynamo_unique_graphs() - before
 
-    def _run(self, trees: StepTrees, batch: Any, apply: bool) -> tuple[StepTrees, dict]:
+    def _run(
+        self, trees: StepTrees, batch: Any, apply: bool, window: tuple[str, ...]
+    ) -> tuple[StepTrees, dict, tuple[str, ...]]:
         if self.stats.whole_step_compiled is None and _uses_fused_kernels(self.static):
             self.stats.whole_step_compiled = False
         if self.fullgraph and self.stats.whole_step_compiled is not False:
             try:
-                out = self._whole(apply)(trees, batch)
+                out = self._whole(apply, window)(trees, batch)
             except torch._dynamo.exc.TorchDynamoException as e:
                 self.stats.whole_step_compiled = False
                 warnings.warn(
@@ -303,7 +333,7 @@ class _Inductor:
             else:
                 self.stats.whole_step_compiled = True
                 return out
-        return self._split(trees, batch, apply)
+        return self._split(trees, batch, apply, window)
 
 
 class CompiledStep:
@@ -374,8 +404,12 @@ class CompiledStep:
             )
         return static
 
-    def _eager_core(self, trees: StepTrees, batch: Any, apply: bool) -> tuple[StepTrees, dict]:
-        return step_core(self._static, apply, grad_leaves(trees, self._static.names), batch)
+    def _eager_core(
+        self, trees: StepTrees, batch: Any, apply: bool, window: tuple[str, ...]
+    ) -> tuple[StepTrees, dict, tuple[str, ...]]:
+        static = self._static
+        leaves = grad_leaves(trees, static.names)
+        return step_core(static, apply, leaves, batch, window=window)
 
     def __call__(
         self, state: TrainState, batch: Any, *, donate: bool = True
@@ -398,15 +432,21 @@ class CompiledStep:
         split_batch(batch)
         _check_devices(batch, static.device)
         count, apply = window_position(state)
+        window = window_of(state, count)
         with module_mode(static.module, True):
             if self._graphs is not None:
                 trees = self._graphs.bind(state, static, donate)
-                metrics = self._graphs.step(state, trees, batch, apply, static.device)
+                metrics, present = self._graphs.step(
+                    state, trees, batch, apply, static.device, window
+                )
             else:
                 trees = trees_of(state, copy=not donate)
                 with seeded_rng(state.rng, static.device):
-                    trees, metrics = self._inductor(trees, batch, apply)
-        new_state, metrics = finish_step(state, trees, metrics, count=count, donate=donate)
+                    trees, metrics, present = self._inductor(trees, batch, apply, window)
+        window = next_window(static.names, window, present, apply)
+        new_state, metrics = finish_step(
+            state, trees, metrics, count=count, donate=donate, window=window
+        )
         if self._graphs is not None:
             self._graphs.adopt(new_state)
         self.stats.calls += 1

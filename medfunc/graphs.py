@@ -4,6 +4,12 @@ A :class:`GraphCache` holds the graphs of one compiled step, all captured agains
 static state storages (the "slot") and one memory pool, in an LRU cache. Each replay copies
 the batch into the graph's input buffers, seeds the CUDA generator from ``state.rng`` and
 copies the metrics out through a :class:`MetricPack` (one device copy).
+
+A graph is keyed by the batch signature, the accumulation phase and, for an update that ends an
+accumulation window, the parameters the window differentiated; it remembers which parameters
+its captured backward pass reached. A replay runs no Python, so a change of the forward's
+control flow that the batch signature does not show (a module attribute) is not seen: call
+:meth:`~medfunc.compile.CompiledStep.clear` after such a change.
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ class _Graph(NamedTuple):
     graph: Any
     inputs: list  # the static batch leaves (tensors are the buffers the batch is copied into)
     pack: MetricPack
+    present: tuple[str, ...]  # the parameters the captured backward pass reached
 
 
 class GraphCache:
@@ -171,13 +178,33 @@ class GraphCache:
     # -- capture and replay --------------------------------------------------------------------
 
     def step(
-        self, state: TrainState, trees: StepTrees, batch: Any, apply: bool, device: torch.device
-    ) -> dict[str, torch.Tensor]:
+        self,
+        state: TrainState,
+        trees: StepTrees,
+        batch: Any,
+        apply: bool,
+        device: torch.device,
+        window: tuple[str, ...] = (),
+    ) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+        """Replay (capturing first if needed) the graph of this batch signature and phase.
+
+        Args:
+            state: the state being stepped (its RNG seeds the replay).
+            trees: the slot's trees (:meth:`bind`).
+            batch: the batch.
+            apply: this call ends an accumulation window.
+            device: the CUDA device.
+            window: the names earlier micro-batches of the window differentiated.
+
+        Returns:
+            ``(metrics, present)``: fresh metric tensors, and the parameters the graph's
+            backward pass reaches (see :func:`medfunc.step.step_core`).
+        """
         leaves, treedef, key = batch_signature(batch)
-        key = (apply, key)
+        key = (apply, window if apply else (), key)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._capture(state, trees, leaves, treedef, apply, device)
+            entry = self._capture(state, trees, leaves, treedef, apply, device, window)
             self._insert(key, entry)
         else:
             self.graphs.move_to_end(key)
@@ -192,7 +219,7 @@ class GraphCache:
         finally:
             generator.set_state(saved)
         self.stats.replays += 1
-        return entry.pack.read()
+        return entry.pack.read(), entry.present
 
     def _insert(self, key: Hashable, entry: _Graph) -> None:
         if len(self.graphs) >= self.max_graphs:
@@ -217,6 +244,7 @@ class GraphCache:
         treedef: Any,
         apply: bool,
         device: torch.device,
+        window: tuple[str, ...],
     ) -> _Graph:
         inputs = [
             leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves
@@ -230,7 +258,7 @@ class GraphCache:
         with torch.cuda.stream(side):
             for _ in range(self.warmup_steps):
                 with seeded_rng(state.rng, device):
-                    scratch, metrics = self.run(scratch, static_batch, apply)
+                    scratch, metrics, _ = self.run(scratch, static_batch, apply, window)
         current.wait_stream(side)
         del scratch
         if metrics is None:
@@ -242,7 +270,7 @@ class GraphCache:
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(torch.cuda.default_generators[device.index or 0])
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            new_trees, metrics = self.run(trees, static_batch, apply)
+            new_trees, metrics, present = self.run(trees, static_batch, apply, window)
             new_leaves, treedef = optree.tree_flatten(new_trees, namespace=PYTREE_NAMESPACE)
             if treedef != self.treedef:
                 raise ConfigError(
@@ -254,7 +282,7 @@ class GraphCache:
                     dst.copy_(src)
             pack.write(metrics)
         self.stats.captures += 1
-        return _Graph(graph, inputs, pack)
+        return _Graph(graph, inputs, pack, present)
 
 
 # ---------------------------------------------------------------------------------------------

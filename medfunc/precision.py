@@ -98,15 +98,18 @@ def autocast(policy: Policy, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=policy.compute_dtype)
 
 
-def unscale_and_check(grads: list[torch.Tensor], scaler: LossScaleState) -> torch.Tensor:
+def unscale_and_check(grads: list[torch.Tensor | None], scaler: LossScaleState) -> torch.Tensor:
     """Unscale ``grads`` in place by ``1/scale`` and return the found-inf flag (0-d float32).
 
-    Uses the kernel ``GradScaler.unscale_`` uses, so the result is bitwise the same.
+    Uses the kernel ``GradScaler.unscale_`` uses, so the result is bitwise the same. A missing
+    gradient (None) is neither unscaled nor checked, as ``GradScaler.unscale_`` skips a
+    parameter whose ``.grad`` is None.
     """
     found_inf = torch.zeros((), dtype=torch.float32, device=scaler.scale.device)
     inv_scale = scaler.scale.double().reciprocal().float()
-    if grads:
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+    present = [g for g in grads if g is not None]
+    if present:
+        torch._amp_foreach_non_finite_check_and_unscale_(present, found_inf, inv_scale)
     return found_inf
 
 

@@ -6,6 +6,13 @@ params and buffers, takes gradients with ``torch.autograd.grad``, then (every
 gradient transformation. Nothing in it waits for the device: the non-finite guard, the loss
 scale and the LR are device tensors.
 
+A trainable parameter that takes no part in the loss gets no gradient (None), as its ``.grad``
+stays None in an imperative loop, and the update treats it as ``torch.optim`` does (see
+:mod:`medfunc.optim.base`). Under accumulation a parameter has a gradient when some micro-batch
+of the window differentiated it; the window's set lives in the state as host-side structure
+(:class:`WindowGrads`). Which gradients are None is known in Python, while tracing too, so
+a compiled step is specialised on it.
+
 Example:
     >>> model = torch.nn.Linear(4, 1)
     >>> loader = [torch.randn(8, 4) for _ in range(3)]
@@ -23,15 +30,65 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
+import optree
 import torch
+import torch.utils._pytree as torch_pytree
 from torch.func import functional_call
 
 from medfunc.errors import BatchError, ConfigError, LossError
 from medfunc.optim import UpdateContext
 from medfunc.precision import autocast, unscale_and_check, update_scale
-from medfunc.state import AccumState, GradPath, TrainState, tree_map
+from medfunc.state import PYTREE_NAMESPACE, AccumState, GradPath, TrainState, tree_map
 
 _MASK64 = (1 << 64) - 1
+
+
+class WindowGrads(OrderedDict):
+    """The running gradient sums of an accumulation window (``AccumState.grads``), plus the
+    names of the parameters some micro-batch of the window differentiated.
+
+    ``used`` is host-side structure, not data: it is the pytree node's static metadata (as a
+    Flax ``struct.field(pytree_node=False)``), so tree maps and donation keep it and a compiled
+    step reads it without touching the device. A parameter not in ``used`` has no gradient when
+    the window's update is applied, however its (zero) sum reads.
+
+    Args:
+        items: name -> running sum, keyed like the trainable params.
+        used: the names of the parameters with a gradient so far in the window (model order).
+
+    Example:
+        >>> WindowGrads({"w": torch.zeros(2)}, used=("w",)).used
+        ('w',)
+    """
+
+    def __init__(self, items: Any = (), used: tuple[str, ...] = ()) -> None:
+        super().__init__(items)
+        self.used = tuple(used)
+
+
+def _flatten_window(grads: WindowGrads) -> tuple[list, tuple, tuple]:
+    keys = tuple(grads)
+    return [grads[k] for k in keys], (keys, grads.used), keys
+
+
+def _unflatten_window(meta: tuple, children: Any) -> WindowGrads:
+    keys, used = meta
+    return WindowGrads(zip(keys, children), used)
+
+
+optree.register_pytree_node(
+    WindowGrads, _flatten_window, _unflatten_window, namespace=PYTREE_NAMESPACE
+)
+torch_pytree.register_pytree_node(
+    WindowGrads,
+    lambda grads: (list(grads.values()), (tuple(grads), grads.used)),
+    lambda children, meta: _unflatten_window(meta, children),
+    serialized_type_name="medfunc.WindowGrads",
+    flatten_with_keys_fn=lambda grads: (
+        [(torch_pytree.MappingKey(k), v) for k, v in grads.items()],
+        (tuple(grads), grads.used),
+    ),
+)
 
 
 def step_seed(rng: torch.Tensor) -> int:
@@ -235,7 +292,7 @@ def trees_of(state: TrainState, *, copy: bool) -> StepTrees:
         opt_state=own(state.opt_state),
         loss_scale=own(state.loss_scale),
         step=state.step,
-        accum_grads=own(accum.grads) if accum else (),
+        accum_grads=OrderedDict(own(accum.grads)) if accum else (),
         loss_sum=own(accum.loss_sum) if accum else (),
     )
 
@@ -294,9 +351,10 @@ def _value_and_grad(
     batch: Any,
     objective: Callable[[torch.Tensor], torch.Tensor],
     own: list[torch.Tensor] | None,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """The default gradient path: the forward (the module itself when ``own`` holds its
-    Parameters, else ``functional_call`` over ``trees``) and ``torch.autograd.grad``."""
+    Parameters, else ``functional_call`` over ``trees``) and ``torch.autograd.grad``; a
+    parameter the loss does not depend on gets None."""
     args, kwargs = split_batch(batch)
     leaves = own if own is not None else [trees.params[n] for n in static.names]
     with torch.enable_grad():
@@ -314,15 +372,13 @@ def _value_and_grad(
                 "grad): was it computed under torch.no_grad(), detached, or from frozen "
                 "parameters only?"
             )
-        grads = torch.autograd.grad(
-            objective(loss), leaves, allow_unused=True, materialize_grads=True
-        )
+        grads = torch.autograd.grad(objective(loss), leaves, allow_unused=True)
     return loss.detach().float(), list(grads)
 
 
 def forward_backward(
     static: StepStatic, trees: StepTrees, batch: Any, own: list[torch.Tensor] | None = None
-) -> tuple[list[torch.Tensor], torch.Tensor]:
+) -> tuple[list[torch.Tensor | None], torch.Tensor, tuple[str, ...]]:
     """Forward, loss, backward and (under accumulation) the running sums.
 
     Args:
@@ -333,8 +389,10 @@ def forward_backward(
         own: the module's own Parameters when the module may be called directly.
 
     Returns:
-        ``(grads, loss)``: the gradients the update uses (the accumulated sums under
-        accumulation) and the loss metric (the window's loss sum under accumulation).
+        ``(grads, loss, present)``: the gradients (None for a parameter the loss does not
+        depend on; under accumulation the running sums of every trainable parameter, see
+        :func:`window_grads`), the loss metric (the window's loss sum under accumulation) and
+        the names of the parameters this call's backward pass reached, in model order.
     """
     k = static.accumulate_steps
     scale = trees.loss_scale.scale if trees.loss_scale else None
@@ -348,11 +406,46 @@ def forward_backward(
         loss, grads = path.value_and_grad(static, trees, batch, objective)
     else:
         loss, grads = _value_and_grad(static, trees, batch, objective, own)
+    present = tuple(n for n, g in zip(static.names, grads) if g is not None)
     if k == 1:
-        return grads, loss
+        return grads, loss, present
     accumulated = list(trees.accum_grads.values())
-    torch._foreach_add_(accumulated, grads)
-    return accumulated, trees.loss_sum.add_(loss).clone()
+    pairs = [(a, g) for a, g in zip(accumulated, grads) if g is not None]
+    if pairs:
+        torch._foreach_add_([a for a, _ in pairs], [g for _, g in pairs])
+    return accumulated, trees.loss_sum.add_(loss).clone(), present
+
+
+def window_grads(
+    names: tuple[str, ...], sums: list[torch.Tensor], used: tuple[str, ...]
+) -> list[torch.Tensor | None]:
+    """The gradients of a completed accumulation window: each parameter's running sum, or None
+    for one that no micro-batch of the window differentiated (torch's accumulated ``.grad``
+    stays None for it).
+
+    Args:
+        names: the trainable names (model order).
+        sums: their running sums.
+        used: the names some micro-batch of the window differentiated.
+
+    Returns:
+        The gradient list the update uses.
+    """
+    used_set = set(used)
+    if len(used_set) == len(names):
+        return list(sums)
+    return [g if n in used_set else None for n, g in zip(names, sums)]
+
+
+def next_window(
+    names: tuple[str, ...], window: tuple[str, ...], present: tuple[str, ...], apply: bool
+) -> tuple[str, ...]:
+    """The names with a gradient in the accumulation window after a call: none once the call
+    applied the update (a new window starts), else ``window`` and ``present`` (model order)."""
+    if apply:
+        return ()
+    seen = set(window) | set(present)
+    return tuple(n for n in names if n in seen)
 
 
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -380,10 +473,14 @@ def not_applied(
 
 
 def apply_update(
-    static: StepStatic, trees: StepTrees, grads: list[torch.Tensor], loss: torch.Tensor
+    static: StepStatic, trees: StepTrees, grads: list[torch.Tensor | None], loss: torch.Tensor
 ) -> tuple[StepTrees, dict[str, torch.Tensor]]:
     """Reduce, unscale, check, measure, clip and apply ``grads``; advance the step counter and
     the loss scale; reset the accumulation window. No host syncs.
+
+    A None gradient (a parameter without one) is left out of the unscaling, the non-finite
+    check and the norm, and the optimizer skips its parameter, as torch does. A data-parallel
+    reduce may give it one (another rank's) or keep it None.
 
     Returns:
         ``(trees, metrics)`` with the updated tensors (the step counter is a new tensor).
@@ -393,11 +490,13 @@ def apply_update(
     loss_scale = trees.loss_scale
     nan = torch.full((), float("nan"), device=device)
     path = static.grad_path
+    grads = list(grads)
     if path is not None and path.reduce is not None:
         path.reduce(grads)
     if loss_scale:
         found_inf = unscale_and_check(grads, loss_scale)
-    grad_norm = _total_norm(grads) if grads else nan.clone()
+    present = [g for g in grads if g is not None]
+    grad_norm = _total_norm(present) if present else torch.zeros((), device=device)
     if not loss_scale:
         found_inf = (~torch.isfinite(grad_norm)).float()
     ctx = UpdateContext(step=trees.step, found_inf=found_inf, grad_norm=grad_norm, metrics={})
@@ -412,7 +511,7 @@ def apply_update(
     if loss_scale:
         update_scale(static.policy, loss_scale, found_inf)
     if static.accumulate_steps > 1:
-        torch._foreach_zero_(grads)
+        torch._foreach_zero_(list(trees.accum_grads.values()))
         trees.loss_sum.zero_()
     metrics = {
         "loss": loss,
@@ -442,7 +541,8 @@ def step_core(
     trees: StepTrees,
     batch: Any,
     own: list[torch.Tensor] | None = None,
-) -> tuple[StepTrees, dict[str, torch.Tensor]]:
+    window: tuple[str, ...] = (),
+) -> tuple[StepTrees, dict[str, torch.Tensor], tuple[str, ...]]:
     """One step's tensor work: what ``train_step`` and ``compile_step`` both run.
 
     ``trees`` are owned by the call (donated or cloned) and updated in place where the kernels
@@ -454,15 +554,22 @@ def step_core(
         trees: the step's tensors (:func:`trees_of`, then :func:`grad_leaves`).
         batch: the batch.
         own: the module's own Parameters when the module may be called directly.
+        window: under accumulation, the names earlier micro-batches of the window
+            differentiated (:func:`window_of`); read only when ``apply``.
 
     Returns:
-        ``(trees, metrics)``; under accumulation ``metrics["loss"]`` is the window's loss sum
-        (:func:`finish_step` turns it into the mean).
+        ``(trees, metrics, present)``; under accumulation ``metrics["loss"]`` is the window's
+        loss sum (:func:`finish_step` turns it into the mean); ``present`` names the parameters
+        this call's backward pass reached (see :func:`next_window`).
     """
-    grads, loss = forward_backward(static, trees, batch, own)
+    grads, loss, present = forward_backward(static, trees, batch, own)
     if not apply:
-        return not_applied(static, trees, loss)
-    return apply_update(static, trees, grads, loss)
+        trees, metrics = not_applied(static, trees, loss)
+        return trees, metrics, present
+    if static.accumulate_steps > 1:
+        grads = window_grads(static.names, grads, (*window, *present))
+    trees, metrics = apply_update(static, trees, grads, loss)
+    return trees, metrics, present
 
 
 def window_position(state: TrainState) -> tuple[int, bool]:
@@ -471,6 +578,24 @@ def window_position(state: TrainState) -> tuple[int, bool]:
     k = state.accumulate_steps
     count = int(state.accum.count) if k > 1 else 0
     return count, count + 1 == k
+
+
+def window_of(state: TrainState, count: int) -> tuple[str, ...]:
+    """The names of the parameters earlier micro-batches of the state's accumulation window
+    differentiated (host-side; ``()`` without accumulation or at a window's start).
+
+    Args:
+        state: the state.
+        count: micro-batches already in the window (:func:`window_position`).
+
+    Returns:
+        The names, in model order. A window the step did not build (accumulated gradients in a
+        plain OrderedDict) counts every parameter as used.
+    """
+    if state.accumulate_steps == 1 or count == 0:
+        return ()
+    grads = state.accum.grads
+    return grads.used if isinstance(grads, WindowGrads) else tuple(grads)
 
 
 def next_rng(rng: torch.Tensor) -> torch.Tensor:
@@ -491,14 +616,17 @@ def finish_step(
     *,
     count: int,
     donate: bool,
+    window: tuple[str, ...] = (),
 ) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """The host-side end of a step: the window's mean loss, the RNG counter, the accumulation
-    counter, the new state; the given state is consumed when donated."""
+    counter and the window's used names (``window``, see :func:`next_window`), the new state;
+    the given state is consumed when donated."""
     k = state.accumulate_steps
     accum: AccumState | tuple = ()
     if k > 1:
         metrics["loss"] = metrics["loss"] / (count + 1)
-        accum = AccumState(trees.accum_grads, next_count(count, k), trees.loss_sum)
+        grads = WindowGrads(trees.accum_grads, window)
+        accum = AccumState(grads, next_count(count, k), trees.loss_sum)
     new_state = state.replace(
         params=trees.params,
         buffers=trees.buffers,
@@ -558,6 +686,7 @@ def train_step(
     split_batch(batch)
     _check_devices(batch, static.device)
     count, apply = window_position(state)
+    window = window_of(state, count)
     trees = trees_of(state, copy=not donate)
     plain, own = trees, None
     if path is None or path.value_and_grad is None:
@@ -565,9 +694,10 @@ def train_step(
         if own is None:
             trees = grad_leaves(trees, static.names)
     with seeded_rng(state.rng, static.device), module_mode(static.module, True):
-        trees, metrics = step_core(static, apply, trees, batch, own)
+        trees, metrics, present = step_core(static, apply, trees, batch, own, window)
     trees = without_grad_leaves(trees, plain, static.names)
-    return finish_step(state, trees, metrics, count=count, donate=donate)
+    window = next_window(static.names, window, present, apply)
+    return finish_step(state, trees, metrics, count=count, donate=donate, window=window)
 
 
 def _forward(state: TrainState, batch: Any) -> Any:

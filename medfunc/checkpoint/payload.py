@@ -8,7 +8,9 @@ The payload is laid out like the seed trainer's, so plain PyTorch can continue f
 - ``scheduler_state``: a ``LambdaLR``-style ``state_dict()`` of the LR position (optional).
 - ``scaler_state``: a ``torch.amp.GradScaler`` ``state_dict()`` (``{}`` unless fp16).
 - ``trainer_state``: ``global_step``, ``epoch``, ``rng``, ``precision``, ``accumulate_steps``,
-  the gradient-accumulation window (``accumulation``) and the caller's ``extra`` entries.
+  the gradient-accumulation window (``accumulation``: running sums, count, loss sum and ``used``,
+  the names of the parameters the window differentiated so far) and the caller's ``extra``
+  entries.
 - ``medfunc_state``: what the torch formats lack: non-persistent buffers and the optimizer state
   of chain members other than the optimizer.
 
@@ -30,6 +32,7 @@ from medfunc.optim import find_optimizer, to_torch_state_dict
 from medfunc.optim.base import replace_substate
 from medfunc.precision import scaler_state_dict
 from medfunc.state import TrainState, tree_leaves_with_path
+from medfunc.step import window_of
 
 __all__ = [
     "FORMAT_VERSION",
@@ -135,10 +138,12 @@ def _trainer_state(state: TrainState, extra: Mapping[str, Any]) -> dict:
         "accumulate_steps": state.accumulate_steps,
     }
     if state.accumulate_steps > 1:
+        count = int(state.accum.count)
         trainer["accumulation"] = {
             "grads": OrderedDict(state.accum.grads),
-            "count": int(state.accum.count),
+            "count": count,
             "loss_sum": state.accum.loss_sum,
+            "used": list(window_of(state, count)),
         }
     trainer.update(extra)
     return trainer

@@ -31,6 +31,7 @@ from medfunc.state import (
     tree_flatten,
     tree_leaves_with_path,
 )
+from medfunc.step import WindowGrads
 
 __all__ = ["restore_state"]
 
@@ -191,6 +192,19 @@ def _restore_loss_scale(payload: dict, like: TrainState, source: str) -> Any:
     return scaler_from_state_dict(scaler, like.loss_scale)
 
 
+def _window_used(saved: Any, like: TrainState, source: str) -> list[str]:
+    """The parameters the saved window differentiated, in model order (all of them for a
+    checkpoint written before ``used`` was saved)."""
+    if saved is None:
+        return list(like.accum.grads)
+    if not isinstance(saved, (list, tuple)) or not all(isinstance(n, str) for n in saved):
+        raise CheckpointMismatchError(
+            f"trainer_state['accumulation']['used'] must be a list of parameter names, got "
+            f"{type(saved).__name__} (checkpoint {source})"
+        )
+    return [n for n in like.accum.grads if n in set(saved)]
+
+
 def _restore_accum(payload: dict, like: TrainState, take: _Taker, source: str) -> Any:
     trainer = payload["trainer_state"]
     saved_k = trainer.get("accumulate_steps", 1)
@@ -234,8 +248,9 @@ def _restore_accum(payload: dict, like: TrainState, take: _Taker, source: str) -
     loss_sum = _check_tensor(
         "trainer_state['accumulation']['loss_sum']", acc["loss_sum"], like.accum.loss_sum, source
     )
+    used = _window_used(acc.get("used"), like, source)
     return AccumState(
-        grads=restored,
+        grads=WindowGrads(restored, used),
         count=torch.tensor(count, dtype=torch.int64),
         loss_sum=take(loss_sum, like.accum.loss_sum),
     )

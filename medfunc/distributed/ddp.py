@@ -6,6 +6,15 @@ whose ``reduce`` the step core calls on the final gradient list of each optimize
 gradients into flat buckets, starts one asynchronous all-reduce (SUM) per bucket, waits, and
 divides by the world size, so every rank applies the same mean gradient and the replicas stay equal.
 
+Parameters without a gradient are handled like ``DistributedDataParallel(
+find_unused_parameters=True)``: a parameter with a gradient on any rank gets one on every rank
+(zeros stand in where it was unused, so the mean counts them), and one unused on every rank keeps
+None everywhere, so all replicas skip the same parameters. Every rank adds one presence flag per
+gradient to the last bucket (a few bytes, no extra collective: a separate all-reduce only on the
+ranks that miss a gradient would pair with another rank's gradient all-reduce and hang). A rank
+reads the flags back only when it misses a gradient itself: the one host sync of this path, as
+DDP's own unused-parameter map.
+
 Example (on every rank of a ``torchrun`` job)::
 
     mf.distributed.init()
@@ -17,7 +26,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -51,19 +60,45 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
     return buckets
 
 
-def make_grad_sync(bucket_mb: float | None = None) -> Callable[[list[torch.Tensor]], None]:
+def _stand_ins(
+    grads: list[torch.Tensor | None], like: list[tuple] | None
+) -> tuple[list[torch.Tensor], list[int]]:
+    """``grads`` with zeros for the missing ones, and the positions of those."""
+    missing = [i for i, g in enumerate(grads) if g is None]
+    if missing and like is None:
+        raise ConfigError(
+            "a gradient is missing (a parameter took no part in the loss), and this gradient "
+            "sync does not know the parameters' shapes; build it with make_grad_sync("
+            "like=trainable_params), as data_parallel() does"
+        )
+    full = list(grads)
+    for i in missing:
+        shape, dtype, device = like[i]
+        full[i] = torch.zeros(shape, dtype=dtype, device=device)
+    return full, missing
+
+
+def make_grad_sync(
+    bucket_mb: float | None = None, *, like: Sequence[torch.Tensor] | None = None
+) -> Callable[[list[torch.Tensor | None]], None]:
     """The ``reduce`` of a data-parallel :class:`~medfunc.state.GradPath`: averages a gradient
-    list across ranks in place.
+    list across ranks in place, and makes the ranks agree on which gradients exist.
 
     Args:
         bucket_mb: size of the flat buffers each all-reduce carries, in MiB (default: 4 on
             Gloo, 25 on NCCL).
+        like: the trainable parameters, in the order of the gradient list: their shapes,
+            dtypes and devices let a rank stand zeros in for a gradient it lacks (only the
+            metadata is kept). Without it a missing gradient raises ConfigError.
 
     Returns:
-        ``reduce(grads)``: replaces each gradient with its mean over ranks.
+        ``reduce(grads)``: replaces each gradient with its mean over ranks; an entry that is
+        None (no gradient on this rank) becomes the mean when another rank has the gradient,
+        and stays None when no rank has it.
 
     Example:
-        >>> path = GradPath("data_parallel", reduce=make_grad_sync(bucket_mb=50))
+        >>> params = list(torch.nn.Linear(4, 2).parameters())
+        >>> path = GradPath("data_parallel", reduce=make_grad_sync(bucket_mb=50, like=params))
     """
     if bucket_mb is None:
         nccl = dist.is_initialized() and dist.get_backend() == "nccl"
@@ -71,30 +106,43 @@ def make_grad_sync(bucket_mb: float | None = None) -> Callable[[list[torch.Tenso
     if not bucket_mb > 0:
         raise ConfigError(f"bucket_mb must be a positive number of MiB, got {bucket_mb!r}")
     bucket_bytes = max(1, int(bucket_mb * 2**20))
+    meta = None if like is None else [(p.shape, p.dtype, p.device) for p in like]
     plan: dict[tuple, list[list[int]]] = {}
 
-    def grad_sync(grads: list[torch.Tensor]) -> None:
+    def grad_sync(grads: list[torch.Tensor | None]) -> None:
         if not grads:
             return
-        signature = tuple((g.shape, g.dtype, g.device) for g in grads)
+        full, missing = _stand_ins(grads, meta)
+        # one presence flag per gradient, in the first gradient's dtype (every rank's), so it
+        # travels in that dtype's last bucket
+        flags = torch.ones(len(full), dtype=full[0].dtype, device=full[0].device)
+        for i in missing:
+            flags[i] = 0
+        tensors = [*full, flags]
+        signature = tuple((t.shape, t.dtype, t.device) for t in tensors)
         buckets = plan.get(signature)
         if buckets is None:
-            buckets = plan[signature] = _buckets(grads, bucket_bytes)
+            buckets = plan[signature] = _buckets(tensors, bucket_bytes)
         n = world_size()
         with collective_guard("gradient all-reduce (data_parallel)"):
             flats, works = [], []
             for members in buckets:
-                flat = torch.cat([grads[i].reshape(-1) for i in members])
+                flat = torch.cat([tensors[i].reshape(-1) for i in members])
                 flats.append(flat)
                 works.append(dist.all_reduce(flat, async_op=True))
             for members, flat, work in zip(buckets, flats, works):
                 work.wait()
                 flat.div_(n)
-                views = flat.split([grads[i].numel() for i in members])
-                torch._foreach_copy_(
-                    [grads[i] for i in members],
-                    [v.view_as(grads[i]) for i, v in zip(members, views)],
-                )
+                views = flat.split([tensors[i].numel() for i in members])
+                pairs = [(tensors[i], v.view_as(tensors[i])) for i, v in zip(members, views)]
+                torch._foreach_copy_([t for t, _ in pairs], [v for _, v in pairs])
+        grads[:] = full
+        if missing:
+            # a host read, only on a rank that lacks a gradient (free on Gloo's CPU tensors)
+            shares = flags.tolist()
+            for i in missing:
+                if shares[i] == 0:
+                    grads[i] = None
 
     return grad_sync
 
@@ -197,7 +245,9 @@ def data_parallel(
         return state
     tensors = [*state.params.values(), *state.buffers.values()]
     _broadcast_(tensors, "broadcast of rank 0's parameters and buffers")
-    changes: dict = {"grad_path": GradPath("data_parallel", reduce=make_grad_sync(bucket_mb))}
+    trainable = [state.params[n] for n in state.trainable]
+    sync = make_grad_sync(bucket_mb, like=trainable)
+    changes: dict = {"grad_path": GradPath("data_parallel", reduce=sync)}
     if debug:
         check_in_sync(state.params, what="parameters after the initial broadcast")
         changes["tx"] = _checked_tx(state.tx)

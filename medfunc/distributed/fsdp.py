@@ -11,6 +11,12 @@ therefore takes its gradients another way, through its ``grad_path`` (:data:`FSD
 - ``objective(loss).backward()`` lets FSDP reduce-scatter the gradients (averaged over ranks)
   into each sharded parameter's ``.grad``, which is read back as the gradient list.
 
+A parameter whose ``.grad`` FSDP left None (no rank's backward reached it) has no gradient in
+the step, exactly as a ``torch.optim`` optimizer over the sharded module sees it. FSDP2's
+reduce-scatter runs over the parameters each rank has gradients for, so ranks that use different
+parameters of one FSDP unit need FSDP2's own option for that (``set_reduce_scatter_unused_params``
+where available), which gives the unused ones zeros instead.
+
 Everything after that is the ordinary step: accumulation, loss scaling, the global norm
 (``get_total_norm`` on DTensors reduces across ranks) and the optimizer, whose foreach kernels
 run on the DTensor shards. Because the module holds the one copy of the weights, an FSDP step
@@ -79,7 +85,8 @@ def fsdp_value_and_grad(
 
     Returns:
         ``(loss, grads)``: this rank's detached float32 loss and the rank-averaged sharded
-        gradient (a DTensor) of each trainable parameter.
+        gradient (a DTensor) of each trainable parameter, None for one whose ``.grad`` FSDP
+        left None.
     """
     module = static.module
     _bind_params(module, trees.params)
@@ -99,7 +106,7 @@ def fsdp_value_and_grad(
             objective(loss).backward()
     grads = []
     for p in params:
-        grads.append(p.grad if p.grad is not None else torch.zeros_like(p))
+        grads.append(p.grad)
         p.grad = None
     return loss.detach().float(), grads
 

@@ -6,6 +6,12 @@ update parameters in place, so a transformation receives the parameters too and 
 ``grads``, ``params`` and the optimizer state given to ``update`` are owned by the caller (clones
 in a pure step, donated storage otherwise); transformations modify them in place and return them.
 
+A gradient may be None: the parameter got no gradient in this update (it took no part in the
+loss). Every transformation then treats it as ``torch.optim`` treats ``p.grad is None``: it is
+left out of norms and clipping, and the optimizers neither decay nor move it, nor advance its step
+count or create its state. Which gradients are None is a host-side fact known before the update
+runs (while tracing, too), so transformations branch on it in Python.
+
 Example:
     >>> from medfunc.optim import adamw, clip_by_global_norm
     >>> params = OrderedDict(w=torch.ones(3))
@@ -33,7 +39,7 @@ from medfunc import validation
 from medfunc.errors import ConfigError
 
 Params = OrderedDict  # OrderedDict[str, Tensor]: trainable params, model order
-Grads = OrderedDict  # OrderedDict[str, Tensor]: same keys as Params
+Grads = OrderedDict  # OrderedDict[str, Tensor | None]: same keys as Params; None: no gradient
 OptState = Any  # a pytree of tensors built from NamedTuples / OrderedDicts / tuples
 
 
@@ -64,7 +70,8 @@ class GradientTransformation(NamedTuple):
             order). May raise :class:`~medfunc.errors.ConfigError` when the configuration does
             not fit the params (e.g. a mask pattern that names no parameter).
         update: ``update(grads, opt_state, params, ctx) -> (grads, params, opt_state)``; may
-            modify its arguments in place and returns them.
+            modify its arguments in place and returns them. A gradient of None means the
+            parameter has none in this update (see the module docstring).
         spec: the optimizer's configuration (an :class:`~medfunc.optim.optimizers.OptimizerSpec`)
             when this is ``adamw``/``adam``/``sgd``; None otherwise. Torch interop reads it.
         children: the transformations of a :func:`chain`, in order; ``()`` otherwise.

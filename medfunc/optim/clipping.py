@@ -3,7 +3,9 @@
 Both transformations call the functions ``torch.nn.utils.clip_grad_norm_`` /
 ``clip_grad_value_`` are made of (``get_total_norm``, ``clip_grads_with_norm_`` and the same
 foreach clamps), so the clipped gradients are bitwise those of the torch utilities. Neither
-reads a tensor on the host: the clip coefficient is a clamped device tensor.
+reads a tensor on the host: the clip coefficient is a clamped device tensor. A parameter without
+a gradient (None) is left out of the norm and of the clipping, as the torch utilities skip a
+``.grad`` that is None.
 
 Example:
     >>> tx = mf.optim.chain(clip_by_global_norm(1.0), mf.optim.adamw(1e-3))
@@ -27,22 +29,28 @@ class _GradHolder:
         self.grad = grad
 
 
+def _present(grads: Grads) -> list[Tensor]:
+    """The gradients that exist (a parameter without a gradient has None)."""
+    return [g for g in grads.values() if g is not None]
+
+
 def global_norm(grads: Grads, norm_type: float = 2.0) -> Tensor:
     """The global norm of all gradients, as ``torch.nn.utils.get_total_norm`` computes it.
 
     Args:
-        grads: name -> gradient tensor.
+        grads: name -> gradient tensor, or None for a parameter without a gradient (left out).
         norm_type: the p of the p-norm (2.0 by default; ``math.inf`` for the max norm).
 
     Returns:
-        A 0-d tensor on the first gradient's device (no host sync).
+        A 0-d tensor on the first gradient's device (no host sync); ``tensor(0.)`` when there
+        is no gradient, as torch.
 
     Example:
         >>> from collections import OrderedDict
         >>> global_norm(OrderedDict(w=torch.tensor([3.0, 4.0])))
         tensor(5.)
     """
-    return torch.nn.utils.get_total_norm(list(grads.values()), norm_type)
+    return torch.nn.utils.get_total_norm(_present(grads), norm_type)
 
 
 def clip_by_global_norm(max_norm: float, norm_type: float = 2.0) -> GradientTransformation:
@@ -81,14 +89,15 @@ def clip_by_global_norm(max_norm: float, norm_type: float = 2.0) -> GradientTran
     def update(
         grads: Grads, state: tuple, params: Params, ctx: UpdateContext
     ) -> tuple[Grads, Params, tuple]:
-        if not grads:
+        present = _present(grads)
+        if not present:
             return grads, params, state
         if ctx.grad_norm is not None and norm_type == 2.0:
             norm = ctx.grad_norm
         else:
             norm = global_norm(grads, norm_type)
         ctx.metrics.setdefault("grad_norm", norm)
-        holders = [_GradHolder(g) for g in grads.values()]
+        holders = [_GradHolder(g) for g in present]
         torch.nn.utils.clip_grads_with_norm_(holders, max_norm, norm)
         return grads, params, state
 
@@ -115,8 +124,9 @@ def clip_by_value(max_value: float) -> GradientTransformation:
     def update(
         grads: Grads, state: tuple, params: Params, ctx: UpdateContext
     ) -> tuple[Grads, Params, tuple]:
-        if grads:
-            torch.nn.utils.clip_grad_value_([_GradHolder(g) for g in grads.values()], max_value)
+        present = _present(grads)
+        if present:
+            torch.nn.utils.clip_grad_value_([_GradHolder(g) for g in present], max_value)
         return grads, params, state
 
     return GradientTransformation(init, update)

@@ -162,8 +162,9 @@ def to_torch_state_dict(
     tensor, as torch keeps it), ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) or
     ``momentum_buffer``; ``param_groups`` with ``lr`` (the LR at ``step`` times the group's
     multiplier), the hyperparameters, torch's kernel flags, ``params`` index lists and
-    ``param_names``. Parameters that have no state yet (no update applied) are left out, as in
-    torch. Tensors are copies. A host function: it may read device tensors.
+    ``param_names``. Parameters that have no state yet (no update applied to them with a
+    gradient) are left out, as in torch, which creates a parameter's state at its first update
+    with a gradient. Tensors are copies. A host function: it may read device tensors.
 
     Args:
         tx: the optimizer, or a chain holding one.
@@ -213,9 +214,12 @@ def to_torch_state_dict(
     else:
         if not isinstance(sub, SGDState):
             raise ConfigError(f"expected an SGDState for sgd, got {type(sub).__name__}")
-        if spec.momentum != 0 and float(sub.initialized) != 0:
+        if spec.momentum != 0:
+            flags = sub.initialized.tolist()
+            position = {n: i for i, n in enumerate(params)}
             for idx, name in enumerate(names):
-                state[idx] = {"momentum_buffer": sub.momentum_buffer[name].clone()}
+                if flags[position[name]] != 0:
+                    state[idx] = {"momentum_buffer": sub.momentum_buffer[name].clone()}
     sd["state"] = state
     return sd
 
@@ -281,7 +285,8 @@ def from_torch_state_dict(
     Parameters are matched by ``param_names`` when the groups carry them, otherwise by index: a
     single-group torch optimizer numbers parameters in model order, a multi-group one must be
     grouped like :func:`torch_param_groups`. Hyperparameters come from ``tx``, not from the
-    state dict. The other parts of a chain start from ``tx.init(params)``.
+    state dict. The other parts of a chain start from ``tx.init(params)``. A parameter without
+    an entry (torch created none: it never had a gradient) keeps no state, as in torch.
 
     Args:
         tx: the optimizer, or a chain holding one.
@@ -354,21 +359,16 @@ def from_torch_state_dict(
             for idx, e in torch_state.items()
             if isinstance(e, Mapping) and e.get("momentum_buffer") is not None
         }
-        if spec.momentum == 0:
-            pass  # torch keeps no state without momentum
-        elif have:
-            if len(have) != len(index_to_name):
-                raise ConfigError(
-                    f"the state_dict has momentum buffers for {len(have)} of "
-                    f"{len(index_to_name)} parameters; medfunc needs all or none"
-                )
-            for idx, name in index_to_name.items():
+        if spec.momentum != 0:  # torch keeps no state without momentum
+            position = {n: i for i, n in enumerate(params)}
+            for idx, buffer in have.items():
+                name = index_to_name[idx]
                 _copy_into(
                     sub.momentum_buffer[name],
-                    have[idx],
+                    buffer,
                     f"state[{idx}]['momentum_buffer'] ({name!r})",
                 )
-            sub.initialized.fill_(1.0)
+                sub.initialized[position[name]] = 1.0
     return replace_substate(full, path, sub)
 
 

@@ -22,12 +22,16 @@ Kernel paths (``KernelConfig``):
   ``torch.where(found_inf > 0, old, new)``: the extra memory is one copy of the params plus one
   copy of the optimizer state of the largest group, while the update runs.
 
-SGD's momentum buffer is created lazily by torch on the first update (a copy of the gradient, not
-dampened). medfunc allocates the buffers up front (zeros) so the state has a fixed structure;
-``0 * momentum + 1 * g`` equals the copy bitwise, so with ``dampening == 0`` the ordinary kernel
-reproduces the first step. With ``dampening != 0`` the adapter also runs the kernel with
-``dampening=0`` on copies and selects that result while the buffers are not yet initialized
+SGD's momentum buffer is created lazily by torch on a parameter's first update (a copy of the
+gradient, not dampened). medfunc allocates the buffers up front (zeros) so the state has a fixed
+structure, and keeps a per-parameter "initialized" flag; ``0 * momentum + 1 * g`` equals the copy
+bitwise, so with ``dampening == 0`` the ordinary kernel reproduces the first step. With
+``dampening != 0`` the adapter also runs the kernel with ``dampening=0`` on copies and selects,
+parameter by parameter, that result while the parameter's buffer is not yet initialized
 (``torch.where``, no host sync): one extra copy of params and buffers and twice the kernel work.
+
+The callers hand these adapters only the parameters that have a gradient (torch.optim skips a
+parameter whose ``.grad`` is None), so every list here holds tensors.
 """
 
 from __future__ import annotations
@@ -170,7 +174,12 @@ def _select_(cond: Tensor, olds: list[Tensor], news: list[Tensor]) -> None:
 
     A device-side select: no host sync, and bitwise ``old`` or ``new`` (NaN/inf included).
     """
-    for old, new in zip(olds, news):
+    _select_each_([cond] * len(news), olds, news)
+
+
+def _select_each_(conds: list[Tensor], olds: list[Tensor], news: list[Tensor]) -> None:
+    """In place: ``new = where(cond, old, new)`` for each triple (each ``cond`` a 0-d bool)."""
+    for cond, old, new in zip(conds, olds, news):
         new.copy_(torch.where(cond.to(new.device), old, new))
 
 
@@ -309,7 +318,7 @@ def sgd_step(
     weight_decay: float,
     nesterov: bool,
     found_inf: Tensor | None,
-    initialized: Tensor | None,
+    initialized: list[Tensor] | None,
 ) -> None:
     """One SGD update of one param group, in place, via ``torch.optim.sgd.sgd``.
 
@@ -321,8 +330,9 @@ def sgd_step(
         lr: the group's LR (float, or a 0-d tensor).
         momentum, dampening, weight_decay, nesterov: hyperparameters.
         found_inf: None, or a 0-d float32 flag; 1.0 leaves everything bitwise unchanged.
-        initialized: 0-d flag, 1.0 once the buffers hold a momentum (only read when
-            ``momentum != 0`` and ``dampening != 0``: torch does not dampen the first update).
+        initialized: one 0-d flag per parameter, 1.0 once its buffer holds a momentum (only
+            read when ``momentum != 0`` and ``dampening != 0``: torch does not dampen a
+            parameter's first update).
     """
     if not params:
         return
@@ -353,7 +363,8 @@ def sgd_step(
             first_bufs = [b.clone() for b in momentum_buffers]
             run_sgd(first_params, first_bufs, 0.0, found)
             run_sgd(params, momentum_buffers, dampening, found)
-            _select_(initialized == 0, [*first_params, *first_bufs], state)
+            fresh = [flag == 0 for flag in initialized]
+            _select_each_(fresh * 2, [*first_params, *first_bufs], state)
         else:
             run_sgd(params, momentum_buffers, dampening, found)
 

@@ -68,9 +68,11 @@ class SGDState(NamedTuple):
 
     Attributes:
         momentum_buffer: per-parameter momentum buffers (empty when ``momentum == 0``); zeros
-            until the first applied update, as torch creates them lazily.
-        initialized: 0-d float32 flag on the params' device: 1.0 once an update was applied
-            (torch's "momentum_buffer is not None").
+            until the parameter's first applied update with a gradient, as torch creates them
+            lazily.
+        initialized: float32 flags on the params' device, one per trainable parameter in model
+            order: 1.0 once an update was applied to that parameter (torch's
+            ``state[p]["momentum_buffer"] is not None``).
     """
 
     momentum_buffer: OrderedDict
@@ -214,6 +216,32 @@ def _check_keys(grads: Grads, params: Params, state_keys: Sequence[str], who: st
             )
 
 
+def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted positions as ``(start, stop)`` ranges of consecutive values."""
+    runs: list[tuple[int, int]] = []
+    for i in positions:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _mark_initialized(flags: Tensor, positions: Sequence[int], found_inf: Tensor | None) -> None:
+    """Set ``flags[positions]`` to 1 unless ``found_inf`` says the update was skipped.
+
+    In place and on the device (``max(flag, 1 - found_inf)``); one op per run of consecutive
+    positions, so all parameters with a gradient (the usual case) cost one op.
+    """
+    applied = None if found_inf is None else 1.0 - found_inf.to(flags.device)
+    for start, stop in _runs(positions):
+        part = flags[start:stop]
+        if applied is None:
+            part.fill_(1.0)
+        else:
+            part.copy_(torch.maximum(part, applied))
+
+
 def _first_device(params: Params) -> torch.device:
     first = next(iter(params.values()), None)
     return first.device if first is not None else torch.device("cpu")
@@ -270,19 +298,27 @@ def _update_groups(
 ) -> None:
     """Check the keys, log the LR and run ``kernel_step`` once per parameter group.
 
+    A parameter whose gradient is None is left out of its group's kernel call, as
+    ``torch.optim`` leaves out a parameter whose ``.grad`` is None: no decay, no moment update,
+    its step count does not advance. A group without any gradient is not run.
+
     Args:
         spec: the optimizer's configuration.
-        grads, params: the update's gradients and trainable params (model order).
+        grads, params: the update's gradients (None: no gradient) and trainable params (model
+            order).
         state_keys: the parameter names the optimizer state holds.
         ctx: the update context (``step``, ``found_inf``; ``metrics["lr"]`` is set).
         kernel_step: called as ``kernel_step(names, params, grads, cfg=, lr=, weight_decay=,
-            found_inf=)`` with the group's names, its tensors and its kernel arguments.
+            found_inf=)`` with the names of the group's parameters that have a gradient, their
+            tensors and the group's kernel arguments.
     """
     _check_keys(grads, params, state_keys, spec.name)
     base, lr_metric = _base_lr(spec, ctx.step)
     ctx.metrics["lr"] = lr_metric
     for group in spec.groups(list(params)):
-        names = group.names
+        names = [n for n in group.names if grads[n] is not None]
+        if not names:
+            continue
         ps = [params[n] for n in names]
         kernel_step(
             names,
@@ -494,12 +530,13 @@ def sgd(
         if spec.momentum != 0:
             for name, p in params.items():
                 bufs[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        flag = torch.zeros((), dtype=torch.float32, device=_first_device(params))
-        return SGDState(bufs, flag)
+        flags = torch.zeros(len(params), dtype=torch.float32, device=_first_device(params))
+        return SGDState(bufs, flags)
 
     def update(
         grads: Grads, state: SGDState, params: Params, ctx: UpdateContext
     ) -> tuple[Grads, Params, SGDState]:
+        position = {n: i for i, n in enumerate(params)}
 
         def step(names: Sequence[str], ps: list[Tensor], gs: list[Tensor], **group: Any) -> None:
             kernels.sgd_step(
@@ -509,17 +546,14 @@ def sgd(
                 momentum=spec.momentum,
                 dampening=spec.dampening,
                 nesterov=spec.nesterov,
-                initialized=state.initialized,
+                initialized=[state.initialized[position[n]] for n in names],
                 **group,
             )
 
         state_keys = state.momentum_buffer if spec.momentum else params
         _update_groups(spec, grads, params, state_keys, ctx, step)
-        if ctx.found_inf is None:
-            state.initialized.fill_(1.0)
-        else:
-            applied = 1.0 - ctx.found_inf.to(state.initialized.device)
-            state.initialized.copy_(torch.maximum(state.initialized, applied))
+        with_grad = [i for i, g in enumerate(grads.values()) if g is not None]
+        _mark_initialized(state.initialized, with_grad, ctx.found_inf)
         return grads, params, state
 
     return GradientTransformation(init, update, spec=spec)
