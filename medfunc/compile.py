@@ -44,6 +44,7 @@ import torch
 from medfunc.errors import ConfigError
 from medfunc.graphs import GraphCache
 from medfunc.optim import find_optimizer
+from medfunc.optim.torch_adapter import find_adapter
 from medfunc.state import TrainState
 from medfunc.step import (
     StepStatic,
@@ -221,8 +222,11 @@ def _dynamo_unique_graphs() -> int:
 
 
 def _uses_fused_kernels(static: StepStatic) -> bool:
-    """Whether the state's optimizer runs PyTorch's fused kernels (which torch.compile leaves
-    out of graphs: the update then runs as those kernels, after the compiled forward/backward)."""
+    """Whether the state's optimizer runs outside a traced graph: PyTorch's fused kernels (which
+    torch.compile leaves out of graphs) or a ``from_torch`` optimizer (which reads its skip flag
+    on the host). The update then runs eagerly, after the compiled forward/backward."""
+    if find_adapter(static.tx) is not None:
+        return True
     try:
         spec, _ = find_optimizer(static.tx)
     except ConfigError:
@@ -382,6 +386,11 @@ class CompiledStep:
                 raise ConfigError(
                     f"mode={self.mode!r} needs CUDA, but the state is on {static.device}; "
                     "use mode='inductor' (or mf.compile.default_mode(device))"
+                )
+            if self.mode in _GRAPH_MODES and find_adapter(static.tx) is not None:
+                raise ConfigError(
+                    f"mode={self.mode!r} cannot capture a mf.optim.from_torch optimizer: it reads "
+                    "the skip flag and the LR on the host; use mode='inductor' or the eager step"
                 )
             self._static = static
             if "inductor" in self.mode:

@@ -503,3 +503,14 @@ def test_compiled_calls_do_not_grow_memory():
     config_growth = sum(v for k, v in growth.items() if k.endswith("_config_module.py"))
     assert config_growth < 20_000  # 2000 calls at ~200 bytes each: about 400 kB
     assert fast.stats.calls == 2050
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_graph_modes_refuse_a_from_torch_optimizer_with_the_reason():
+    state = mf.init_state(
+        TinyClassifier().cuda(), mf.optim.from_torch(torch.optim.RMSprop, lr=1e-2)
+    )
+    batch = mf.data.to_device(make_batches(1)[0], "cuda")
+    with pytest.raises(mf.ConfigError, match="from_torch"):
+        compile_step(mf.train_step, mode="cudagraph")(state, batch)

@@ -211,3 +211,34 @@ def test_from_torch_state_dict_errors_name_the_mismatch():
         from_torch_state_dict(tx, named_sd, renamed)
     with pytest.raises(ConfigError, match="exactly one optimizer"):
         from_torch_state_dict(clip_by_global_norm(1.0), sd, params)
+
+
+def test_from_torch_optimizers_convert_through_the_interop_functions():
+    """to/from_torch_state_dict and torch_optimizer accept a from_torch transformation."""
+    import copy
+
+    from conftest import TinyClassifier, make_batches
+
+    import medfunc as mf
+
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    reference = copy.deepcopy(model)
+    tx = mf.optim.from_torch(torch.optim.RMSprop, lr=1e-2, momentum=0.9)
+    state = mf.init_state(model, tx)
+    opt = torch.optim.RMSprop(reference.parameters(), lr=1e-2, momentum=0.9)
+    for batch in make_batches(3):
+        state, _ = mf.train_step(state, batch)
+        reference(**batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    trainable = OrderedDict((n, state.params[n]) for n in state.trainable)
+    sd = mf.optim.to_torch_state_dict(state.tx, state.opt_state, trainable, state.step)
+    expected = opt.state_dict()
+    assert sorted(sd["state"]) == sorted(expected["state"])
+    for index, entries in expected["state"].items():
+        for key, value in entries.items():
+            assert torch.equal(torch.as_tensor(sd["state"][index][key]), torch.as_tensor(value))
+    back = mf.optim.from_torch_state_dict(state.tx, expected, trainable)
+    assert type(back) is type(state.opt_state)
+    assert isinstance(mf.optim.torch_optimizer(state.tx, trainable), torch.optim.RMSprop)

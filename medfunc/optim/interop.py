@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from medfunc.errors import ConfigError
+from medfunc.optim import torch_adapter
 from medfunc.optim.base import (
     GradientTransformation,
     OptState,
@@ -138,6 +139,8 @@ def torch_optimizer(
         ('AdamW', 2)
     """
     _check_params(params, "torch_optimizer")
+    if torch_adapter.find_adapter(tx) is not None:
+        return torch_adapter.torch_optimizer(tx, params, step=step)
     spec, _ = find_optimizer(tx)
     first = next(iter(params.values()), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -186,6 +189,8 @@ def to_torch_state_dict(
         ['exp_avg', 'exp_avg_sq', 'step']
     """
     _check_params(params, "to_torch_state_dict")
+    if torch_adapter.find_adapter(tx) is not None:
+        return torch_adapter.to_state_dict(tx, opt_state, params, step)
     spec, path = find_optimizer(tx)
     sub = get_substate(opt_state, path)
     if isinstance(step, Tensor):
@@ -313,6 +318,8 @@ def from_torch_state_dict(
         'SGDState'
     """
     _check_params(params, "from_torch_state_dict")
+    if torch_adapter.find_adapter(tx) is not None:
+        return torch_adapter.from_state_dict(tx, state_dict, params)
     if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
         raise ConfigError(
             "expected a torch.optim state_dict with 'state' and 'param_groups' entries, got "
