@@ -4,11 +4,12 @@
 held-out metrics; ``medfunc train run.toml --set num_epochs=3`` runs a config file. Errors in
 configs, checkpoints or data print one line on stderr and exit with status 2.
 
-Example:
+Example::
+
     $ medfunc train --output-dir runs/demo
     $ medfunc recipes
-    $ medfunc inspect runs/demo/checkpoint-epoch25.pt
-    $ medfunc export runs/demo/checkpoint-epoch25.pt --onnx
+    $ medfunc inspect runs/demo/checkpoint-epoch20.pt
+    $ medfunc export runs/demo/checkpoint-epoch20.pt --onnx
 """
 
 from __future__ import annotations
@@ -324,7 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Example:
         >>> main(["recipes"])
+        breast_cancer  MLP on the Wisconsin diagnostic breast cancer data ... (default)
+        drug_reviews   fine-tune MiniLM on drugs.com reviews (birth control vs other condition)
         0
+        >>> main(["inspect", "missing.pt"])  # "medfunc: error: ..." on stderr
+        2
     """
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)

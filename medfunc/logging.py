@@ -9,8 +9,12 @@ before its first metric leaves no empty W&B run behind.
 Example:
     >>> with create_logger("runs/demo", enable_tensorboard=True, total_steps=100) as logger:
     ...     for step in range(1, 101):
-    ...         logger.log({"train/loss": 0.5, "train/lr": 1e-3}, step=step)
-    ...         logger.progress_update(1, loss=0.5)
+    ...         logger.log({"train/loss": 1.0 / step, "train/lr": 1e-3}, step=step)
+    ...         logger.progress_update(1, loss=1.0 / step)
+    >>> sorted(path.name for path in logger.output_dir.iterdir())
+    ['metrics.jsonl', 'tb_logs']
+    >>> print(logger.metrics_path.read_text().splitlines()[-1])
+    {"step": 100, "time": ..., "train/loss": 0.01, "train/lr": 0.001}
 """
 
 from __future__ import annotations
@@ -97,7 +101,13 @@ class MetricLogger:
             step: the global step the values belong to.
 
         Example:
-            >>> logger.log({"train/loss": loss_tensor, "train/lr": 3e-4}, step=50)
+            >>> logger = create_logger("runs/demo", progress=False)
+            >>> logger.log({"train/loss": torch.tensor(0.25), "train/lr": 3e-4}, step=50)
+            >>> logger.log({"train/loss": float("nan")}, step=60)
+            >>> logger.close()
+            >>> print(logger.metrics_path.read_text(), end="")
+            {"step": 50, "time": ..., "train/loss": 0.25, "train/lr": 0.0003}
+            {"step": 60, "time": ..., "train/loss": "nan"}
         """
         if not self.is_main_process:
             return
@@ -128,7 +138,8 @@ class MetricLogger:
                 (numbers and one-element tensors are shown with 4 significant digits).
 
         Example:
-            >>> logger.progress_update(10, loss=0.42, lr=1e-3)
+            >>> with create_logger("runs/demo", progress=True, total_steps=100) as logger:
+            ...     logger.progress_update(10, loss=torch.tensor(0.4213), lr=1e-3)
         """
         if self._bar is None:
             return
@@ -241,6 +252,9 @@ def create_logger(
 
     Example:
         >>> logger = create_logger("runs/demo", enable_wandb=True, wandb_project="medfunc")
+        >>> logger.wandb_run is None  # W&B starts on the first log() call
+        True
+        >>> logger.close()
     """
     output_dir = Path(output_dir)
     if not is_main_process:

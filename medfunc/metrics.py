@@ -11,7 +11,7 @@ over a whole evaluation set through it.
 Example:
     >>> logits = torch.tensor([[2.0, -1.0], [0.1, 0.3], [-0.5, 0.5]])
     >>> classification_metrics(logits, torch.tensor([0, 1, 0]))
-    {'accuracy': 0.666..., 'precision': 0.5, 'recall': 1.0, 'f1': 0.666..., 'auroc': 1.0}
+    {'accuracy': 0.666..., 'precision': 0.5, 'recall': 1.0, 'f1': 0.666..., 'auroc': 0.5}
 """
 
 from __future__ import annotations
@@ -151,7 +151,10 @@ def find_logits(outputs: Any) -> torch.Tensor | None:
         The logits tensor, or None when the outputs hold none.
 
     Example:
-        >>> find_logits({"loss": loss, "logits": logits}) is logits
+        >>> logits = torch.randn(4, 2)
+        >>> find_logits({"loss": torch.tensor(0.7), "logits": logits}) is logits
+        True
+        >>> find_logits(torch.randn(4, 2)) is None
         True
     """
     if isinstance(outputs, Mapping):
@@ -171,7 +174,10 @@ def find_labels(batch: Any) -> torch.Tensor | None:
         The labels tensor, or None.
 
     Example:
-        >>> find_labels({"x": x, "labels": y}) is y
+        >>> y = torch.tensor([0, 1, 1])
+        >>> find_labels({"x": torch.randn(3, 4), "labels": y}) is y
+        True
+        >>> find_labels({"x": torch.randn(3, 4)}) is None
         True
     """
     if not isinstance(batch, Mapping):
@@ -227,12 +233,19 @@ class EvalAccumulator:
         keep_outputs: keep every batch's outputs (on the CPU) for a user metric function.
 
     Example:
+        >>> from medfunc.recipes.breast_cancer import MLPClassifier  # returns {"logits", "loss"}
+        >>> state = mf.init_state(MLPClassifier(in_features=4), mf.optim.adamw(1e-3))
+        >>> batches = [
+        ...     {"features": torch.randn(8, 4), "labels": torch.randint(0, 2, (8,))}
+        ...     for _ in range(3)
+        ... ]
         >>> acc = EvalAccumulator(torch.device("cpu"))
         >>> for batch in batches:
         ...     result = mf.eval_step(state, batch)
         ...     acc.add(batch, result["outputs"], result["loss"])
         >>> acc.compute()
-        {'loss': 0.31, 'accuracy': 0.9, ...}
+        {'loss': 0.69..., 'accuracy': 0.5, 'precision': 0.5, 'recall': 0.333..., 'f1': 0.4,
+         'auroc': 0.458...}
     """
 
     def __init__(self, device: torch.device, *, keep_outputs: bool = False) -> None:
@@ -315,8 +328,14 @@ def evaluate_batches(
         metric name -> float (see :meth:`EvalAccumulator.compute`).
 
     Example:
-        >>> evaluate_batches(state, [{"x": x, "labels": y}])
-        {'loss': 0.31, 'accuracy': 0.9, ...}
+        >>> from medfunc.recipes.breast_cancer import MLPClassifier  # returns {"logits", "loss"}
+        >>> state = mf.init_state(MLPClassifier(in_features=4), mf.optim.adamw(1e-3))
+        >>> batch = {"features": torch.randn(8, 4), "labels": torch.tensor([0, 1] * 4)}
+        >>> metrics = evaluate_batches(state, [batch], lambda outputs, labels: {"n": len(labels)})
+        >>> sorted(metrics)
+        ['accuracy', 'auroc', 'f1', 'loss', 'n', 'precision', 'recall']
+        >>> metrics["loss"], metrics["n"]
+        (0.68..., 8.0)
     """
     accumulator = EvalAccumulator(state.device, keep_outputs=metric_fn is not None)
     for batch in batches:

@@ -4,8 +4,13 @@ Uses matplotlib's object API with the Agg canvas, so it never opens a window and
 pyplot's global state.
 
 Example:
-    >>> plot_metrics("runs/demo/metrics.jsonl", "runs/demo/metrics.png")
-    PosixPath('runs/demo/metrics.png')
+    >>> from medfunc.logging import create_logger
+    >>> with create_logger("runs/demo", progress=False) as logger:
+    ...     for step in range(1, 11):
+    ...         logger.log({"train/loss": 1.0 / step, "eval/auroc": 0.5 + step / 40}, step=step)
+    >>> png = plot_metrics("runs/demo/metrics.jsonl", "runs/demo/metrics.png")
+    >>> png.name, png.is_file()
+    ('metrics.png', True)
 """
 
 from __future__ import annotations
@@ -93,8 +98,16 @@ def plot_metrics(
         ConfigError: the file is unreadable, holds no records, or a requested key never occurs.
 
     Example:
-        >>> plot_metrics("runs/x/metrics.jsonl", "runs/x/loss.png", keys=["train/loss"])
-        PosixPath('runs/x/loss.png')
+        >>> from medfunc.logging import create_logger
+        >>> with create_logger("runs/x", progress=False) as logger:
+        ...     logger.log({"train/loss": 0.9, "train/lr": 1e-3}, step=1)
+        ...     logger.log({"train/loss": 0.6, "train/lr": 1e-3}, step=2)
+        >>> plot_metrics("runs/x/metrics.jsonl", "runs/x/plots/loss.png", keys=["train/loss"])
+        PosixPath('runs/x/plots/loss.png')
+        >>> plot_metrics("runs/x/metrics.jsonl", "runs/x/auroc.png", keys=["eval/auroc"])
+        Traceback (most recent call last):
+        ...
+        medfunc.errors.ConfigError: metric(s) ['eval/auroc'] not found in runs/x/metrics.jsonl; ...
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

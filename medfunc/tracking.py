@@ -8,13 +8,19 @@ so that a resumed run continues exactly. :func:`check_skipped_run` stops a run w
 being skipped for non-finite gradients. :class:`TrainResult` is what a run produced.
 
 Example:
+    >>> from medfunc.recipes.breast_cancer import MLPClassifier  # returns {"logits", "loss"}
+    >>> state = mf.init_state(MLPClassifier(in_features=4), mf.optim.adamw(1e-3))
+    >>> batch = {"features": torch.randn(8, 4), "labels": torch.randint(0, 2, (8,))}
     >>> sums = StepMetricSums(torch.device("cpu"))
-    >>> for batch in batches:
+    >>> for _ in range(4):
     ...     state, metrics = mf.train_step(state, batch, donate=True)
     ...     sums.record(metrics)
     >>> scalars, skipped_run = sums.flush()
-    >>> scalars["train/loss"]
-    0.41
+    >>> scalars
+    {'train/loss': 0.69..., 'train/lr': 0.001, 'train/grad_norm': 0.50...,
+     'train/skipped_steps': 0.0}
+    >>> skipped_run
+    0
 """
 
 from __future__ import annotations
@@ -112,6 +118,10 @@ def check_skipped_run(skipped_run: int, limit: int | None, step: int) -> None:
 
     Example:
         >>> check_skipped_run(2, limit=100, step=50)  # fine
+        >>> check_skipped_run(100, limit=100, step=250)
+        Traceback (most recent call last):
+        ...
+        medfunc.errors.NonFiniteError: 100 consecutive optimizer steps (up to step 250) had ...
     """
     if limit is not None and skipped_run >= limit:
         raise NonFiniteError(
