@@ -209,33 +209,35 @@ def _laid_out_like(params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
 
 
 def _run_skippable(
-    run: Callable[[Tensor | None], None],
+    run: Callable[..., None],
     cfg: KernelConfig,
     found_inf: Tensor | None,
     state: list[Tensor],
 ) -> None:
     """Run one in-place update so that ``found_inf == 1`` leaves ``state`` bitwise unchanged.
 
-    ``run(found)`` performs the update and hands ``found`` to the kernel. A fused kernel takes
-    the flag natively; the foreach kernels get None, and the skip is either decided on the host
-    (:func:`_host_skip`) or done by copying ``state`` first and selecting it back on the device.
+    ``run(**flags)`` performs the update with the kernel flags of :func:`_kernel_flags` (torch's
+    own kernel, bound to its tensors, or a function of the same keywords). A fused kernel takes
+    the skip flag natively; the foreach kernels get None, and the skip is either decided on the
+    host (:func:`_host_skip`) or done by copying ``state`` first and selecting it back on the
+    device.
 
     Args:
-        run: the update, called at most once with the flag the kernel should see.
+        run: the update, called at most once.
         cfg: the kernel path.
         found_inf: None, or a 0-d float32 flag.
         state: every tensor ``run`` writes (params and optimizer state).
     """
     if cfg.fused or found_inf is None:
-        run(found_inf if cfg.fused else None)
+        run(**_kernel_flags(cfg, found_inf if cfg.fused else None))
         return
     skip = _host_skip(found_inf)
     if skip is not None:
         if not skip:
-            run(None)
+            run(**_kernel_flags(cfg, None))
         return
     olds = [t.clone() for t in state]
-    run(None)
+    run(**_kernel_flags(cfg, None))
     _select_(found_inf > 0, olds, state)
 
 
@@ -280,27 +282,25 @@ def adam_step(
     if cfg.fused:
         grads = _laid_out_like(params, grads)
 
-    def run(found: Tensor | None) -> None:
-        _torch_adam(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            max_exp_avg_sqs,
-            steps,
-            capturable=cfg.capturable,
-            differentiable=False,
-            has_complex=has_complex,
-            decoupled_weight_decay=decoupled_weight_decay,
-            amsgrad=amsgrad,
-            beta1=beta1,
-            beta2=beta2,
-            lr=lr_arg,
-            weight_decay=weight_decay,
-            eps=eps,
-            **_kernel_flags(cfg, found),
-        )
-
+    run = functools.partial(
+        _torch_adam,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        steps,
+        capturable=cfg.capturable,
+        differentiable=False,
+        has_complex=has_complex,
+        decoupled_weight_decay=decoupled_weight_decay,
+        amsgrad=amsgrad,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr_arg,
+        weight_decay=weight_decay,
+        eps=eps,
+    )
     _run_skippable(
         run, cfg, found_inf, [*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *steps]
     )
@@ -341,31 +341,32 @@ def sgd_step(
         grads = _laid_out_like(params, grads)
     state = [*params, *momentum_buffers]
 
-    def run_sgd(ps: list[Tensor], bufs: list[Tensor], damp: float, found: Tensor | None) -> None:
-        _torch_sgd(
-            ps,
-            grads,
-            list(bufs),
-            has_sparse_grad=False,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            lr=lr_arg,
-            dampening=damp,
-            nesterov=nesterov,
-            **_kernel_flags(cfg, found),
+    options = {
+        "has_sparse_grad": False,
+        "weight_decay": weight_decay,
+        "momentum": momentum,
+        "lr": lr_arg,
+        "nesterov": nesterov,
+    }
+
+    def run_sgd(ps: list[Tensor], bufs: list[Tensor], damp: float, **flags: Any) -> None:
+        _torch_sgd(ps, grads, list(bufs), dampening=damp, **options, **flags)
+
+    def run_dampened(**flags: Any) -> None:
+        # torch does not dampen a parameter's first update: run both and select per parameter
+        if initialized is None:
+            raise ConfigError("sgd with dampening needs the 'initialized' flag of its state")
+        first_params = [p.clone() for p in params]
+        first_bufs = [b.clone() for b in momentum_buffers]
+        run_sgd(first_params, first_bufs, 0.0, **flags)
+        run_sgd(params, momentum_buffers, dampening, **flags)
+        fresh = [flag == 0 for flag in initialized]
+        _select_each_(fresh * 2, [*first_params, *first_bufs], state)
+
+    if momentum != 0 and dampening != 0:
+        run = run_dampened
+    else:
+        run = functools.partial(
+            _torch_sgd, params, grads, list(momentum_buffers), dampening=dampening, **options
         )
-
-    def run(found: Tensor | None) -> None:
-        if momentum != 0 and dampening != 0:
-            if initialized is None:
-                raise ConfigError("sgd with dampening needs the 'initialized' flag of its state")
-            first_params = [p.clone() for p in params]
-            first_bufs = [b.clone() for b in momentum_buffers]
-            run_sgd(first_params, first_bufs, 0.0, found)
-            run_sgd(params, momentum_buffers, dampening, found)
-            fresh = [flag == 0 for flag in initialized]
-            _select_each_(fresh * 2, [*first_params, *first_bufs], state)
-        else:
-            run_sgd(params, momentum_buffers, dampening, found)
-
     _run_skippable(run, cfg, found_inf, state)

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -288,19 +288,18 @@ def _make_spec(
     )
 
 
-def _update_groups(
+def _groups_with_grads(
     spec: OptimizerSpec,
     grads: Grads,
     params: Params,
     state_keys: Sequence[str],
     ctx: UpdateContext,
-    kernel_step: Callable[..., None],
-) -> None:
-    """Check the keys, log the LR and run ``kernel_step`` once per parameter group.
+) -> Iterator[tuple[list[str], list[Tensor], list[Tensor], dict[str, Any]]]:
+    """Check the keys, log the LR, and yield each parameter group's kernel call.
 
     A parameter whose gradient is None is left out of its group's kernel call, as
     ``torch.optim`` leaves out a parameter whose ``.grad`` is None: no decay, no moment update,
-    its step count does not advance. A group without any gradient is not run.
+    its step count does not advance. A group without any gradient is not yielded.
 
     Args:
         spec: the optimizer's configuration.
@@ -308,9 +307,11 @@ def _update_groups(
             order).
         state_keys: the parameter names the optimizer state holds.
         ctx: the update context (``step``, ``found_inf``; ``metrics["lr"]`` is set).
-        kernel_step: called as ``kernel_step(names, params, grads, cfg=, lr=, weight_decay=,
-            found_inf=)`` with the names of the group's parameters that have a gradient, their
-            tensors and the group's kernel arguments.
+
+    Returns:
+        An iterator of ``(names, params, grads, kernel_args)``: the names of the group's
+        parameters that have a gradient, their tensors, and the group's ``cfg``, ``lr``,
+        ``weight_decay`` and ``found_inf`` for the kernel.
     """
     _check_keys(grads, params, state_keys, spec.name)
     base, lr_metric = _base_lr(spec, ctx.step)
@@ -320,14 +321,16 @@ def _update_groups(
         if not names:
             continue
         ps = [params[n] for n in names]
-        kernel_step(
+        yield (
             names,
             ps,
             [grads[n] for n in names],
-            cfg=spec.kernel_config(ps[0].device),
-            lr=_group_lr(base, group.lr_multiplier),
-            weight_decay=group.weight_decay,
-            found_inf=ctx.found_inf,
+            {
+                "cfg": spec.kernel_config(ps[0].device),
+                "lr": _group_lr(base, group.lr_multiplier),
+                "weight_decay": group.weight_decay,
+                "found_inf": ctx.found_inf,
+            },
         )
 
 
@@ -379,7 +382,7 @@ def _adam_family(
     ) -> tuple[Grads, Params, AdamState]:
         beta1, beta2 = spec.betas
 
-        def step(names: Sequence[str], ps: list[Tensor], gs: list[Tensor], **group: Any) -> None:
+        for names, ps, gs, group in _groups_with_grads(spec, grads, params, state.exp_avg, ctx):
             kernels.adam_step(
                 ps,
                 gs,
@@ -394,8 +397,6 @@ def _adam_family(
                 decoupled_weight_decay=decoupled,
                 **group,
             )
-
-        _update_groups(spec, grads, params, state.exp_avg, ctx, step)
         return grads, params, state
 
     return GradientTransformation(init, update, spec=spec)
@@ -538,7 +539,8 @@ def sgd(
     ) -> tuple[Grads, Params, SGDState]:
         position = {n: i for i, n in enumerate(params)}
 
-        def step(names: Sequence[str], ps: list[Tensor], gs: list[Tensor], **group: Any) -> None:
+        state_keys = state.momentum_buffer if spec.momentum else params
+        for names, ps, gs, group in _groups_with_grads(spec, grads, params, state_keys, ctx):
             kernels.sgd_step(
                 ps,
                 gs,
@@ -549,9 +551,6 @@ def sgd(
                 initialized=[state.initialized[position[n]] for n in names],
                 **group,
             )
-
-        state_keys = state.momentum_buffer if spec.momentum else params
-        _update_groups(spec, grads, params, state_keys, ctx, step)
         with_grad = [i for i, g in enumerate(grads.values()) if g is not None]
         _mark_initialized(state.initialized, with_grad, ctx.found_inf)
         return grads, params, state
