@@ -26,7 +26,7 @@ from medfunc.atomic import atomic_replace, atomic_write, pending_temporaries, te
 from medfunc.checkpoint import reading, saving
 from medfunc.errors import CheckpointError, CheckpointWriteError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _state(width: int = 4) -> mf.TrainState:

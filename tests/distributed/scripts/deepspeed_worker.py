@@ -1,4 +1,4 @@
-"""Worker for tests/test_distributed.py: DeepSpeed ZeRO-1 and ZeRO-2 on the CPU through
+"""Worker for tests/distributed/test_distributed.py: DeepSpeed ZeRO-1 and ZeRO-2 on the CPU through
 dist.deepspeed_step, with sharded (DeepSpeed) and full (medfunc) checkpoints. Writes results to
 $MEDFUNC_TEST_OUT."""
 

@@ -197,7 +197,7 @@ def test_transformation_metadata_for_interop():
 
 
 def _doc_blocks() -> list[str]:
-    text = (Path(__file__).resolve().parents[1] / "docs" / "optimizers.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "optimizers.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     start = next(i for i, b in enumerate(blocks) if "torch.manual_seed(0)" in b)
     return [b for b in blocks[start:] if "params" in b and "def " not in b and "(lr," not in b]

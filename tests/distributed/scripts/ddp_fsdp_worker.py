@@ -1,5 +1,5 @@
-"""Worker for tests/test_distributed.py: DDP, the DeepSpeed fallback, helpers and FSDP2 with
-checkpoints, all in one torchrun launch. Writes results to $MEDFUNC_TEST_OUT."""
+"""Worker for tests/distributed/test_distributed.py: DDP, the DeepSpeed fallback, helpers and
+FSDP2 with checkpoints, all in one torchrun launch. Writes results to $MEDFUNC_TEST_OUT."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ from medfunc.errors import (
 )
 from medfunc.testing import assert_trees_equal
 
-SCRIPTS = Path(__file__).resolve().parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 FP16 = mf.get_policy("fp16", init_scale=2.0**19, growth_interval=2)
 
 

@@ -318,7 +318,7 @@ def test_compare_outputs_reports_the_output_and_max_difference():
 
 
 def test_round_trip_example_in_the_docs_runs(tmp_path, monkeypatch, capsys):
-    text = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "export.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "jit.load" in b)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}

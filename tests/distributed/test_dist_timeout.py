@@ -28,8 +28,8 @@ from torch.distributed import distributed_c10d
 from medfunc import distributed as dist
 from medfunc.distributed import env
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "tests" / "dist_scripts"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "tests" / "distributed" / "scripts"
 TIMEOUT_S = 5
 LAUNCH_TIMEOUT_S = 240
 

@@ -12,7 +12,7 @@ import torch
 
 from medfunc.checkpoint import save_state
 
-SCRIPTS = Path(__file__).resolve().parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 _spec = importlib.util.spec_from_file_location("resume_worker", SCRIPTS / "resume_worker.py")
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)

@@ -1,4 +1,4 @@
-"""Worker for tests/test_distributed.py: rank 1 fails mid-run and rank 0 must raise a
+"""Worker for tests/distributed/test_distributed.py: rank 1 fails mid-run and rank 0 must raise a
 DistributedError instead of hanging. Usage: kill_worker.py exit|sigkill|hang
 
 exit / sigkill: rank 1 dies (``os._exit`` / SIGKILL); hang: rank 1 stops answering (sleeps), so

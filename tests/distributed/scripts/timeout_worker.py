@@ -1,5 +1,5 @@
-"""Worker for tests/test_dist_timeout.py: under DeepSpeed, rank 1 stops answering in its forward
-and rank 0 must raise a DistributedError when $MEDFUNC_DIST_TIMEOUT_S runs out.
+"""Worker for tests/distributed/test_dist_timeout.py: under DeepSpeed, rank 1 stops answering in
+its forward and rank 0 must raise a DistributedError when $MEDFUNC_DIST_TIMEOUT_S runs out.
 
 Rank 0 writes to $MEDFUNC_TEST_OUT: ``groups.json`` (the timeout, in seconds, of every process
 group that exists after DeepSpeed initialised), ``step_started.txt`` (the wall-clock time its

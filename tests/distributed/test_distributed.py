@@ -1,8 +1,8 @@
 """medfunc.distributed against real multi-process runs (torchrun, Gloo on the CPU).
 
 Each slow test group is one torchrun launch (a module-scoped fixture) whose worker script in
-tests/dist_scripts/ writes its results to a temporary folder; the assertions compare them with a
-single-process medfunc run computed here.
+tests/distributed/scripts/ writes its results to a temporary folder; the assertions compare
+them with a single-process medfunc run computed here.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from medfunc import distributed as dist
 from medfunc.checkpoint import restore_state
 from medfunc.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "tests" / "dist_scripts"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "tests" / "distributed" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 from dist_common import STEPS, accumulate_run, make_model, make_tx, reference_run  # noqa: E402

@@ -22,7 +22,7 @@ from medfunc.optim.torch_adapter import TorchOptimizerState, check_tx, from_torc
 from medfunc.state import tree_leaves_with_path
 from medfunc.testing import assert_trees_equal, check_step_pure
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 STEPS = 30
 
 CASES = {
@@ -354,7 +354,7 @@ def test_checkpoint_round_trip_restores_bitwise(tmp_path):
 _RESUME_WORKER = """
 import sys
 import torch
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = sys.argv[1].split("|")
 torch.set_num_threads(1)
 import medfunc as mf
 import test_from_torch as t
@@ -370,7 +370,14 @@ def test_resume_in_a_fresh_process_is_bitwise_equal_to_the_straight_run(tmp_path
     mf.save_state(half, tmp_path / "half.pt")
     out = tmp_path / "resumed.pt"
     subprocess.run(
-        [sys.executable, "-c", _RESUME_WORKER, str(TESTS), str(tmp_path / "half.pt"), str(out)],
+        [
+            sys.executable,
+            "-c",
+            _RESUME_WORKER,
+            f"{TESTS / 'optim'}|{TESTS}",
+            str(tmp_path / "half.pt"),
+            str(out),
+        ],
         check=True,
         timeout=120,
     )
