@@ -51,6 +51,7 @@ from medfunc.step import (
     StepTrees,
     _check_devices,
     apply_update,
+    check_batch,
     finish_step,
     forward_backward,
     grad_leaves,
@@ -58,7 +59,6 @@ from medfunc.step import (
     next_window,
     not_applied,
     seeded_rng,
-    split_batch,
     static_of,
     step_core,
     train_step,
@@ -438,7 +438,7 @@ class CompiledStep:
         """
         state.check_alive()
         static = self._bind(state)
-        split_batch(batch)
+        check_batch(static.module, static.apply_fn, batch)
         _check_devices(batch, static.device)
         count, apply = window_position(state)
         window = window_of(state, count)

@@ -39,6 +39,7 @@ STATIC_FIELDS = (
     "accumulate_steps",
     "grad_path",
     "trainable_names",
+    "apply_fn",
 )
 
 
@@ -106,6 +107,8 @@ class TrainState:
         accumulate_steps: micro-batches per optimizer update (static).
         grad_path: how a parallel back-end takes part in the step (:class:`GradPath`; set by
             :mod:`medfunc.distributed`), or None for a single process.
+        apply_fn: optional ``apply_fn(model, batch) -> outputs`` replacing the batch calling
+            convention (static; as Flax's ``TrainState.apply_fn``).
         trainable_names: the parameters the optimizer updates, fixed by ``init_state`` (the
             optimizer state was built for exactly these).
     """
@@ -124,6 +127,7 @@ class TrainState:
     accumulate_steps: int
     grad_path: GradPath | None = None
     trainable_names: tuple[str, ...] | None = None
+    apply_fn: Callable | None = None
     _liveness: _Liveness = dataclasses.field(
         default_factory=_Liveness, init=False, repr=False, compare=False
     )
@@ -259,6 +263,7 @@ def init_state(
     tx: Any,
     *,
     loss_fn: Callable | None = None,
+    apply_fn: Callable | None = None,
     precision: str | Policy = "fp32",
     seed: int = 0,
     accumulate_steps: int = 1,
@@ -278,6 +283,12 @@ def init_state(
             ``requires_grad=False`` stay in the state but are not optimized.
         tx: a :class:`medfunc.optim.GradientTransformation`.
         loss_fn: optional ``loss_fn(outputs, batch) -> scalar loss``.
+        apply_fn: optional ``apply_fn(model, batch) -> outputs``: how to call the model on a
+            batch when the batch convention (dict -> ``model(**batch)``, tuple ->
+            ``model(*batch)``, tensor -> ``model(batch)``) does not fit, e.g.
+            ``lambda model, batch: model(batch[0])`` for a ``TensorDataset`` of ``(x, y)``.
+            Steps, evaluation, ``compile_step`` and the parallel back-ends call it with the
+            state's params and buffers bound.
         precision: "fp32", "bf16" or "fp16" (or a :class:`Policy`).
         seed: RNG key for dropout and any other randomness in the step (and, when ``model``
             is a constructor, the seed its weights are drawn with).
@@ -297,6 +308,10 @@ def init_state(
             f"{type(model).__name__}"
         )
     check_tx(tx)
+    if apply_fn is not None and not callable(apply_fn):
+        raise ConfigError(
+            f"apply_fn must be a function (model, batch) -> outputs, got {apply_fn!r}"
+        )
     if not isinstance(accumulate_steps, int) or accumulate_steps < 1:
         raise ConfigError(f"accumulate_steps must be an integer >= 1, got {accumulate_steps!r}")
     if not isinstance(seed, int):
@@ -338,6 +353,7 @@ def init_state(
         policy=policy,
         accumulate_steps=accumulate_steps,
         trainable_names=tuple(trainable),
+        apply_fn=apply_fn,
     )
 
 

@@ -26,6 +26,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -169,6 +171,44 @@ def split_batch(batch: Any) -> tuple[tuple, dict]:
     )
 
 
+_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_batch(module: torch.nn.Module, apply_fn: Callable | None, batch: Any) -> None:
+    """Check, on the host, that ``batch`` fits how the model will be called.
+
+    A tuple/list batch is called as ``model(*batch)``; when that does not fit the forward's
+    signature (a ``TensorDataset`` of ``(x, y)`` for a ``Sequential``), say so and name
+    ``apply_fn`` instead of letting the call fail inside the model.
+
+    Raises:
+        BatchError: the batch is not a dict, tuple/list or tensor (without ``apply_fn``), or a
+            tuple/list does not fit ``model.forward``.
+    """
+    if apply_fn is not None:
+        _applied(module, apply_fn)
+        return
+    args, _ = split_batch(batch)
+    if not isinstance(batch, (tuple, list)):
+        return
+    signature = _SIGNATURES.get(module)
+    if signature is None:
+        try:
+            signature = inspect.signature(module.forward)
+        except (TypeError, ValueError):
+            return
+        _SIGNATURES[module] = signature
+    try:
+        signature.bind(*args)
+    except TypeError as err:
+        raise BatchError(
+            f"the batch is a {type(batch).__name__} of {len(batch)}, called as model(*batch), "
+            f"but {type(module).__name__}.forward{signature} does not take that ({err}). Pass "
+            "apply_fn=lambda model, batch: model(batch[0]) (your calling convention) to "
+            "init_state, and loss_fn=lambda outputs, batch: ... for the loss"
+        ) from None
+
+
 def _check_devices(batch: Any, device: torch.device) -> None:
     items = (
         batch.items()
@@ -250,6 +290,7 @@ class StepStatic(NamedTuple):
     grad_path: GradPath | None
     names: tuple[str, ...]
     device: torch.device
+    apply_fn: Callable | None = None
 
 
 class StepTrees(NamedTuple):
@@ -275,6 +316,7 @@ def static_of(state: TrainState) -> StepStatic:
         state.grad_path,
         state.trainable,
         state.device,
+        state.apply_fn,
     )
 
 
@@ -345,6 +387,67 @@ def _own_parameters(static: StepStatic, trees: StepTrees) -> list[torch.Tensor] 
     return [module_params[n] for n in static.names]
 
 
+class _Applied(torch.nn.Module):
+    """``apply_fn(model, batch)`` as a module's forward, so ``functional_call`` can bind the
+    state's tensors (under the prefix ``"model."``) around a user's calling convention."""
+
+    def __init__(self, model: torch.nn.Module, apply_fn: Callable) -> None:
+        super().__init__()
+        self.model = model
+        self.apply_fn = apply_fn
+
+    def forward(self, batch: Any) -> Any:
+        return self.apply_fn(self.model, batch)
+
+
+_APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _applied(module: torch.nn.Module, apply_fn: Callable) -> _Applied:
+    """The cached :class:`_Applied` of ``(module, apply_fn)`` (made on the host, before any
+    tracing: dynamo cannot trace building a module)."""
+    applied = _APPLIED.get(module, {}).get(apply_fn)
+    if applied is None:
+        applied = _Applied(module, apply_fn)
+        _APPLIED.setdefault(module, {})[apply_fn] = applied
+    return applied
+
+
+def call_model(
+    module: torch.nn.Module,
+    apply_fn: Callable | None,
+    batch: Any,
+    bindings: tuple[Mapping, Mapping] | Mapping | None,
+    *,
+    strict: bool = True,
+) -> Any:
+    """Run the model on ``batch``: ``apply_fn(module, batch)`` when given, else by the batch
+    convention (:func:`split_batch`); with ``bindings`` (params and buffers, or one mapping)
+    bound through ``functional_call``, else with the module's own tensors.
+
+    Args:
+        module: the model.
+        apply_fn: the state's ``apply_fn`` or None.
+        batch: the batch.
+        bindings: the tensors to bind, or None to call the module as it is.
+        strict: ``functional_call``'s ``strict`` (every tensor of the module bound).
+
+    Returns:
+        The model's outputs.
+    """
+    if apply_fn is None:
+        args, kwargs = split_batch(batch)
+        if bindings is None:
+            return module(*args, **kwargs)
+        return functional_call(module, bindings, args, kwargs, strict=strict)
+    if bindings is None:
+        return apply_fn(module, batch)
+    applied = _applied(module, apply_fn)
+    parts = bindings if isinstance(bindings, tuple) else (bindings,)
+    prefixed = tuple({f"model.{k}": v for k, v in part.items()} for part in parts)
+    return functional_call(applied, prefixed, (batch,), strict=strict)
+
+
 def _value_and_grad(
     static: StepStatic,
     trees: StepTrees,
@@ -355,15 +458,11 @@ def _value_and_grad(
     """The default gradient path: the forward (the module itself when ``own`` holds its
     Parameters, else ``functional_call`` over ``trees``) and ``torch.autograd.grad``; a
     parameter the loss does not depend on gets None."""
-    args, kwargs = split_batch(batch)
     leaves = own if own is not None else [trees.params[n] for n in static.names]
+    bindings = None if own is not None else (trees.params, trees.buffers)
     with torch.enable_grad():
         with autocast(static.policy, static.device):
-            if own is not None:
-                outputs = static.module(*args, **kwargs)
-            else:
-                bindings = (trees.params, trees.buffers)
-                outputs = functional_call(static.module, bindings, args, kwargs)
+            outputs = call_model(static.module, static.apply_fn, batch, bindings)
         loss = extract_loss(outputs, batch, static.loss_fn)
         del outputs  # the outputs (e.g. an LM's logits) need not live through the backward pass
         if not loss.requires_grad:
@@ -683,7 +782,7 @@ def train_step(
         )
     path = static.grad_path
     donate = donate or (path is not None and path.always_donates)
-    split_batch(batch)
+    check_batch(static.module, static.apply_fn, batch)
     _check_devices(batch, static.device)
     count, apply = window_position(state)
     window = window_of(state, count)
@@ -702,10 +801,10 @@ def train_step(
 
 def _forward(state: TrainState, batch: Any) -> Any:
     """The model's outputs with the state's params and buffers bound, under its autocast."""
-    args, kwargs = split_batch(batch)
+    check_batch(state.module, state.apply_fn, batch)
     _check_devices(batch, state.device)
     with autocast(state.policy, state.device):
-        return functional_call(state.module, (state.params, state.buffers), args, kwargs)
+        return call_model(state.module, state.apply_fn, batch, (state.params, state.buffers))
 
 
 def apply_model(state: TrainState, batch: Any, *, train: bool = False) -> Any:

@@ -349,3 +349,62 @@ def test_lr_metric_has_one_dtype_on_accumulate_and_update_calls():
         state, metrics = mf.train_step(state, batch)
         dtypes.append(metrics["lr"].dtype)
     assert dtypes == [torch.float64] * 4
+
+
+def test_apply_fn_calls_a_model_that_the_batch_convention_does_not_fit():
+    """A TensorDataset-style (x, y) tuple batch for a plain Sequential: apply_fn says how to
+    call the model; the loop equals the imperative torch loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    reference = copy.deepcopy(model)
+    batches = [(b["x"], b["labels"]) for b in make_batches(5)]
+
+    def loss_fn(outputs, batch):
+        return nn.functional.cross_entropy(outputs, batch[1])
+
+    with pytest.raises(mf.BatchError, match="apply_fn"):
+        mf.train_step(
+            mf.init_state(copy.deepcopy(model), mf.optim.sgd(0.1), loss_fn=loss_fn), batches[0]
+        )
+    state = mf.init_state(
+        model, mf.optim.sgd(0.1), loss_fn=loss_fn, apply_fn=lambda m, batch: m(batch[0])
+    )
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for batch in batches:
+        state, metrics = mf.train_step(state, batch)
+        loss = nn.functional.cross_entropy(reference(batch[0]), batch[1])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert float(metrics["loss"]) == pytest.approx(loss.item(), rel=1e-6)
+    for name, value in reference.named_parameters():
+        torch.testing.assert_close(state.params[name], value.detach(), rtol=0, atol=1e-7)
+    logits = mf.apply_model(state, batches[0])
+    torch.testing.assert_close(logits, reference(batches[0][0]).detach(), rtol=0, atol=1e-6)
+    assert float(mf.eval_step(state, batches[1])["loss"]) == pytest.approx(
+        nn.functional.cross_entropy(reference(batches[1][0]), batches[1][1]).item(), rel=1e-6
+    )
+
+
+def test_apply_fn_under_compile_step_and_donation():
+    from medfunc.compile import compile_step
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def loss_fn(outputs, batch):
+        return nn.functional.cross_entropy(outputs, batch[1])
+
+    kwargs = {"loss_fn": loss_fn, "apply_fn": lambda m, batch: m(batch[0])}
+    eager = mf.init_state(build(), mf.optim.adamw(1e-2), **kwargs)
+    donated = mf.init_state(build(), mf.optim.adamw(1e-2), **kwargs)
+    compiled = mf.init_state(build(), mf.optim.adamw(1e-2), **kwargs)
+    fast = compile_step(mf.train_step, mode="inductor")
+    for b in make_batches(3):
+        batch = (b["x"], b["labels"])
+        eager, _ = mf.train_step(eager, batch)
+        donated, _ = mf.train_step(donated, batch, donate=True)
+        compiled, _ = fast(compiled, batch)
+    assert_trees_equal(donated.params, eager.params)
+    assert_trees_close(compiled.params, eager.params, rtol=1e-5, atol=1e-6)

@@ -45,7 +45,7 @@ from medfunc.errors import ConfigError
 from medfunc.optim import GradientTransformation, chain, find_optimizer, torch_optimizer
 from medfunc.precision import get_policy
 from medfunc.state import AccumState, GradPath, TrainState, init_state
-from medfunc.step import extract_loss, module_mode, next_rng, seeded_rng, split_batch, train_step
+from medfunc.step import call_model, extract_loss, module_mode, next_rng, seeded_rng, train_step
 
 _SHM_OP = "deepspeed_shm_comm"
 
@@ -226,10 +226,9 @@ def deepspeed_step(
     device = state.device
     boundary = bool(engine.is_gradient_accumulation_boundary())
     lr_before = _lr(engine)
-    args, kwargs = split_batch(batch)
     with seeded_rng(state.rng, device), module_mode(engine.module, True):
         with collective_guard("DeepSpeed forward/backward/step"):
-            outputs = engine(*args, **kwargs)
+            outputs = call_model(engine, state.apply_fn, batch, None)
             loss = extract_loss(outputs, batch, state.loss_fn)
             engine.backward(loss)
             engine.step()

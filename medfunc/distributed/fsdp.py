@@ -36,13 +36,12 @@ from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
-from torch.func import functional_call
 
 from medfunc.distributed.env import collective_guard, get_info, is_distributed
 from medfunc.errors import ConfigError
 from medfunc.precision import autocast
 from medfunc.state import GradPath, TrainState, init_state
-from medfunc.step import StepStatic, StepTrees, extract_loss, split_batch
+from medfunc.step import StepStatic, StepTrees, call_model, extract_loss
 
 ShardModules = Iterable[type] | Callable[[str, torch.nn.Module], bool] | None
 
@@ -94,13 +93,10 @@ def fsdp_value_and_grad(
     params = [trainable[n] for n in static.names]
     for p in params:
         p.grad = None
-    args, kwargs = split_batch(batch)
+    bindings = dict(trees.buffers) if trees.buffers else None
     with torch.enable_grad():
         with autocast(static.policy, static.device), collective_guard("FSDP forward"):
-            if trees.buffers:
-                outputs = functional_call(module, dict(trees.buffers), args, kwargs, strict=False)
-            else:
-                outputs = module(*args, **kwargs)
+            outputs = call_model(module, static.apply_fn, batch, bindings, strict=False)
         loss = extract_loss(outputs, batch, static.loss_fn)
         with collective_guard("FSDP backward (gradient reduce-scatter)"):
             objective(loss).backward()
