@@ -53,11 +53,27 @@ class LossScaleState(NamedTuple):
     growth_tracker: torch.Tensor
 
 
+PRECISION_ALIASES: dict = {
+    "float32": "fp32",
+    "fp32": "fp32",
+    "bfloat16": "bf16",
+    "bf16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+    "fp16": "fp16",
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+}
+"""Other spellings of the precisions (dtype names and the dtypes themselves)."""
+
+
 def get_policy(precision: str | Policy, **scaler_options: float) -> Policy:
     """Return the :class:`Policy` for a precision name.
 
     Args:
-        precision: "fp32", "bf16", "fp16" (or a Policy, returned as is).
+        precision: "fp32", "bf16", "fp16", an alias of one (``"bfloat16"``, ``"float16"``,
+            ``torch.bfloat16``, ...: :data:`PRECISION_ALIASES`), or a Policy (returned as is).
         **scaler_options: init_scale, growth_factor, backoff_factor, growth_interval (fp16).
 
     Returns:
@@ -72,6 +88,9 @@ def get_policy(precision: str | Policy, **scaler_options: float) -> Policy:
     """
     if isinstance(precision, Policy):
         return precision
+    precision = PRECISION_ALIASES.get(
+        precision.lower() if isinstance(precision, str) else precision, precision
+    )
     validation.one_of("precision", precision, PRECISIONS)
     validation.check_names("loss scaling", list(scaler_options), _SCALER_OPTIONS)
     if precision == "fp32":

@@ -408,3 +408,11 @@ def test_apply_fn_under_compile_step_and_donation():
         compiled, _ = fast(compiled, batch)
     assert_trees_equal(donated.params, eager.params)
     assert_trees_close(compiled.params, eager.params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("alias", "name"),
+    [("bfloat16", "bf16"), (torch.bfloat16, "bf16"), (torch.float16, "fp16"), ("FP32", "fp32")],
+)
+def test_precision_aliases(alias, name):
+    assert mf.init_state(_model(), mf.optim.sgd(0.1), precision=alias).policy.name == name
