@@ -41,31 +41,26 @@ from typing import Any
 
 import torch
 
+from medfunc.accumulation import next_window, window_grads, window_of, window_position
+from medfunc.calling import check_batch, check_devices, module_mode
 from medfunc.errors import ConfigError
 from medfunc.graphs import GraphCache
 from medfunc.optim import find_optimizer
 from medfunc.optim.torch_adapter import find_adapter
+from medfunc.rng import seeded_rng
 from medfunc.state import TrainState
 from medfunc.step import (
     StepStatic,
     StepTrees,
-    _check_devices,
     apply_update,
-    check_batch,
     finish_step,
     forward_backward,
     grad_leaves,
-    module_mode,
-    next_window,
     not_applied,
-    seeded_rng,
     static_of,
     step_core,
     train_step,
     trees_of,
-    window_grads,
-    window_of,
-    window_position,
     without_grad_leaves,
 )
 
@@ -439,7 +434,7 @@ class CompiledStep:
         state.check_alive()
         static = self._bind(state)
         check_batch(static.module, static.apply_fn, batch)
-        _check_devices(batch, static.device)
+        check_devices(batch, static.device)
         count, apply = window_position(state)
         window = window_of(state, count)
         with module_mode(static.module, True):

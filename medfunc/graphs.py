@@ -24,8 +24,9 @@ import optree
 import torch
 
 from medfunc.errors import BatchError, ConfigError
+from medfunc.rng import seeded_rng, step_seed
 from medfunc.state import PYTREE_NAMESPACE, TrainState, tree_map
-from medfunc.step import StepStatic, StepTrees, seeded_rng, step_seed, trees_of
+from medfunc.step import StepStatic, StepTrees, trees_of
 
 if TYPE_CHECKING:
     from medfunc.compile import CompileStats

@@ -25,258 +25,26 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import optree
 import torch
-import torch.utils._pytree as torch_pytree
-from torch.func import functional_call
 
-from medfunc.errors import BatchError, ConfigError, LossError
+from medfunc.accumulation import (
+    WindowGrads,
+    next_count,
+    next_window,
+    window_grads,
+    window_of,
+    window_position,
+)
+from medfunc.calling import call_model, check_batch, check_devices, extract_loss, module_mode
+from medfunc.errors import ConfigError, LossError
 from medfunc.optim import UpdateContext
 from medfunc.precision import autocast, unscale_and_check, update_scale
-from medfunc.state import PYTREE_NAMESPACE, AccumState, GradPath, TrainState, tree_map
-
-_MASK64 = (1 << 64) - 1
-
-
-class WindowGrads(OrderedDict):
-    """The running gradient sums of an accumulation window (``AccumState.grads``), plus the
-    names of the parameters some micro-batch of the window differentiated.
-
-    ``used`` is host-side structure, not data: it is the pytree node's static metadata (as a
-    Flax ``struct.field(pytree_node=False)``), so tree maps and donation keep it and a compiled
-    step reads it without touching the device. A parameter not in ``used`` has no gradient when
-    the window's update is applied, however its (zero) sum reads.
-
-    Args:
-        items: name -> running sum, keyed like the trainable params.
-        used: the names of the parameters with a gradient so far in the window (model order).
-
-    Example:
-        >>> WindowGrads({"w": torch.zeros(2)}, used=("w",)).used
-        ('w',)
-    """
-
-    def __init__(self, items: Any = (), used: tuple[str, ...] = ()) -> None:
-        super().__init__(items)
-        self.used = tuple(used)
-
-
-def _flatten_window(grads: WindowGrads) -> tuple[list, tuple, tuple]:
-    keys = tuple(grads)
-    return [grads[k] for k in keys], (keys, grads.used), keys
-
-
-def _unflatten_window(meta: tuple, children: Any) -> WindowGrads:
-    keys, used = meta
-    return WindowGrads(zip(keys, children), used)
-
-
-optree.register_pytree_node(
-    WindowGrads, _flatten_window, _unflatten_window, namespace=PYTREE_NAMESPACE
-)
-torch_pytree.register_pytree_node(
-    WindowGrads,
-    lambda grads: (list(grads.values()), (tuple(grads), grads.used)),
-    lambda children, meta: _unflatten_window(meta, children),
-    serialized_type_name="medfunc.WindowGrads",
-    flatten_with_keys_fn=lambda grads: (
-        [(torch_pytree.MappingKey(k), v) for k, v in grads.items()],
-        (tuple(grads), grads.used),
-    ),
-)
-
-
-def step_seed(rng: torch.Tensor) -> int:
-    """The seed a step uses: a splitmix64 mix of the state's ``[key, counter]``.
-
-    Args:
-        rng: ``state.rng``, a CPU int64 tensor ``[key, counter]``.
-
-    Returns:
-        A non-negative 63-bit integer seed.
-    """
-    key, counter = (int(v) for v in rng.tolist())
-    z = (key * 0x9E3779B97F4A7C15 + counter + 0x632BE59BD9B4E019) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 1
-
-
-@contextlib.contextmanager
-def seeded_rng(rng: torch.Tensor, device: torch.device) -> Iterator[None]:
-    """Run the block with the CPU (and ``device``'s) RNG seeded from ``rng``; restore it after."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    seed = step_seed(rng)
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        torch.default_generator.manual_seed(seed)
-        for index in devices:
-            torch.cuda.default_generators[index].manual_seed(seed)
-        yield
-
-
-@contextlib.contextmanager
-def module_mode(module: torch.nn.Module, training: bool) -> Iterator[None]:
-    """Put ``module`` in train/eval mode for the block, then restore every submodule's own mode
-    (so e.g. a BatchNorm a user froze with ``.eval()`` stays frozen)."""
-    if module.training == training:
-        yield
-        return
-    modes = [(m, m.training) for m in module.modules()]
-    module.train(training)
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-def split_batch(batch: Any) -> tuple[tuple, dict]:
-    """Map a batch to call arguments: dict -> ``model(**batch)``, tuple/list -> ``model(*batch)``,
-    tensor -> ``model(batch)``.
-
-    Args:
-        batch: the batch.
-
-    Returns:
-        ``(args, kwargs)``.
-
-    Example:
-        >>> t = torch.ones(2)
-        >>> split_batch({"x": t})
-        ((), {'x': tensor([1., 1.])})
-        >>> split_batch((t, t))
-        ((tensor([1., 1.]), tensor([1., 1.])), {})
-    """
-    if isinstance(batch, Mapping):
-        if not batch:
-            raise BatchError(
-                "the batch is an empty mapping; expected model inputs such as "
-                "{'input_ids': ..., 'labels': ...}"
-            )
-        return (), dict(batch)
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}
-    raise BatchError(
-        f"a batch must be a dict (called as model(**batch)), a tuple/list (model(*batch)) or a "
-        f"tensor (model(batch)); got {type(batch).__name__}"
-    )
-
-
-_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def check_batch(module: torch.nn.Module, apply_fn: Callable | None, batch: Any) -> None:
-    """Check, on the host, that ``batch`` fits how the model will be called.
-
-    A tuple/list batch is called as ``model(*batch)``; when that does not fit the forward's
-    signature (a ``TensorDataset`` of ``(x, y)`` for a ``Sequential``), say so and name
-    ``apply_fn`` instead of letting the call fail inside the model.
-
-    Raises:
-        BatchError: the batch is not a dict, tuple/list or tensor (without ``apply_fn``), or a
-            tuple/list does not fit ``model.forward``.
-    """
-    if apply_fn is not None:
-        _applied(module, apply_fn)
-        return
-    args, _ = split_batch(batch)
-    if not isinstance(batch, (tuple, list)):
-        return
-    signature = _SIGNATURES.get(module)
-    if signature is None:
-        try:
-            signature = inspect.signature(module.forward)
-        except (TypeError, ValueError):
-            return
-        _SIGNATURES[module] = signature
-    try:
-        signature.bind(*args)
-    except TypeError as err:
-        raise BatchError(
-            f"the batch is a {type(batch).__name__} of {len(batch)}, called as model(*batch), "
-            f"but {type(module).__name__}.forward{signature} does not take that ({err}). Pass "
-            "apply_fn=lambda model, batch: model(batch[0]) (your calling convention) to "
-            "init_state, and loss_fn=lambda outputs, batch: ... for the loss"
-        ) from None
-
-
-def _check_devices(batch: Any, device: torch.device) -> None:
-    items = (
-        batch.items()
-        if isinstance(batch, Mapping)
-        else enumerate(batch if isinstance(batch, (tuple, list)) else [batch])
-    )
-    for key, value in items:
-        if isinstance(value, torch.Tensor) and value.device.type != device.type:
-            raise BatchError(
-                f"batch[{key!r}] is on {value.device} but the state is on {device}; move the "
-                "batch first, e.g. mf.data.to_device(batch, state.device)"
-            )
-
-
-def extract_loss(outputs: Any, batch: Any, loss_fn: Any = None) -> torch.Tensor:
-    """The scalar loss of a forward pass, by the seed's contract.
-
-    Args:
-        outputs: the model's outputs: a loss tensor, a mapping / ModelOutput with ``"loss"``,
-            or anything ``loss_fn`` understands.
-        batch: the batch (passed to ``loss_fn``).
-        loss_fn: optional ``loss_fn(outputs, batch) -> loss``.
-
-    Returns:
-        The 0-d floating-point loss tensor.
-
-    Example:
-        >>> batch = {"x": torch.ones(2, 4)}
-        >>> extract_loss({"loss": torch.tensor(0.5)}, batch)
-        tensor(0.5000)
-        >>> extract_loss(torch.ones(2), batch, loss_fn=lambda outputs, batch: outputs.sum())
-        tensor(2.)
-    """
-    if loss_fn is not None:
-        loss, source = loss_fn(outputs, batch), "loss_fn(outputs, batch)"
-    elif isinstance(outputs, torch.Tensor):
-        loss, source = outputs, "the model's output"
-    elif isinstance(outputs, Mapping) and outputs.get("loss") is not None:
-        loss, source = outputs["loss"], "outputs['loss']"
-    elif getattr(outputs, "loss", None) is not None:
-        loss, source = outputs.loss, "outputs.loss"
-    else:
-        found = (
-            f"a mapping with keys {sorted(outputs)}"
-            if isinstance(outputs, Mapping)
-            else type(outputs).__name__
-        )
-        hint = ""
-        if isinstance(batch, Mapping) and "label" in batch and "labels" not in batch:
-            hint = (
-                " The batch has a 'label' entry: Hugging Face models compute their loss from "
-                "'labels' (plural); rename the column."
-            )
-        raise LossError(
-            f"the model's output holds no loss: expected a loss tensor or a mapping/ModelOutput "
-            f"with a 'loss' entry, found {found}. Return the loss from the model or pass "
-            f"loss_fn=lambda outputs, batch: ... to init_state.{hint}"
-        )
-    if not isinstance(loss, torch.Tensor):
-        raise LossError(f"{source} must be a tensor, got {type(loss).__name__}")
-    if loss.numel() != 1:
-        raise LossError(
-            f"{source} must be a scalar (0-d) tensor, got shape {tuple(loss.shape)}; reduce it "
-            "(e.g. .mean()) in the model or loss_fn"
-        )
-    if not loss.is_floating_point():
-        raise LossError(f"{source} must be floating point, got dtype {loss.dtype}")
-    return loss.reshape(())
+from medfunc.rng import next_rng, seeded_rng
+from medfunc.state import AccumState, GradPath, TrainState, tree_map
 
 
 class StepStatic(NamedTuple):
@@ -387,67 +155,6 @@ def _own_parameters(static: StepStatic, trees: StepTrees) -> list[torch.Tensor] 
     return [module_params[n] for n in static.names]
 
 
-class _Applied(torch.nn.Module):
-    """``apply_fn(model, batch)`` as a module's forward, so ``functional_call`` can bind the
-    state's tensors (under the prefix ``"model."``) around a user's calling convention."""
-
-    def __init__(self, model: torch.nn.Module, apply_fn: Callable) -> None:
-        super().__init__()
-        self.model = model
-        self.apply_fn = apply_fn
-
-    def forward(self, batch: Any) -> Any:
-        return self.apply_fn(self.model, batch)
-
-
-_APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _applied(module: torch.nn.Module, apply_fn: Callable) -> _Applied:
-    """The cached :class:`_Applied` of ``(module, apply_fn)`` (made on the host, before any
-    tracing: dynamo cannot trace building a module)."""
-    applied = _APPLIED.get(module, {}).get(apply_fn)
-    if applied is None:
-        applied = _Applied(module, apply_fn)
-        _APPLIED.setdefault(module, {})[apply_fn] = applied
-    return applied
-
-
-def call_model(
-    module: torch.nn.Module,
-    apply_fn: Callable | None,
-    batch: Any,
-    bindings: tuple[Mapping, Mapping] | Mapping | None,
-    *,
-    strict: bool = True,
-) -> Any:
-    """Run the model on ``batch``: ``apply_fn(module, batch)`` when given, else by the batch
-    convention (:func:`split_batch`); with ``bindings`` (params and buffers, or one mapping)
-    bound through ``functional_call``, else with the module's own tensors.
-
-    Args:
-        module: the model.
-        apply_fn: the state's ``apply_fn`` or None.
-        batch: the batch.
-        bindings: the tensors to bind, or None to call the module as it is.
-        strict: ``functional_call``'s ``strict`` (every tensor of the module bound).
-
-    Returns:
-        The model's outputs.
-    """
-    if apply_fn is None:
-        args, kwargs = split_batch(batch)
-        if bindings is None:
-            return module(*args, **kwargs)
-        return functional_call(module, bindings, args, kwargs, strict=strict)
-    if bindings is None:
-        return apply_fn(module, batch)
-    applied = _applied(module, apply_fn)
-    parts = bindings if isinstance(bindings, tuple) else (bindings,)
-    prefixed = tuple({f"model.{k}": v for k, v in part.items()} for part in parts)
-    return functional_call(applied, prefixed, (batch,), strict=strict)
-
-
 def _value_and_grad(
     static: StepStatic,
     trees: StepTrees,
@@ -513,38 +220,6 @@ def forward_backward(
     if pairs:
         torch._foreach_add_([a for a, _ in pairs], [g for _, g in pairs])
     return accumulated, trees.loss_sum.add_(loss).clone(), present
-
-
-def window_grads(
-    names: tuple[str, ...], sums: list[torch.Tensor], used: tuple[str, ...]
-) -> list[torch.Tensor | None]:
-    """The gradients of a completed accumulation window: each parameter's running sum, or None
-    for one that no micro-batch of the window differentiated (torch's accumulated ``.grad``
-    stays None for it).
-
-    Args:
-        names: the trainable names (model order).
-        sums: their running sums.
-        used: the names some micro-batch of the window differentiated.
-
-    Returns:
-        The gradient list the update uses.
-    """
-    used_set = set(used)
-    if len(used_set) == len(names):
-        return list(sums)
-    return [g if n in used_set else None for n, g in zip(names, sums)]
-
-
-def next_window(
-    names: tuple[str, ...], window: tuple[str, ...], present: tuple[str, ...], apply: bool
-) -> tuple[str, ...]:
-    """The names with a gradient in the accumulation window after a call: none once the call
-    applied the update (a new window starts), else ``window`` and ``present`` (model order)."""
-    if apply:
-        return ()
-    seen = set(window) | set(present)
-    return tuple(n for n in names if n in seen)
 
 
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -671,43 +346,6 @@ def step_core(
     return trees, metrics, present
 
 
-def window_position(state: TrainState) -> tuple[int, bool]:
-    """``(count, apply)``: micro-batches already in the accumulation window, and whether this
-    call completes it (host read of the CPU counter)."""
-    k = state.accumulate_steps
-    count = int(state.accum.count) if k > 1 else 0
-    return count, count + 1 == k
-
-
-def window_of(state: TrainState, count: int) -> tuple[str, ...]:
-    """The names of the parameters earlier micro-batches of the state's accumulation window
-    differentiated (host-side; ``()`` without accumulation or at a window's start).
-
-    Args:
-        state: the state.
-        count: micro-batches already in the window (:func:`window_position`).
-
-    Returns:
-        The names, in model order. A window the step did not build (accumulated gradients in a
-        plain OrderedDict) counts every parameter as used.
-    """
-    if state.accumulate_steps == 1 or count == 0:
-        return ()
-    grads = state.accum.grads
-    return grads.used if isinstance(grads, WindowGrads) else tuple(grads)
-
-
-def next_rng(rng: torch.Tensor) -> torch.Tensor:
-    """The state RNG after one step: ``[key, counter + 1]`` (a CPU int64 tensor)."""
-    key, counter = (int(v) for v in rng.tolist())
-    return torch.tensor([key, counter + 1], dtype=torch.int64)
-
-
-def next_count(count: int, k: int) -> torch.Tensor:
-    """The accumulation counter after one micro-batch (0-d CPU int64)."""
-    return torch.tensor((count + 1) % k, dtype=torch.int64)
-
-
 def finish_step(
     state: TrainState,
     trees: StepTrees,
@@ -783,7 +421,7 @@ def train_step(
     path = static.grad_path
     donate = donate or (path is not None and path.always_donates)
     check_batch(static.module, static.apply_fn, batch)
-    _check_devices(batch, static.device)
+    check_devices(batch, static.device)
     count, apply = window_position(state)
     window = window_of(state, count)
     trees = trees_of(state, copy=not donate)
@@ -802,7 +440,7 @@ def train_step(
 def _forward(state: TrainState, batch: Any) -> Any:
     """The model's outputs with the state's params and buffers bound, under its autocast."""
     check_batch(state.module, state.apply_fn, batch)
-    _check_devices(batch, state.device)
+    check_devices(batch, state.device)
     with autocast(state.policy, state.device):
         return call_model(state.module, state.apply_fn, batch, (state.params, state.buffers))
 

@@ -15,7 +15,7 @@ from conftest import TinyClassifier, make_batches
 
 import medfunc as mf
 from medfunc.recipes.base import TensorDictDataset
-from medfunc.step import step_seed
+from medfunc.rng import step_seed
 from medfunc.trainer import MedicalModelTrainer, TrainerConfig
 
 pytestmark = [

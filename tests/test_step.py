@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import medfunc as mf
-from medfunc.step import step_seed
+from medfunc.rng import step_seed
 from medfunc.testing import (
     assert_trees_close,
     assert_trees_equal,

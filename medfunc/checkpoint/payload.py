@@ -27,12 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from medfunc.accumulation import window_of
 from medfunc.errors import ConfigError
 from medfunc.optim import find_optimizer, to_torch_state_dict
 from medfunc.optim.base import replace_substate
 from medfunc.precision import scaler_state_dict
 from medfunc.state import TrainState, tree_leaves_with_path
-from medfunc.step import window_of
 
 __all__ = [
     "FORMAT_VERSION",

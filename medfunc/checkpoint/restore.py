@@ -17,6 +17,7 @@ import optree
 import torch
 from torch import Tensor
 
+from medfunc.accumulation import WindowGrads
 from medfunc.checkpoint.payload import opt_rest, optimizer_path, state_dict_layout
 from medfunc.checkpoint.reading import read_payload, validate_payload
 from medfunc.errors import CheckpointCorruptError, CheckpointMismatchError, ConfigError
@@ -31,7 +32,6 @@ from medfunc.state import (
     tree_flatten,
     tree_leaves_with_path,
 )
-from medfunc.step import WindowGrads
 
 __all__ = ["restore_state"]
 

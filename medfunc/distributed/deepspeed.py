@@ -39,13 +39,15 @@ from typing import Any
 
 import torch
 
+from medfunc.calling import call_model, extract_loss, module_mode
 from medfunc.distributed.ddp import data_parallel
 from medfunc.distributed.env import collective_guard, ensure_process_group, get_info
 from medfunc.errors import ConfigError
 from medfunc.optim import GradientTransformation, chain, find_optimizer, torch_optimizer
 from medfunc.precision import get_policy
+from medfunc.rng import next_rng, seeded_rng
 from medfunc.state import AccumState, GradPath, TrainState, init_state
-from medfunc.step import call_model, extract_loss, module_mode, next_rng, seeded_rng, train_step
+from medfunc.step import train_step
 
 _SHM_OP = "deepspeed_shm_comm"
 

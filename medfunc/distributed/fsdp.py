@@ -37,11 +37,12 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from medfunc.calling import call_model, extract_loss
 from medfunc.distributed.env import collective_guard, get_info, is_distributed
 from medfunc.errors import ConfigError
 from medfunc.precision import autocast
 from medfunc.state import GradPath, TrainState, init_state
-from medfunc.step import StepStatic, StepTrees, call_model, extract_loss
+from medfunc.step import StepStatic, StepTrees
 
 ShardModules = Iterable[type] | Callable[[str, torch.nn.Module], bool] | None
 
