@@ -24,7 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medfunc.errors import CheckpointMismatchError, ConfigError, MedfuncError
+from medfunc.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    MedfuncError,
+    TrainingInterrupted,
+)
 
 EXIT_ERROR = 2
 SUMMARY_METRICS = ("auroc", "accuracy", "f1", "precision", "recall", "loss")
@@ -339,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     medfunc_log.setLevel(logging.INFO)
     try:
         return args.func(args)
+    except TrainingInterrupted as err:
+        print(f"medfunc: {_one_line(err)}", file=sys.stderr)
+        return err.exit_code
     except MedfuncError as err:
         print(f"medfunc: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_ERROR

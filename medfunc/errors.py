@@ -8,6 +8,8 @@ what to do.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class MedfuncError(Exception):
     """Base class of every medfunc error."""
@@ -78,3 +80,24 @@ class ExportError(MedfuncError, RuntimeError):
 
 class DistributedError(MedfuncError, RuntimeError):
     """The distributed environment is misconfigured or a peer failed."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped at a step boundary on SIGTERM or SIGINT, after writing a checkpoint.
+
+    A ``KeyboardInterrupt`` (not an ``Exception``), as Ctrl-C always was: ``except Exception``
+    blocks do not swallow it, and code that handles Ctrl-C keeps working.
+
+    Attributes:
+        checkpoint: the checkpoint written at the step boundary (``resume_from`` for the rerun).
+        signum: the signal received (``signal.SIGTERM`` or ``signal.SIGINT``).
+        step: the optimizer step the checkpoint holds.
+        exit_code: ``128 + signum`` (143 for SIGTERM, 130 for SIGINT), the shell's convention.
+    """
+
+    def __init__(self, message: str, *, checkpoint: Path, signum: int, step: int) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.signum = signum
+        self.step = step
+        self.exit_code = 128 + signum

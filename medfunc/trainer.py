@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -36,6 +36,7 @@ from medfunc.errors import ConfigError
 from medfunc.logging import MetricLogger, create_logger
 from medfunc.metrics import evaluate_batches, find_logits
 from medfunc.modeling import prepare_model
+from medfunc.preemption import PreemptionGuard
 from medfunc.run_folder import (
     best_record,
     checkpoint_files,
@@ -184,6 +185,17 @@ class _Run:
     last_saved_step: int = 0
     #: the best checkpoint when it was written only because it was the best (off the cadence)
     forced_best: Path | None = None
+    #: the checkpoint written last (or resumed from): what an interrupted run resumes from
+    last_checkpoint: Path | None = None
+    #: records SIGTERM / SIGINT during the loop (see :mod:`medfunc.preemption`)
+    guard: PreemptionGuard = dataclasses.field(default_factory=PreemptionGuard)
+
+
+def _boundary_name(position: LoopPosition) -> str:
+    """The checkpoint name at ``position``: ``checkpoint-epoch{N}.pt`` at an epoch's end."""
+    at_epoch_end = position.batch_index == 0
+    name = f"epoch{position.epoch}" if at_epoch_end else f"step{position.global_step}"
+    return f"checkpoint-{name}.pt"
 
 
 class MedicalModelTrainer:
@@ -338,7 +350,7 @@ class MedicalModelTrainer:
             save_state(state, path, **options)
         run.result.checkpoints.append(path)
         run.saved.append(path)
-        run.last_saved_step = position.global_step
+        run.last_saved_step, run.last_checkpoint = position.global_step, path
         if self.is_main_process:
             if is_best:
                 write_best(run.result.output_dir, best_record(position, cfg.eval_metric))
@@ -460,7 +472,8 @@ class MedicalModelTrainer:
         Raises:
             ConfigError: inconsistent options or data, or an ``output_dir`` holding another
             run; BatchError: unreadable data; NonFiniteError: too many consecutive non-finite
-            steps.
+            steps; TrainingInterrupted: SIGTERM or SIGINT arrived (after the checkpoint at the
+            step boundary was written; see :mod:`medfunc.preemption`).
 
         Example:
             >>> result = trainer.train(train_ds, eval_ds, output_dir="runs/demo")
@@ -494,10 +507,13 @@ class MedicalModelTrainer:
         run = _Run(batches, evals, logger, result, position, sums, per_epoch, saved)
         run.keep_best = evals is not None and cfg.load_best_model_at_end is not False
         run.last_saved_step = position.global_step
+        run.last_checkpoint = Path(cfg.resume_from) if cfg.resume_from else None
         try:
             if position.global_step:
                 logger.progress_update(position.global_step)
-            self.state = self._best_at_end(self._loop(state, run), run)
+            with run.guard:
+                state = self._loop(state, run)
+            self.state = self._best_at_end(state, run)
             self._finish(self.state, result)
         finally:
             logger.close()
@@ -555,10 +571,14 @@ class MedicalModelTrainer:
                 position.global_step += 1
                 run.sums.record(metrics)
                 stop = self._after_step(state, run)
+                if run.guard.should_stop():
+                    self._interrupt(state, run)
                 if stop:
                     break
             run.result.global_step = position.global_step
             stop = stop or self._end_epoch(state, run, epoch)
+            if run.guard.should_stop():
+                self._interrupt(state, run)
             if stop:
                 run.result.stopped_early = True
                 break
@@ -566,11 +586,31 @@ class MedicalModelTrainer:
             self._log_train(run, with_epoch=False)
         saving = cfg.save_every_epochs or cfg.save_every_steps
         if saving and run.last_saved_step != position.global_step:
-            at_epoch_end = position.batch_index == 0
-            name = f"epoch{position.epoch}" if at_epoch_end else f"step{position.global_step}"
-            self._save_checkpoint(state, run, f"checkpoint-{name}.pt")
+            self._save_checkpoint(state, run, _boundary_name(position))
+        if run.guard.should_stop():
+            self._interrupt(state, run)
         run.result.best_metric = position.stopping.best
         return state
+
+    def _interrupt(self, state: TrainState, run: _Run) -> NoReturn:
+        """Checkpoint the step boundary (unless just done) and raise ``TrainingInterrupted``."""
+        position = run.position
+        if run.sums.steps:
+            self._log_train(run, with_epoch=False)
+        if run.last_checkpoint is None or run.last_saved_step != position.global_step:
+            self._save_checkpoint(state, run, _boundary_name(position))
+        run.result.global_step = position.global_step
+        if position.batch_index:
+            where = f"step {position.global_step}, batch {position.batch_index} of epoch "
+            where += str(position.epoch + 1)
+        else:
+            where = f"step {position.global_step}, the end of epoch {position.epoch}"
+        interrupted = run.guard.interrupted(
+            run.last_checkpoint, step=position.global_step, where=where
+        )
+        if self.is_main_process:
+            log.warning("%s", interrupted)
+        raise interrupted
 
     def _after_step(self, state: TrainState, run: _Run) -> bool:
         """Log, evaluate and checkpoint as due after an optimizer step; True to stop."""
