@@ -25,11 +25,17 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from medfunc.accumulation import (
     WindowGrads,
@@ -135,14 +141,38 @@ def without_grad_leaves(out: StepTrees, plain: StepTrees, names: tuple[str, ...]
     return out._replace(params=params)
 
 
+# Bumped whenever any module anywhere registers a parameter, buffer or submodule, so that a
+# module's named tensors can be cached between steps instead of walked every step.
+_STRUCTURE = [0]
+
+
+def _structure_changed(*_: Any) -> None:
+    _STRUCTURE[0] += 1
+
+
+register_module_parameter_registration_hook(_structure_changed)
+register_module_buffer_registration_hook(_structure_changed)
+register_module_module_registration_hook(_structure_changed)
+_NAMED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _named_tensors(module: torch.nn.Module) -> tuple[dict, dict]:
+    """``(named_parameters, named_buffers)`` of ``module`` as dicts, cached until a module
+    registers a new parameter, buffer or submodule."""
+    entry = _NAMED.get(module)
+    if entry is None or entry[0] != _STRUCTURE[0]:
+        entry = (_STRUCTURE[0], dict(module.named_parameters()), dict(module.named_buffers()))
+        _NAMED[module] = entry
+    return entry[1], entry[2]
+
+
 def _own_parameters(static: StepStatic, trees: StepTrees) -> list[torch.Tensor] | None:
     """The module's own Parameters for the trainable names when ``trees`` hold exactly the
     module's tensors (a state from ``init_state`` that was only ever donated), else None.
 
     Then the forward calls the module directly, skipping ``functional_call``'s re-binding.
     """
-    module_params = dict(static.module.named_parameters())
-    module_buffers = dict(static.module.named_buffers())
+    module_params, module_buffers = _named_tensors(static.module)
     for own, values in ((module_params, trees.params), (module_buffers, trees.buffers)):
         if len(own) != len(values):
             return None
@@ -246,6 +276,14 @@ def not_applied(
     return trees, metrics
 
 
+def _lr_metric(ctx: UpdateContext, device: torch.device) -> torch.Tensor:
+    """The update's LR as a float64 0-d tensor (NaN when no transformation reported one)."""
+    lr = ctx.metrics.get("lr")
+    if lr is None:
+        return torch.full((), float("nan"), dtype=torch.float64, device=device)
+    return lr if lr.dtype == torch.float64 else lr.to(torch.float64)
+
+
 def apply_update(
     static: StepStatic, trees: StepTrees, grads: list[torch.Tensor | None], loss: torch.Tensor
 ) -> tuple[StepTrees, dict[str, torch.Tensor]]:
@@ -262,7 +300,6 @@ def apply_update(
     names = static.names
     device = static.device
     loss_scale = trees.loss_scale
-    nan = torch.full((), float("nan"), device=device)
     path = static.grad_path
     grads = list(grads)
     if path is not None and path.reduce is not None:
@@ -281,7 +318,7 @@ def apply_update(
         )
     params = OrderedDict(trees.params)
     params.update(trainable)
-    step = trees.step + (found_inf == 0).to(trees.step.dtype)
+    step = trees.step + (found_inf == 0)  # int64 + bool stays int64
     if loss_scale:
         update_scale(static.policy, loss_scale, found_inf)
     if static.accumulate_steps > 1:
@@ -290,7 +327,7 @@ def apply_update(
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
-        "lr": ctx.metrics.get("lr", nan).to(torch.float64),  # one dtype on every call
+        "lr": _lr_metric(ctx, device),
         "skipped": found_inf > 0,
         "applied": torch.ones((), dtype=torch.bool, device=device),
     }

@@ -416,3 +416,17 @@ def test_apply_fn_under_compile_step_and_donation():
 )
 def test_precision_aliases(alias, name):
     assert mf.init_state(_model(), mf.optim.sgd(0.1), precision=alias).policy.name == name
+
+
+def test_a_parameter_replaced_on_the_module_is_not_taken_for_the_states_own():
+    """The donated fast path calls the module directly only while the state's tensors are the
+    module's own; replacing a Parameter on the module must send the step back to binding the
+    state's tensors (the cached module structure is invalidated)."""
+    state = mf.init_state(_model(), mf.optim.sgd(0.1))
+    batch = make_batches(1)[0]
+    for _ in range(2):
+        state, _ = mf.train_step(state, batch, donate=True)
+    expected, _ = mf.train_step(state, batch)  # pure step on the state's own values
+    state.module.fc2.weight = nn.Parameter(torch.zeros_like(state.module.fc2.weight))
+    after, _ = mf.train_step(state, batch, donate=True)
+    assert_trees_equal(after.params, expected.params)
