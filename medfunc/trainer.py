@@ -45,6 +45,7 @@ from medfunc.run_folder import (
     prune_checkpoints,
     write_best,
 )
+from medfunc.skipped_steps import EpochUpdates, LossScaleWatch, check_epoch_updates
 from medfunc.state import TrainState, bind_module, init_state
 from medfunc.step import apply_model
 from medfunc.tracking import LoopPosition, StepMetricSums, TrainResult, check_skipped_run
@@ -176,6 +177,7 @@ class _Run:
     result: TrainResult
     position: LoopPosition
     sums: StepMetricSums
+    updates: EpochUpdates
     steps_per_epoch: int | None
     #: the run folder's checkpoints, oldest first (a resumed run's earlier ones included)
     saved: list[Path] = dataclasses.field(default_factory=list)
@@ -189,6 +191,10 @@ class _Run:
     last_checkpoint: Path | None = None
     #: records SIGTERM / SIGINT during the loop (see :mod:`medfunc.preemption`)
     guard: PreemptionGuard = dataclasses.field(default_factory=PreemptionGuard)
+    #: warns once when the fp16 loss scale collapses
+    scale_watch: LossScaleWatch = dataclasses.field(default_factory=LossScaleWatch)
+    #: skipped optimizer steps logged so far (shown beside the progress bar)
+    skipped_total: int = 0
 
 
 def _boundary_name(position: LoopPosition) -> str:
@@ -340,7 +346,10 @@ class MedicalModelTrainer:
         if is_best:
             position.best_checkpoint, position.best_pending = name, False
         options = {
-            "extra": run.position.to_trainer_state(cfg.eval_metric, self.run_metadata),
+            "extra": {
+                **position.to_trainer_state(cfg.eval_metric, self.run_metadata),
+                "epoch_updates": run.updates.to_list(),
+            },
             "save_optimizer": cfg.save_optimizer,
             "save_scheduler": cfg.save_scheduler,
         }
@@ -377,13 +386,15 @@ class MedicalModelTrainer:
 
     def _resume(
         self, state: TrainState, path: str, stopping: EarlyStopping
-    ) -> tuple[TrainState, LoopPosition]:
+    ) -> tuple[TrainState, LoopPosition, dict[str, Any]]:
+        """The state, loop position and ``trainer_state`` of checkpoint ``path``."""
         payload = read_checkpoint(path)
         if self._sharded():
             state = distributed.load_full(path, like=state)
         else:
             state = restore_state(payload, like=state)
-        position = LoopPosition.from_trainer_state(payload.get("trainer_state", {}), stopping)
+        saved = payload.get("trainer_state", {})
+        position = LoopPosition.from_trainer_state(saved, stopping)
         log.info(
             "resumed from %s at epoch %d, batch %d, step %d",
             path,
@@ -391,7 +402,7 @@ class MedicalModelTrainer:
             position.batch_index,
             position.global_step,
         )
-        return state, position
+        return state, position, saved
 
     def _eval_batches(self, dataset: Any) -> DatasetBatches:
         """In-order batches of ``dataset``, split over the ranks."""
@@ -493,9 +504,9 @@ class MedicalModelTrainer:
         stopping = EarlyStopping(
             cfg.early_stopping_patience, cfg.metric_mode, cfg.early_stopping_min_delta
         )
-        position = LoopPosition(stopping)
+        position, saved_loop = LoopPosition(stopping), {}
         if cfg.resume_from:
-            state, position = self._resume(state, cfg.resume_from, stopping)
+            state, position, saved_loop = self._resume(state, cfg.resume_from, stopping)
         result = TrainResult(
             output_dir=self._run_folder(output_dir),
             global_step=position.global_step,
@@ -504,7 +515,9 @@ class MedicalModelTrainer:
         )
         logger = self._create_logger(result.output_dir, total_steps)
         sums, saved = StepMetricSums(state.device), checkpoint_files(result.output_dir)
-        run = _Run(batches, evals, logger, result, position, sums, per_epoch, saved)
+        updates = EpochUpdates(state.device)
+        updates.restore(saved_loop.get("epoch_updates"))
+        run = _Run(batches, evals, logger, result, position, sums, updates, per_epoch, saved)
         run.keep_best = evals is not None and cfg.load_best_model_at_end is not False
         run.last_saved_step = position.global_step
         run.last_checkpoint = Path(cfg.resume_from) if cfg.resume_from else None
@@ -570,6 +583,7 @@ class MedicalModelTrainer:
                 position.batch_index += k
                 position.global_step += 1
                 run.sums.record(metrics)
+                run.updates.record(metrics)
                 stop = self._after_step(state, run)
                 if run.guard.should_stop():
                     self._interrupt(state, run)
@@ -630,6 +644,14 @@ class MedicalModelTrainer:
     def _end_epoch(self, state: TrainState, run: _Run, epoch: int) -> bool:
         """Close epoch ``epoch``: evaluate and checkpoint as due; True to stop."""
         cfg, position = self.config, run.position
+        steps, skipped = run.updates.take()
+        check_epoch_updates(
+            epoch + 1,
+            steps=steps,
+            skipped=skipped,
+            allow_no_update=cfg.allow_no_update_epochs,
+            precision=cfg.precision,
+        )
         position.epoch, position.batch_index = epoch + 1, 0
         run.result.epochs_completed = epoch + 1
         stop = False
@@ -657,7 +679,10 @@ class MedicalModelTrainer:
             micro_batches = run.steps_per_epoch * self.config.gradient_accumulation_steps
             scalars["train/epoch"] = position.epoch + position.batch_index / micro_batches
         run.logger.log(scalars, step=position.global_step)
-        run.logger.progress_update(0, loss=scalars["train/loss"], lr=scalars["train/lr"])
+        run.scale_watch.check(scalars.get("train/loss_scale"), position.global_step)
+        run.skipped_total += int(scalars["train/skipped_steps"])
+        shown = {"skipped": run.skipped_total} if run.skipped_total else {}
+        run.logger.progress_update(0, loss=scalars["train/loss"], lr=scalars["train/lr"], **shown)
 
     def _evaluate_and_track(self, state: TrainState, run: _Run, epoch: int) -> bool:
         """Evaluate, log, update the best metric and patience; True when training should stop."""

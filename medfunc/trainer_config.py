@@ -88,6 +88,7 @@ class TrainerConfig:
     grad_clip_value: float = 0.5
     gradient_accumulation_steps: int = 1
     max_consecutive_skipped_steps: int | None = 100
+    allow_no_update_epochs: bool = False
     # precision and device
     use_amp: bool = False
     amp_dtype: Any = torch.float16
@@ -532,6 +533,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "grad_clip_value": validation.positive_float,
     "gradient_accumulation_steps": validation.positive_int,
     "max_consecutive_skipped_steps": functools.partial(validation.positive_int, optional=True),
+    "allow_no_update_epochs": validation.boolean,
     "use_amp": validation.boolean,
     "amp_dtype": _amp_dtype,
     "device": _device,
