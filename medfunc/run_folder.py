@@ -30,10 +30,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from medfunc import distributed
 from medfunc.atomic import atomic_write
 from medfunc.errors import ConfigError
 
 __all__ = [
+    "resolve_run_dir",
     "BEST_FILE",
     "best_record",
     "checkpoint_files",
@@ -164,6 +166,44 @@ def prepare_run_dir(path: Path, *, resuming: bool, overwrite: bool) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+def resolve_run_dir(
+    output_dir: str | os.PathLike | None, *, resume_from: str | None, overwrite: bool
+) -> Path:
+    """The run folder of a training run, checked on rank 0 (:func:`prepare_run_dir`).
+
+    Every rank must call this: rank 0's verdict is broadcast, so all ranks fail together.
+
+    Args:
+        output_dir: the folder asked for; None: the resumed checkpoint's folder, else a new
+            :func:`default_run_dir`.
+        resume_from: the checkpoint being resumed, or None.
+        overwrite: ``overwrite_output_dir``: a folder holding a previous run is emptied.
+
+    Returns:
+        The run folder.
+
+    Raises:
+        ConfigError: the folder holds another run (and ``overwrite`` is False) or other files.
+
+    Example:
+        >>> resolve_run_dir("run", resume_from=None, overwrite=False)
+        PosixPath('run')
+    """
+    source = Path(resume_from).parent if resume_from else None
+    out = Path(output_dir) if output_dir is not None else source or default_run_dir("run")
+    resuming = source is not None and out.resolve() == source.resolve()
+    problem = None
+    if distributed.is_main_process():
+        try:
+            prepare_run_dir(out, resuming=resuming, overwrite=overwrite)
+        except ConfigError as err:
+            problem = str(err)
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
+    return out
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -26,29 +25,28 @@ from typing import Any, NoReturn
 
 import torch
 
-from medfunc import distributed, export, optim, schedules
+from medfunc import distributed, optim, schedules
+from medfunc.best_model import BestCheckpoint
 from medfunc.checkpoint import read_checkpoint, restore_state, save_state
 from medfunc.compile import compile_step, resolve_mode
 from medfunc.data import to_device
-from medfunc.distributed.checkpoint import gather_full_state
 from medfunc.early_stopping import EarlyStopping
 from medfunc.errors import ConfigError
+from medfunc.final_outputs import check_exports, write_final_outputs
 from medfunc.logging import MetricLogger, create_logger
 from medfunc.metrics import evaluate_batches, find_logits
 from medfunc.modeling import prepare_model
 from medfunc.preemption import PreemptionGuard
 from medfunc.run_folder import (
-    best_record,
     checkpoint_files,
-    default_run_dir,
-    prepare_run_dir,
     prune_checkpoints,
-    write_best,
+    resolve_run_dir,
 )
 from medfunc.skipped_steps import EpochUpdates, LossScaleWatch, check_epoch_updates
-from medfunc.state import TrainState, bind_module, init_state
+from medfunc.state import TrainState, init_state
 from medfunc.step import apply_model
 from medfunc.tracking import LoopPosition, StepMetricSums, TrainResult, check_skipped_run
+from medfunc.trainer_build import build_optimizer, build_schedule
 from medfunc.trainer_config import TrainerConfig
 from medfunc.trainer_data import (
     DatasetBatches,
@@ -58,7 +56,7 @@ from medfunc.trainer_data import (
     to_training_device,
     training_batches,
 )
-from medfunc.weights import is_pretrained_model, save_pretrained, save_weights
+from medfunc.weights import save_weights
 
 __all__ = [
     "MedicalModelTrainer",
@@ -69,102 +67,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("medfunc.trainer")
-WEIGHTS_FILE = "model.safetensors"
-EXPORT_FILES = {"torchscript": "model.pt", "onnx": "model.onnx"}
-
-
-_CLIPPING = {
-    "norm": (optim.clip_by_global_norm, "max_grad_norm"),
-    "value": (optim.clip_by_value, "grad_clip_value"),
-}
-
-
-def _options(config: TrainerConfig, **extra: Any) -> dict[str, Any]:
-    """The config's values by field name, plus under the argument names the factories use."""
-    options = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
-    return {
-        **options,
-        "momentum": config.sgd_momentum,
-        "lr_multipliers": config.layer_wise_lrs,
-        **extra,
-    }
-
-
-def _arguments(factory: Callable[..., Any], lr: Any, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``factory``'s arguments: ``lr`` for the first, ``options[name]`` for each other it takes."""
-    first, *others = inspect.signature(factory).parameters
-    return {first: lr, **{name: options[name] for name in others if name in options}}
-
-
-def build_schedule(config: TrainerConfig, total_steps: int | None) -> schedules.Schedule:
-    """The learning-rate schedule the config selects (counted in optimizer steps).
-
-    The factory ``schedules.SCHEDULES[config.scheduler]`` gets ``learning_rate`` as its first
-    argument and the option of the same name for each other one: ``total_steps`` is the run's
-    length, ``t_max`` defaults to it and ``warmup_steps`` is capped at it (with a warning).
-
-    Args:
-        config: the options.
-        total_steps: optimizer steps of the whole run (needed by linear_warmup, one_cycle and
-            by cosine without ``t_max``).
-
-    Returns:
-        ``schedule(step) -> lr``.
-
-    Raises:
-        ConfigError: the schedule needs ``total_steps`` and it is unknown.
-
-    Example:
-        >>> build_schedule(TrainerConfig(scheduler="step", step_size=10), None)(10)
-    """
-    name = config.scheduler
-    options = _options(config, total_steps=total_steps, t_max=config.t_max or total_steps)
-    kwargs = _arguments(schedules.SCHEDULES[name], config.learning_rate, options)
-    if any(n in kwargs and kwargs[n] is None for n in ("total_steps", "t_max")):
-        raise ConfigError(
-            f"TrainerConfig.scheduler={name!r} needs the run length, but the "
-            "training data has no len(); set TrainerConfig.total_steps"
-        )
-    warmup = kwargs.get("warmup_steps")
-    if warmup is not None and total_steps is not None and warmup > total_steps:
-        log.warning(
-            "warmup_steps=%d exceeds the run's %d optimizer steps; the learning "
-            "rate warms up over all %d steps",
-            warmup,
-            total_steps,
-            total_steps,
-        )
-        kwargs["warmup_steps"] = total_steps
-    return schedules.get_schedule(name, **kwargs)
-
-
-def build_optimizer(
-    config: TrainerConfig, schedule: schedules.Schedule, *, clip: bool = True
-) -> optim.GradientTransformation:
-    """The gradient transformation the config selects: clipping, then the optimizer.
-
-    The optimizer ``optim.OPTIMIZERS[config.optimizer]`` gets ``schedule`` as its learning rate
-    and the option of the same name for each other argument (``momentum`` is ``sgd_momentum``,
-    ``lr_multipliers`` is ``layer_wise_lrs``).
-
-    Args:
-        config: the options.
-        schedule: the learning rate (see :func:`build_schedule`).
-        clip: include the clipping of ``grad_clip_mode`` (DeepSpeed clips by itself).
-
-    Returns:
-        ``chain(clip, optimizer)`` (or the optimizer alone with ``grad_clip_mode="none"`` or
-        ``clip=False``).
-
-    Example:
-        >>> tx = build_optimizer(TrainerConfig(), schedules.constant(1e-3))
-    """
-    name = config.optimizer
-    tx = optim.get_optimizer(name, **_arguments(optim.OPTIMIZERS[name], schedule, _options(config)))
-    if not clip or config.grad_clip_mode not in _CLIPPING:
-        return tx
-    clip_by, option = _CLIPPING[config.grad_clip_mode]
-    return optim.chain(clip_by(getattr(config, option)), tx)
 
 
 @dataclasses.dataclass
@@ -178,15 +80,12 @@ class _Run:
     position: LoopPosition
     sums: StepMetricSums
     updates: EpochUpdates
+    best: BestCheckpoint
     steps_per_epoch: int | None
     #: the run folder's checkpoints, oldest first (a resumed run's earlier ones included)
     saved: list[Path] = dataclasses.field(default_factory=list)
-    #: load_best_model_at_end is in effect (an evaluation set is given)
-    keep_best: bool = False
     #: the global step of the last checkpoint written (or resumed from)
     last_saved_step: int = 0
-    #: the best checkpoint when it was written only because it was the best (off the cadence)
-    forced_best: Path | None = None
     #: the checkpoint written last (or resumed from): what an interrupted run resumes from
     last_checkpoint: Path | None = None
     #: records SIGTERM / SIGINT during the loop (see :mod:`medfunc.preemption`)
@@ -342,9 +241,7 @@ class MedicalModelTrainer:
         """
         cfg, position = self.config, run.position
         path = run.result.output_dir / name
-        is_best = position.best_pending
-        if is_best:
-            position.best_checkpoint, position.best_pending = name, False
+        is_best = run.best.claim(position, name)
         options = {
             "extra": {
                 **position.to_trainer_state(cfg.eval_metric, self.run_metadata),
@@ -362,17 +259,9 @@ class MedicalModelTrainer:
         run.last_saved_step, run.last_checkpoint = position.global_step, path
         if self.is_main_process:
             if is_best:
-                write_best(run.result.output_dir, best_record(position, cfg.eval_metric))
-                self._drop_superseded_best(run, path, forced)
+                run.best.written(position, path, forced=forced, saved=run.saved)
             self._prune(run)
         distributed.barrier()
-
-    def _drop_superseded_best(self, run: _Run, path: Path, forced: bool) -> None:
-        """Remove the previous best checkpoint if it was written only for being the best."""
-        previous, run.forced_best = run.forced_best, path if forced else None
-        if previous is not None and previous != path and previous in run.saved:
-            previous.unlink(missing_ok=True)
-            run.saved.remove(previous)
 
     def _prune(self, run: _Run) -> None:
         """Apply ``save_total_limit``: never to the best checkpoint or the one resumed from."""
@@ -492,7 +381,7 @@ class MedicalModelTrainer:
             'checkpoint-epoch3.pt'
         """
         cfg = self.config
-        self._check_exports()
+        check_exports(cfg)
         self._join()
         batches = training_batches(
             train_dataset, cfg, rank=distributed.rank(), world=distributed.world_size()
@@ -508,7 +397,9 @@ class MedicalModelTrainer:
         if cfg.resume_from:
             state, position, saved_loop = self._resume(state, cfg.resume_from, stopping)
         result = TrainResult(
-            output_dir=self._run_folder(output_dir),
+            output_dir=resolve_run_dir(
+                output_dir, resume_from=cfg.resume_from, overwrite=cfg.overwrite_output_dir
+            ),
             global_step=position.global_step,
             epochs_completed=position.epoch,
             best_metric=position.stopping.best,
@@ -517,8 +408,9 @@ class MedicalModelTrainer:
         sums, saved = StepMetricSums(state.device), checkpoint_files(result.output_dir)
         updates = EpochUpdates(state.device)
         updates.restore(saved_loop.get("epoch_updates"))
-        run = _Run(batches, evals, logger, result, position, sums, updates, per_epoch, saved)
-        run.keep_best = evals is not None and cfg.load_best_model_at_end is not False
+        keep = evals is not None and cfg.load_best_model_at_end is not False
+        best = BestCheckpoint(result.output_dir, cfg.eval_metric, keep, cfg.resume_from)
+        run = _Run(batches, evals, logger, result, position, sums, updates, best, per_epoch, saved)
         run.last_saved_step = position.global_step
         run.last_checkpoint = Path(cfg.resume_from) if cfg.resume_from else None
         try:
@@ -526,28 +418,11 @@ class MedicalModelTrainer:
                 logger.progress_update(position.global_step)
             with run.guard:
                 state = self._loop(state, run)
-            self.state = self._best_at_end(state, run)
-            self._finish(self.state, result)
+            self.state = best.final_state(state, position, result, sharded=self._sharded())
+            write_final_outputs(self.state, result, cfg, sharded=self._sharded())
         finally:
             logger.close()
         return result
-
-    def _run_folder(self, output_dir: str | os.PathLike | None) -> Path:
-        """The run folder, checked (and emptied with ``overwrite_output_dir``) on rank 0."""
-        cfg = self.config
-        source = Path(cfg.resume_from).parent if cfg.resume_from else None
-        out = Path(output_dir) if output_dir is not None else source or default_run_dir("run")
-        resuming = source is not None and out.resolve() == source.resolve()
-        problem = None
-        if self.is_main_process:
-            try:
-                prepare_run_dir(out, resuming=resuming, overwrite=cfg.overwrite_output_dir)
-            except ConfigError as err:
-                problem = str(err)
-        problem = distributed.broadcast_object(problem)
-        if problem:
-            raise ConfigError(problem)
-        return out
 
     def _create_logger(self, out: Path, total_steps: int | None) -> MetricLogger:
         cfg = self.config
@@ -636,7 +511,7 @@ class MedicalModelTrainer:
         if run.eval is not None and cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
             stop = self._evaluate_and_track(state, run, epoch=run.position.epoch + 1)
         due = bool(cfg.save_every_steps) and step % cfg.save_every_steps == 0
-        if due or (run.keep_best and run.position.best_pending):
+        if due or run.best.wanted(run.position):
             self._save_checkpoint(state, run, f"checkpoint-step{step}.pt", forced=not due)
         run.position.best_pending = False
         return stop
@@ -662,7 +537,7 @@ class MedicalModelTrainer:
         ):
             stop = self._evaluate_and_track(state, run, epoch=epoch + 1)
         due = bool(cfg.save_every_epochs) and (epoch + 1) % cfg.save_every_epochs == 0
-        if due or (run.keep_best and position.best_pending):
+        if due or run.best.wanted(position):
             self._save_checkpoint(state, run, f"checkpoint-epoch{epoch + 1}.pt", forced=not due)
         position.best_pending = False
         return stop
@@ -713,80 +588,3 @@ class MedicalModelTrainer:
                 stopping.best,
             )
         return stop
-
-    def _best_at_end(self, state: TrainState, run: _Run) -> TrainState:
-        """The best checkpoint's state with ``load_best_model_at_end``, else ``state``."""
-        position, result = run.position, run.result
-        result.best_step, result.best_epoch = position.best_step, position.best_epoch
-        if position.best_checkpoint is None:
-            return state
-        path = result.output_dir / position.best_checkpoint
-        if not path.is_file() and self.config.resume_from:
-            path = Path(self.config.resume_from).parent / position.best_checkpoint
-        result.best_checkpoint = path
-        if not run.keep_best:
-            return state
-        result.loaded_best, result.eval_metrics = True, dict(position.best_metrics)
-        if self.is_main_process:
-            log.info(
-                "the final model is the best evaluation's (epoch %d, step %d): %s",
-                position.best_epoch,
-                position.best_step,
-                path,
-            )
-        if position.best_step == position.global_step:
-            return state
-        if self._sharded():
-            return distributed.load_full(path, like=state)
-        return restore_state(read_checkpoint(path), like=state)
-
-    def _check_exports(self) -> None:
-        cfg = self.config
-        for flag in ("export_torchscript", "export_onnx"):
-            if getattr(cfg, flag) and cfg.export_input_example is None:
-                raise ConfigError(
-                    f"TrainerConfig.{flag}=True needs export_input_example, a dict "
-                    "of example model inputs such as {'input_ids': "
-                    "torch.zeros(1, 8, dtype=torch.long)}"
-                )
-
-    def _finish(self, state: TrainState, result: TrainResult) -> None:
-        if self._sharded():
-            full = gather_full_state(state)
-        else:
-            full = state
-            bind_module(state)
-        if self.is_main_process:
-            result.weights_path = save_weights(full, result.output_dir / WEIGHTS_FILE)
-            if not self._sharded() and is_pretrained_model(state.module):
-                save_pretrained(state.module, result.output_dir)
-            self._export(state, result)
-        distributed.barrier()
-
-    def _export(self, state: TrainState, result: TrainResult) -> None:
-        cfg = self.config
-        flags = {"torchscript": cfg.export_torchscript, "onnx": cfg.export_onnx}
-        wanted = [name for name, flag in flags.items() if flag]
-        if wanted and self._sharded():
-            for name in wanted:
-                result.export_errors[name] = (
-                    "exports are not made from fsdp/deepspeed runs; load model.safetensors into "
-                    "the unsharded model and call medfunc.export, or run `medfunc export` on "
-                    "a checkpoint"
-                )
-                log.warning("%s export skipped: %s", name, result.export_errors[name])
-            return
-        example = to_device(cfg.export_input_example, state.device) if wanted else None
-        for name in wanted:
-            path = result.output_dir / EXPORT_FILES[name]
-            try:
-                if name == "torchscript":
-                    export.to_torchscript(state, example, path)
-                else:
-                    export.to_onnx(state, example, path, opset=cfg.onnx_opset)
-            except Exception as err:
-                reason = f"{type(err).__name__}: {err}"
-                result.export_errors[name] = reason
-                log.warning("%s export failed (training outputs are kept): %s", name, reason)
-            else:
-                result.exports[name] = path
