@@ -34,8 +34,8 @@ def __getattr__(name: str) -> object:
     """Import ``medfunc.distributed`` and the Trainer on first use (they pull in heavy modules)."""
     import importlib
 
-    if name == "distributed":
-        return importlib.import_module("medfunc.distributed")
+    if name in ("distributed", "ensemble"):
+        return importlib.import_module(f"medfunc.{name}")
     if name in ("MedicalModelTrainer", "TrainerConfig"):
         return getattr(importlib.import_module("medfunc.trainer"), name)
     raise AttributeError(f"module 'medfunc' has no attribute {name!r}")
