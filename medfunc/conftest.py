@@ -18,7 +18,6 @@ import medfunc as mf
 # module's examples pass under ``python -m pytest medfunc/<module>.py``.
 collect_ignore = [
     "optim/torch_adapter.py",
-    "trainer.py",
 ]
 
 
