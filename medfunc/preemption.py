@@ -23,7 +23,7 @@ Example::
             state, metrics = mf.train_step(state, batch, donate=True)
             if guard.should_stop():
                 path = mf.save_state(state, "preempted.pt")
-                raise guard.interrupted(path, step=int(state.step), where="step 7")
+                raise guard.interrupted(path, LoopPosition(stopping, global_step=7))
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import torch
 from medfunc import distributed
 from medfunc.distributed.env import collective_guard
 from medfunc.errors import TrainingInterrupted
+from medfunc.tracking import LoopPosition
 
 __all__ = ["SIGNALS", "PreemptionGuard", "TrainingInterrupted"]
 
@@ -118,18 +119,21 @@ class PreemptionGuard:
             self.signum = agreed
         return bool(agreed)
 
-    def interrupted(self, checkpoint: Path, *, step: int, where: str) -> TrainingInterrupted:
+    def interrupted(self, checkpoint: Path, position: LoopPosition) -> TrainingInterrupted:
         """The exception to raise once the checkpoint at the step boundary is written.
 
         Args:
             checkpoint: the checkpoint to resume from.
-            step: the optimizer step it holds.
-            where: the loop position, for the message (e.g. ``"epoch 2, step 37"``).
+            position: the loop position it holds.
 
         Returns:
             A :class:`~medfunc.errors.TrainingInterrupted` whose message says how to resume.
         """
-        signum = self.signum or signal.SIGINT
+        signum, step = self.signum or signal.SIGINT, position.global_step
+        if position.batch_index:
+            where = f"step {step}, batch {position.batch_index} of epoch {position.epoch + 1}"
+        else:
+            where = f"step {step}, the end of epoch {position.epoch}"
         name = signal.Signals(signum).name
         message = (
             f"training interrupted by {name} at {where}; checkpoint {checkpoint} holds it. "

@@ -502,14 +502,7 @@ class MedicalModelTrainer:
         if run.last_checkpoint is None or run.last_saved_step != position.global_step:
             self._save_checkpoint(state, run, _boundary_name(position))
         run.result.global_step = position.global_step
-        if position.batch_index:
-            where = f"step {position.global_step}, batch {position.batch_index} of epoch "
-            where += str(position.epoch + 1)
-        else:
-            where = f"step {position.global_step}, the end of epoch {position.epoch}"
-        interrupted = run.guard.interrupted(
-            run.last_checkpoint, step=position.global_step, where=where
-        )
+        interrupted = run.guard.interrupted(run.last_checkpoint, position)
         if self.is_main_process:
             log.warning("%s", interrupted)
         raise interrupted
