@@ -215,7 +215,7 @@ def build_payload(
     if save_optimizer:
         if optimizer_path(state.tx) is not None:
             payload["optimizer_state"] = to_torch_state_dict(
-                state.tx, state.opt_state, _trainable(state), state.step
+                state.tx, state.opt_state, _trainable(state), state.step, copy=False
             )
         medfunc_state["opt_state"] = OrderedDict(
             tree_leaves_with_path(opt_rest(state.tx, state.opt_state))

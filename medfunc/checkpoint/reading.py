@@ -11,11 +11,16 @@ from __future__ import annotations
 import os
 import pickle
 import pickletools
+import re
+import struct
 import warnings
 import zipfile
-from collections.abc import Mapping
+import zlib
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,7 +40,15 @@ __all__ = ["read_checkpoint", "read_payload", "validate_payload"]
 _REQUIRED = ("format_version", "model_state", "trainer_state")
 _ZIP_MAGIC = b"PK\x03\x04"
 _TORCH_GLOBALS = ("torch.", "collections.OrderedDict")
-_READ_CHUNK = 1 << 24
+_READ_CHUNK = 1 << 22
+# A zip local file header; its last two fields are the lengths of the name and extra field.
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+# A tensor's bytes: "<archive>/data/<key>". Every other record (data.pkl, version, byteorder...)
+# is small and checked before torch.load; tensor records are checked while torch.load reads them.
+_TENSOR_RECORD = re.compile(r"[^/]+/data/[^/]+")
+# Storages read but not yet checksummed: a bound on the host memory held back for the check
+# when the tensors go to another device (on the CPU the storages are the result anyway).
+_PENDING_BYTES = 1 << 28
 
 
 def _corrupt(path: Path, reason: str) -> CheckpointCorruptError:
@@ -63,15 +76,31 @@ def _check_exists(path: Path) -> None:
     raise CheckpointNotFoundError(f"checkpoint {path} does not exist{hint}")
 
 
-def _verify_archive(handle: BinaryIO, path: Path) -> None:
-    """Read every record of the zip archive, checking its CRC-32, before anything is unpickled."""
+def _open_archive(handle: BinaryIO, path: Path) -> zipfile.ZipFile:
     handle.seek(0)
     try:
-        with zipfile.ZipFile(handle) as archive:
+        return zipfile.ZipFile(handle)
+    except zipfile.BadZipFile as error:
+        raise _corrupt(path, f"the zip archive fails its integrity check ({error})") from error
+    except (OSError, EOFError, ValueError, RuntimeError) as error:
+        raise _corrupt(path, f"the zip archive cannot be read ({error})") from error
+
+
+def _verify_archive(handle: BinaryIO, path: Path) -> None:
+    """Check the zip archive and the CRC-32 of every record but the tensors' bytes (the pickle,
+    the version records) before anything is unpickled.
+
+    The tensor records are checked while ``torch.load`` reads them (:class:`_TensorChecksums`),
+    so the file is read once.
+    """
+    try:
+        with _open_archive(handle, path) as archive:
             infos = archive.infolist()
             if not any(i.filename.endswith("/data.pkl") or i.filename == "data.pkl" for i in infos):
                 raise _corrupt(path, "the archive holds no data.pkl record")
             for info in infos:
+                if _TENSOR_RECORD.fullmatch(info.filename):
+                    continue
                 with archive.open(info) as record:
                     while record.read(_READ_CHUNK):
                         pass
@@ -81,6 +110,189 @@ def _verify_archive(handle: BinaryIO, path: Path) -> None:
         raise _corrupt(path, f"the zip archive fails its integrity check ({error})") from error
     except (OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as error:
         raise _corrupt(path, f"the zip archive cannot be read ({error})") from error
+
+
+class _Record(NamedTuple):
+    name: str
+    size: int
+    crc: int
+
+
+def _tensor_records(handle: BinaryIO, path: Path) -> dict[int, _Record]:
+    """The archive's tensor records by the file offset of their bytes, with the size and CRC-32
+    its central directory states (the offset is found as zip readers and torch find it: after the
+    record's local header, whose name and extra field lengths it reads)."""
+    records: dict[int, _Record] = {}
+    with _open_archive(handle, path) as archive:
+        infos = [i for i in archive.infolist() if _TENSOR_RECORD.fullmatch(i.filename)]
+    for info in infos:
+        header = os.pread(handle.fileno(), _LOCAL_HEADER.size, info.header_offset)
+        if len(header) < _LOCAL_HEADER.size or not header.startswith(_ZIP_MAGIC):
+            raise _corrupt(path, f"the local header of record {info.filename} is damaged")
+        name_length, extra_length = _LOCAL_HEADER.unpack(header)[-2:]
+        offset = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+        records[offset] = _Record(info.filename, info.file_size, info.CRC)
+    return records
+
+
+class _DamagedTensorData(Exception):
+    """A tensor record's bytes do not have the CRC-32 the archive states for them."""
+
+
+def _as_bytes(storage: torch.UntypedStorage) -> memoryview:
+    """A CPU storage's bytes, without copying."""
+    return memoryview(torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
+
+
+def _mapping_of(address: int, file: os.stat_result) -> tuple[int, int, int] | None:
+    """``(start, end, file offset of start)`` of this process's memory mapping of ``file`` that
+    holds ``address`` (None: no such mapping, or /proc/self/maps cannot tell)."""
+    device = f"{os.major(file.st_dev):02x}:{os.minor(file.st_dev):02x}"
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                start, _, end = fields[0].partition("-")
+                if int(start, 16) <= address < int(end, 16):
+                    if fields[3] != device or int(fields[4]) != file.st_ino:
+                        return None
+                    return int(start, 16), int(end, 16), int(fields[2], 16)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class _TensorReader:
+    """``torch.load``'s ``map_location``: reads every storage's bytes into place, checking their
+    CRC-32 on the way.
+
+    ``torch.load(mmap=True)`` hands each storage over as a slice of its mapping of the file,
+    without reading anything; the slice's address gives the tensor record it belongs to. With
+    ``copy`` its bytes are then read with ``pread`` straight into a fresh storage (the mapping
+    is never touched, so none of its pages becomes resident) in chunks, while a background
+    thread computes the CRC-32 of the chunk just read (both release the GIL): the file is read
+    once, and checking it costs no second pass. Without ``copy`` the mapped storage is kept and
+    its bytes are checksummed through the mapping.
+
+    A storage torch did not take from its mapping of the file (another torch version, or no
+    mapping) is checksummed as torch read it and must match a record of its size and CRC-32.
+    A mismatch raises :class:`_DamagedTensorData` (at the latest from :meth:`check`, which
+    the reader calls before it returns anything).
+
+    Args:
+        handle: the open checkpoint file.
+        records: :func:`_tensor_records` of it.
+        device: where the storages go.
+        copy: read into fresh storages rather than keep the mapped ones.
+    """
+
+    def __init__(
+        self, handle: BinaryIO, records: dict[int, _Record], device: torch.device, copy: bool
+    ) -> None:
+        self.fd = handle.fileno()
+        self.file = os.fstat(self.fd)
+        self.records = records
+        self.unmatched = Counter((r.size, r.crc) for r in records.values())
+        self.location = str(device)
+        self.copy = copy
+        self.mapping: tuple[int, int, int] | None = None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-crc32")
+        self.pending: deque[tuple[int, Future]] = deque()
+        self.pending_bytes = 0
+
+    def __call__(self, storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage:
+        found = self._record_of(storage)
+        if found is not None and self.copy:
+            storage = torch.UntypedStorage(found[1].size)
+            self._read_into(_as_bytes(storage), *found)
+        else:
+            crc = _RunningCrc(storage.nbytes(), found[1] if found else None, self.unmatched)
+            self._submit(storage.nbytes(), crc.update, _as_bytes(storage))
+            self._submit(0, crc.finish)
+        return torch.serialization.default_restore_location(storage, self.location)
+
+    def _record_of(self, storage: torch.UntypedStorage) -> tuple[int, _Record] | None:
+        """The record whose bytes ``storage`` maps, with their file offset (None: not mapped)."""
+        address, nbytes = storage.data_ptr(), storage.nbytes()
+        if storage.device.type != "cpu" or nbytes == 0:
+            return None
+        if self.mapping is None or not self.mapping[0] <= address < self.mapping[1]:
+            self.mapping = _mapping_of(address, self.file)
+            if self.mapping is None:
+                return None
+        start, _, file_offset = self.mapping
+        offset = address - start + file_offset
+        record = self.records.get(offset)
+        if record is None or record.size != nbytes:
+            return None
+        return offset, record
+
+    def _read_into(self, target: memoryview, offset: int, record: _Record) -> None:
+        crc = _RunningCrc(record.size, record, self.unmatched)
+        for begin in range(0, record.size, _READ_CHUNK):
+            chunk = target[begin : begin + _READ_CHUNK]
+            if os.preadv(self.fd, [chunk], offset + begin) != len(chunk):
+                raise _DamagedTensorData(f"record {record.name} ends before its stated size")
+            self._submit(len(chunk), crc.update, chunk)
+        self._submit(0, crc.finish)
+
+    def _submit(self, nbytes: int, fn: Callable[..., None], *args: Any) -> None:
+        self.pending.append((nbytes, self.pool.submit(fn, *args)))
+        self.pending_bytes += nbytes
+        while self.pending_bytes > _PENDING_BYTES:
+            self._settle()
+
+    def _settle(self) -> None:
+        nbytes, future = self.pending.popleft()
+        self.pending_bytes -= nbytes
+        future.result()
+
+    def check(self) -> None:
+        """Wait for every checksum; raise :class:`_DamagedTensorData` at the first mismatch."""
+        while self.pending:
+            self._settle()
+
+    def close(self) -> None:
+        """Stop the background thread (checksums still queued are dropped)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _RunningCrc:
+    """The CRC-32 of one storage's bytes, updated chunk by chunk in the checking thread.
+
+    Args:
+        size: the storage's size in bytes.
+        record: the record the bytes were read from (None: not known).
+        unmatched: ``(size, CRC-32)`` of the records no storage of unknown record matched yet.
+    """
+
+    def __init__(self, size: int, record: _Record | None, unmatched: Counter) -> None:
+        self.size = size
+        self.record = record
+        self.unmatched = unmatched
+        self.value = 0
+
+    def update(self, chunk: memoryview) -> None:
+        """Add ``chunk``, the next bytes of the storage."""
+        self.value = zlib.crc32(chunk, self.value)
+
+    def finish(self) -> None:
+        """Raise unless the bytes have their record's CRC-32, or (record unknown) the size and
+        CRC-32 of a record not matched yet, which is then matched."""
+        if self.record is not None:
+            if self.value != self.record.crc:
+                raise _DamagedTensorData(
+                    f"record {self.record.name} has CRC-32 {self.value:#010x}, the archive "
+                    f"states {self.record.crc:#010x}"
+                )
+            return
+        key = (self.size, self.value)
+        if self.unmatched[key] <= 0:
+            raise _DamagedTensorData(
+                f"a tensor of {self.size} bytes has CRC-32 {self.value:#010x}, which the "
+                "archive states for none of its records"
+            )
+        self.unmatched[key] -= 1
 
 
 def _unsafe_globals(handle: BinaryIO) -> list[str]:
@@ -150,16 +362,15 @@ def _check_magic(handle: BinaryIO, path: Path) -> None:
         raise _corrupt(path, f"the file is truncated to {len(head)} bytes")
 
 
-def _load_source(handle: BinaryIO, mmap: bool) -> tuple[BinaryIO | str, bool]:
-    """What ``torch.load`` reads: the open handle itself, or for ``mmap`` (which torch only
-    accepts by file name) the handle's ``/proc/self/fd`` entry, which names the file the handle
-    holds open even if the path was renamed over meanwhile. Where that entry does not exist
-    (outside Linux) the handle is read without mapping."""
+def _load_source(handle: BinaryIO) -> tuple[BinaryIO | str, bool]:
+    """What ``torch.load`` reads: the handle's ``/proc/self/fd`` entry, memory-mapped (torch
+    maps only by file name; the entry names the file the handle holds open even if the path was
+    renamed over meanwhile), so :class:`_TensorReader` reads the bytes itself. Where that entry
+    does not exist (outside Linux) torch reads the open handle."""
     handle.seek(0)
-    if mmap:
-        by_descriptor = f"/proc/self/fd/{handle.fileno()}"
-        if os.path.exists(by_descriptor):
-            return by_descriptor, True
+    by_descriptor = f"/proc/self/fd/{handle.fileno()}"
+    if os.path.exists(by_descriptor):
+        return by_descriptor, True
     return handle, False
 
 
@@ -167,7 +378,7 @@ def _torch_load(path: Path, map_location: torch.device, mmap: bool) -> Any:
     """Check, verify and load the file at ``path`` through one open handle.
 
     A checkpoint is often replaced (renamed over) while another process reads it; opening the
-    path once for the magic check, the CRC pass and the load makes all three see one file.
+    path once for the magic check, the CRC-32 checks and the load makes all of them see one file.
     """
     try:
         handle = path.open("rb")
@@ -177,15 +388,22 @@ def _torch_load(path: Path, map_location: torch.device, mmap: bool) -> Any:
     with handle:
         _check_magic(handle, path)
         _verify_archive(handle, path)
-        source, use_mmap = _load_source(handle, mmap)
+        reader = _TensorReader(handle, _tensor_records(handle, path), map_location, not mmap)
+        source, use_mmap = _load_source(handle)
         try:
-            return torch.load(source, map_location=map_location, weights_only=True, mmap=use_mmap)
+            payload = torch.load(source, map_location=reader, weights_only=True, mmap=use_mmap)
+            reader.check()
+        except _DamagedTensorData as error:
+            raise _corrupt(path, f"its tensor data fails the CRC-32 check ({error})") from error
         except pickle.UnpicklingError as error:
             raise _unsafe(path, error, _unsafe_globals(handle)) from error
         except Exception as error:  # noqa: BLE001 - anything else in an intact archive is damage
             raise _corrupt(
                 path, f"its records are inconsistent ({type(error).__name__})"
             ) from error
+        finally:
+            reader.close()
+        return payload
 
 
 def _check_int(value: Any, where: str, path: Path) -> int:

@@ -59,8 +59,9 @@ class _Taker:
     """Places checkpoint tensors in the restored state.
 
     Tensors are copied to the state's device unless the payload is ours to keep (read from a
-    file straight onto that device). With ``into_like``, model values are instead copied into
-    ``like``'s own tensors (the module's storage) and those are kept.
+    file straight onto that device): then they are the state's tensors themselves, the optimizer
+    moments included. With ``into_like``, model values are instead copied into ``like``'s own
+    tensors (the module's storage) and those are kept.
     """
 
     def __init__(self, owned: bool, into_like: bool = False) -> None:
@@ -141,7 +142,9 @@ def _restore_opt_state(
                 f"transformation has no adamw/adam/sgd (checkpoint {source})"
             )
         try:
-            opt_state = from_torch_state_dict(like.tx, payload["optimizer_state"], trainable)
+            opt_state = from_torch_state_dict(
+                like.tx, payload["optimizer_state"], trainable, copy=not take.owned
+            )
         except ConfigError as error:
             raise CheckpointMismatchError(
                 f"optimizer_state: {error} (checkpoint {source})"
@@ -308,14 +311,14 @@ def _load(
 ) -> tuple[dict, bool, str]:
     """The validated payload, whether its tensors are ours to keep, and its name for messages.
 
-    A file is read straight onto ``target`` (memory-mapped on the CPU, where the mapped tensors
-    must be copied); a given payload belongs to the caller and is copied.
+    A file is read straight onto ``target``: its tensors are fresh and become the restored
+    state's own (nothing is copied again). A given payload belongs to the caller and is copied.
     """
     if isinstance(path_or_payload, Mapping):
         payload = validate_payload(dict(path_or_payload), Path("<payload>"))
         return payload, False, "payload"
-    payload = read_payload(path_or_payload, target, mmap=target.type == "cpu")
-    return payload, target.type != "cpu", str(path_or_payload)
+    payload = read_payload(path_or_payload, target, mmap=False)
+    return payload, True, str(path_or_payload)
 
 
 def _fresh_like(payload: dict, builder: Mapping[str, Any]) -> TrainState:

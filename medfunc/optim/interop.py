@@ -151,12 +151,21 @@ def torch_optimizer(
     )
 
 
+def _same(tensor: Tensor) -> Tensor:
+    return tensor
+
+
 def _flat_names(groups: tuple[ParamGroup, ...]) -> list[str]:
     return [n for g in groups for n in g.names]
 
 
 def to_torch_state_dict(
-    tx: GradientTransformation, opt_state: OptState, params: Params, step: int | Tensor
+    tx: GradientTransformation,
+    opt_state: OptState,
+    params: Params,
+    step: int | Tensor,
+    *,
+    copy: bool = True,
 ) -> dict[str, Any]:
     """Return ``opt_state`` as the ``state_dict()`` of the equal ``torch.optim`` optimizer.
 
@@ -167,13 +176,17 @@ def to_torch_state_dict(
     multiplier), the hyperparameters, torch's kernel flags, ``params`` index lists and
     ``param_names``. Parameters that have no state yet (no update applied to them with a
     gradient) are left out, as in torch, which creates a parameter's state at its first update
-    with a gradient. Tensors are copies. A host function: it may read device tensors.
+    with a gradient. Tensors are copies unless ``copy=False``. A host function: it may read
+    device tensors.
 
     Args:
         tx: the optimizer, or a chain holding one.
         opt_state: the state of ``tx`` (``tx.init(params)`` after training).
         params: the trainable params, name -> tensor in model order.
         step: updates applied so far (``TrainState.step``), for the current LR.
+        copy: with False the moments and momentum buffers are ``opt_state``'s own tensors, not
+            copies: for a result that is only serialised (a checkpoint), which then costs no
+            memory and no copying. Changing such a tensor changes ``opt_state``.
 
     Returns:
         A dict ``{"state": ..., "param_groups": [...]}`` that
@@ -200,6 +213,7 @@ def to_torch_state_dict(
     # torch writes the param_groups (its flags, their order) itself: build the optimizer
     # over the params (no state is allocated) and take its state_dict.
     sd = torch_optimizer(tx, params, step=step).state_dict()
+    take = torch.clone if copy else _same
     state: dict[int, dict[str, Tensor]] = {}
     names = _flat_names(spec.groups(list(params)))
     if spec.is_adam:
@@ -210,11 +224,11 @@ def to_torch_state_dict(
                 continue
             entry = {
                 "step": sub.step[name].clone(),
-                "exp_avg": sub.exp_avg[name].clone(),
-                "exp_avg_sq": sub.exp_avg_sq[name].clone(),
+                "exp_avg": take(sub.exp_avg[name]),
+                "exp_avg_sq": take(sub.exp_avg_sq[name]),
             }
             if spec.amsgrad:
-                entry["max_exp_avg_sq"] = sub.max_exp_avg_sq[name].clone()
+                entry["max_exp_avg_sq"] = take(sub.max_exp_avg_sq[name])
             state[idx] = entry
     else:
         if not isinstance(sub, SGDState):
@@ -224,7 +238,7 @@ def to_torch_state_dict(
             position = {n: i for i, n in enumerate(params)}
             for idx, name in enumerate(names):
                 if flags[position[name]] != 0:
-                    state[idx] = {"momentum_buffer": sub.momentum_buffer[name].clone()}
+                    state[idx] = {"momentum_buffer": take(sub.momentum_buffer[name])}
     sd["state"] = state
     return sd
 
@@ -282,8 +296,83 @@ def _copy_into(dst: Tensor, src: Any, what: str) -> None:
     dst.copy_(src)
 
 
+def _adoptable(src: Tensor, param: Tensor, adopted: set[int]) -> bool:
+    """Whether ``src`` can be the state's tensor itself: laid out as ``zeros_like(param)``
+    would be, alone in its storage, and not taken for another entry already."""
+    storage = src.untyped_storage()
+    return (
+        src.dtype == param.dtype
+        and src.device == param.device
+        and src.shape == param.shape
+        and src.is_contiguous()
+        and param.is_contiguous()
+        and src.storage_offset() == 0
+        and storage.nbytes() == src.numel() * src.element_size()
+        and storage.data_ptr() not in adopted
+    )
+
+
+class _Placer:
+    """Puts a state dict's tensors into the optimizer state: copies into the tensors
+    ``tx.init`` allocated, or (``adopt``) the state dict's tensors themselves where they fit."""
+
+    def __init__(self, adopt: bool) -> None:
+        self.adopt = adopt
+        self.adopted: set[int] = set()
+
+    def __call__(
+        self, entries: dict[str, Tensor], name: str, src: Any, param: Tensor, what: str
+    ) -> None:
+        """Set ``entries[name]`` to the value ``src`` (checked against ``param``'s shape)."""
+        if self.adopt and isinstance(src, Tensor) and _adoptable(src, param, self.adopted):
+            if src.numel():
+                self.adopted.add(src.untyped_storage().data_ptr())
+            entries[name] = src
+            return
+        if self.adopt:  # the template holds no memory: allocate the moment now
+            entries[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        _copy_into(entries[name], src, what)
+
+    def fill_missing(self, entries: dict[str, Tensor], params: Params) -> None:
+        """Give every parameter without a state dict entry its zero buffer (``adopt`` only)."""
+        if not self.adopt:
+            return
+        for name, template in entries.items():
+            if template.numel() == 0 and params[name].numel() != 0:
+                entries[name] = torch.zeros_like(params[name], memory_format=torch.preserve_format)
+
+
+def _optimizer_tx(tx: GradientTransformation, path: tuple[int, ...]) -> GradientTransformation:
+    for i in path:
+        tx = tx.children[i]
+    return tx
+
+
+def _init_around(
+    tx: GradientTransformation, path: tuple[int, ...], params: Params, sub: OptState
+) -> OptState:
+    """``tx.init(params)`` with ``sub`` as the optimizer's state at ``path`` (not initialised:
+    a :func:`chain`'s state is the tuple of its members' states)."""
+    if not path:
+        return sub
+    return tuple(
+        _init_around(child, path[1:], params, sub) if i == path[0] else child.init(params)
+        for i, child in enumerate(tx.children)
+    )
+
+
+def _empty_like_params(params: Params) -> Params:
+    """Zero-size stand-ins of the params (same names, dtypes, devices and ranks): ``init`` of
+    them gives the optimizer state's layout without allocating its buffers."""
+    return type(params)((n, p.new_empty((0,) * p.dim())) for n, p in params.items())
+
+
 def from_torch_state_dict(
-    tx: GradientTransformation, state_dict: Mapping[str, Any], params: Params
+    tx: GradientTransformation,
+    state_dict: Mapping[str, Any],
+    params: Params,
+    *,
+    copy: bool = True,
 ) -> OptState:
     """Build the state of ``tx`` from a ``torch.optim`` ``state_dict()``.
 
@@ -297,6 +386,10 @@ def from_torch_state_dict(
         tx: the optimizer, or a chain holding one.
         state_dict: ``torch.optim.AdamW/Adam/SGD(...).state_dict()`` (possibly loaded from disk).
         params: the trainable params, name -> tensor in model order.
+        copy: with False the state dict's moments and momentum buffers become the state's own
+            tensors wherever they have the dtype, device and layout ``tx.init(params)`` gives
+            (no buffer is allocated for them, nothing is copied); the others are copied. For a
+            state dict nothing else uses, e.g. one just read from a checkpoint.
 
     Returns:
         The optimizer state (dtype and device as ``tx.init(params)`` makes them).
@@ -326,8 +419,12 @@ def from_torch_state_dict(
             f"{sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict)}"
         )
     spec, path = find_optimizer(tx)
-    full = tx.init(params)
-    sub = get_substate(full, path)
+    if copy:
+        full = tx.init(params)
+        sub = get_substate(full, path)
+    else:
+        sub = _optimizer_tx(tx, path).init(_empty_like_params(params))
+    place = _Placer(adopt=not copy)
     groups_sd = list(state_dict["param_groups"])
     family = "momentum" if not spec.is_adam else "betas"
     for g in groups_sd:
@@ -359,7 +456,11 @@ def from_torch_state_dict(
                 )
             sub.step[name].fill_(float(entry["step"]))
             for k in keys:
-                _copy_into(getattr(sub, k)[name], entry[k], f"state[{idx}][{k!r}] ({name!r})")
+                place(
+                    getattr(sub, k), name, entry[k], params[name], f"state[{idx}][{k!r}] ({name!r})"
+                )
+        for k in keys:
+            place.fill_missing(getattr(sub, k), params)
     else:
         have = {
             idx: e.get("momentum_buffer")
@@ -370,13 +471,18 @@ def from_torch_state_dict(
             position = {n: i for i, n in enumerate(params)}
             for idx, buffer in have.items():
                 name = index_to_name[idx]
-                _copy_into(
-                    sub.momentum_buffer[name],
+                place(
+                    sub.momentum_buffer,
+                    name,
                     buffer,
+                    params[name],
                     f"state[{idx}]['momentum_buffer'] ({name!r})",
                 )
                 sub.initialized[position[name]] = 1.0
-    return replace_substate(full, path, sub)
+            place.fill_missing(sub.momentum_buffer, params)
+    if copy:
+        return replace_substate(full, path, sub)
+    return _init_around(tx, path, params, sub)
 
 
 __all__ = [
