@@ -60,6 +60,8 @@ SCRIPT = textwrap.dedent("""
               "params": {{n: p.tolist() for n, p in full.params.items()}}}}
     with open({out!r} + f"/../rank{{rank}}.json", "w") as handle:
         json.dump(record, handle)
+    from conftest import end_worker
+    end_worker()
 """)
 
 

@@ -479,4 +479,7 @@ def test_ddp_and_fsdp_equal_torch_and_ranks_agree_on_the_set_of_gradients(tmp_pa
 
 
 if __name__ == "__main__":
+    from conftest import end_worker
+
     _ddp_worker(Path(sys.argv[1]))
+    end_worker()

@@ -12,6 +12,7 @@ from dist_common import (
     STEPS,
     accumulate_run,
     batches,
+    end_worker,
     full_params,
     make_model,
     make_tx,
@@ -114,3 +115,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker()

@@ -7,7 +7,16 @@ from __future__ import annotations
 import json
 
 import torch
-from dist_common import STEPS, batches, full_params, make_model, make_tx, out_dir, shard
+from dist_common import (
+    STEPS,
+    batches,
+    end_worker,
+    full_params,
+    make_model,
+    make_tx,
+    out_dir,
+    shard,
+)
 
 import medfunc as mf
 from medfunc import distributed as dist
@@ -91,3 +100,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker()

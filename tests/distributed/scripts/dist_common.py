@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import medfunc as mf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, for conftest
+from conftest import end_worker  # noqa: E402, F401 - re-exported for the workers
 
 STEPS = 10
 BATCH = 8
