@@ -21,7 +21,7 @@ from medfunc.errors import TrainingInterrupted
 from medfunc.recipes.base import TensorDictDataset
 from medfunc.trainer import MedicalModelTrainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "scripts" / "preempt_worker.py"
 sys.path.insert(0, str(WORKER.parent))
 

@@ -13,7 +13,7 @@ import torch
 from medfunc.errors import ConfigError
 from medfunc.trainer_config import TrainerConfig, apply_overrides, load_config_file
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "trainer.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "trainer.md"
 
 
 @pytest.mark.parametrize(

@@ -255,7 +255,8 @@ def test_an_unreadable_item_is_named_by_its_index(tmp_path):
 
 
 def test_dataloaders_and_lists_of_examples_are_accepted(tmp_path):
-    """Lists of batches are refused and DataLoaders of them accepted: tests/test_trainer_data.py."""
+    """Lists of batches are refused and DataLoaders of them accepted (see
+    tests/trainer/test_trainer_data.py)."""
     data = _data(32)
     loader = DataLoader(data, batch_size=8, shuffle=False)
     examples = [data[i] for i in range(32)]
@@ -319,7 +320,7 @@ def test_missing_eval_metric_and_unavailable_devices_are_config_errors(tmp_path)
 
 
 def test_quickstart_example_runs(tmp_path, monkeypatch, capsys):
-    example = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+    example = Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
     monkeypatch.setattr(sys, "argv", [str(example), "--output-dir", str(tmp_path), "--epochs", "3"])
     runpy.run_path(str(example), run_name="__main__")
     out = capsys.readouterr().out

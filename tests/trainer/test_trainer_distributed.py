@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from medfunc.recipes.base import TensorDictDataset
 from medfunc.trainer import MedicalModelTrainer, TrainerConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = dict(
     num_epochs=1,
     learning_rate=0.05,
