@@ -22,6 +22,7 @@ from medfunc.errors import (
     ExportError,
     LossError,
     MedfuncError,
+    TrainingInterrupted,
 )
 from medfunc.precision import Policy, get_policy
 from medfunc.state import TrainState, bind_module, init_state, tree_map
@@ -51,6 +52,7 @@ __all__ = [
     "ExportError",
     "LossError",
     "MedfuncError",
+    "TrainingInterrupted",
     "Policy",
     "TrainState",
     "apply_model",
