@@ -1,5 +1,6 @@
-"""Reading a checkpoint safely: integrity (CRC-32) before unpickling, ``weights_only`` loading,
-and the payload's layout checked before anything uses it.
+"""Reading a checkpoint safely: integrity (CRC-32; the pickle's records before unpickling, the
+tensors' bytes as they are read), ``weights_only`` loading, and the payload's layout checked
+before anything uses it.
 
 A damaged file raises :class:`CheckpointCorruptError` (never another error from deep inside
 torch), a file whose pickle names arbitrary objects raises :class:`UnsafeCheckpointError` and
@@ -505,8 +506,9 @@ def read_payload(path: str | os.PathLike, map_location: str | torch.device, mmap
 def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
     """Read and validate a checkpoint's payload, never unpickling anything but plain data.
 
-    Every record's CRC-32 is checked before anything is unpickled, then the file is loaded with
-    ``torch.load(weights_only=True)``.
+    The pickle's records are checked against their CRC-32 before anything is unpickled, then
+    the file is loaded with ``torch.load(weights_only=True)``, every tensor's bytes read once
+    and checked against their CRC-32 on the way; nothing is returned unless all match.
 
     Args:
         path: the checkpoint file.
