@@ -243,6 +243,36 @@ def to_torch_state_dict(
     return sd
 
 
+def names_by_index(
+    torch_groups: list, indices: list[int], names: list[str]
+) -> dict[int, str] | None:
+    """Match a torch state dict's parameter indices to names through its ``param_names``.
+
+    Args:
+        torch_groups: the state dict's ``param_groups``.
+        indices: their parameter indices, in group order.
+        names: the trainable parameter names the state dict must hold.
+
+    Returns:
+        index -> name when every group carries ``param_names`` (torch >= 2.6 writes them),
+        else None (match by position instead).
+
+    Raises:
+        ConfigError: the names differ from ``names`` (the message lists some of each).
+    """
+    if not all("param_names" in g for g in torch_groups):
+        return None
+    sd_names = [n for g in torch_groups for n in g["param_names"]]
+    missing = [n for n in names if n not in set(sd_names)]
+    unexpected = [n for n in sd_names if n not in set(names)]
+    if missing or unexpected:
+        raise ConfigError(
+            f"the torch state_dict's param_names differ from the model's trainable "
+            f"parameters: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return dict(zip(indices, sd_names))
+
+
 def _index_to_name(spec: OptimizerSpec, param_groups_sd: list, params: Params) -> dict[int, str]:
     """Map a torch state dict's parameter indices to medfunc parameter names."""
     names = list(params)
@@ -260,16 +290,9 @@ def _index_to_name(spec: OptimizerSpec, param_groups_sd: list, params: Params) -
         )
     if len(set(indices)) != len(indices):
         raise ConfigError("the torch state_dict lists a parameter index in two param_groups")
-    if all("param_names" in g for g in torch_groups):
-        sd_names = [n for g in torch_groups for n in g["param_names"]]
-        missing = [n for n in names if n not in set(sd_names)]
-        unexpected = [n for n in sd_names if n not in set(names)]
-        if missing or unexpected:
-            raise ConfigError(
-                f"the torch state_dict's param_names differ from the model's trainable "
-                f"parameters: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        return dict(zip(indices, sd_names))
+    by_name = names_by_index(torch_groups, indices, names)
+    if by_name is not None:
+        return by_name
     ours = spec.groups(names)
     if len(torch_groups) == 1:
         order = names  # one group: torch numbered the params in model order

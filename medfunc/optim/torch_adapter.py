@@ -813,16 +813,11 @@ def _index_to_name(
             f"model has {len(names)} trainable parameters; it belongs to another model or "
             "another set of frozen parameters"
         )
-    if all("param_names" in g for g in groups_sd):
-        sd_names = [n for g in groups_sd for n in g["param_names"]]
-        missing = [n for n in names if n not in set(sd_names)]
-        unexpected = [n for n in sd_names if n not in set(names)]
-        if missing or unexpected:
-            raise ConfigError(
-                f"the torch state_dict's param_names differ from the trainable parameters: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        return dict(zip(indices, sd_names))
+    from medfunc.optim.interop import names_by_index  # interop imports this module
+
+    by_name = names_by_index(list(groups_sd), indices, names)
+    if by_name is not None:
+        return by_name
     if [len(g["params"]) for g in groups_sd] != [len(n) for _, n in ours]:
         raise ConfigError(
             f"cannot match the torch state_dict's param_groups (sizes "
