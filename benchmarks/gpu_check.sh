@@ -10,6 +10,7 @@
 #   bench_cuda.log     the benchmark's output
 #   bench_cuda.md      the benchmark tables (mlp, bert-hf, gpt2)
 #   equivalence.md     each compile_step mode's measured distance from the eager step
+#   ensemble.md        K = 8 ensemble members: one vectorised step vs 8 sequential steps
 #   RESULTS_cuda.md    a section ready to append to benchmarks/RESULTS.md
 #
 # Needs torch with CUDA; optree, pytest (and transformers/accelerate for the Hugging Face
@@ -135,6 +136,16 @@ else
     say "$test_summary"
 fi
 
+# --- part 1b: K = 8 ensemble members, one vectorised step vs 8 sequential steps -------------
+timeout -k 10 "${ENSEMBLE_LIMIT:-60}" "$PY" benchmarks/ensemble.py --device "$DEVICE" \
+    >"$OUT_DIR/ensemble.md" 2>"$OUT_DIR/ensemble.log"
+ensemble_rc=$?
+if [ "$ensemble_rc" -ne 0 ]; then
+    status=1
+    say "ensemble benchmark FAILED (exit $ensemble_rc)"
+    tail -n 20 "$OUT_DIR/ensemble.log"
+fi
+
 # --- part 2: the benchmark, one process per model, each under its own limit -----------------
 # model:limit:runners (runners in priority order; --time-budget skips the last ones first)
 all_runners="plain,medfunc,plain-cudagraph,medfunc-cudagraph,medfunc-inductor+cudagraph"
@@ -178,6 +189,7 @@ done
     echo "GPU tests (\`pytest -m gpu\`): $test_summary."
     echo
     [ -s "$OUT_DIR/equivalence.md" ] && cat "$OUT_DIR/equivalence.md" && echo
+    [ -s "$OUT_DIR/ensemble.md" ] && cat "$OUT_DIR/ensemble.md" && echo
     [ -n "$bench_failed" ] && echo "Benchmark parts that failed or were cut short:$bench_failed." && echo
     cat "$OUT_DIR/bench_cuda.md"
 } >"$OUT_DIR/RESULTS_cuda.md"
