@@ -16,9 +16,9 @@ returns (a loaded payload or restored state, which ``torch.load`` allocates alik
 over the repeats. It covers torch storage, which tracemalloc does not see, and no page cache.
 
 ``torch.load`` reads the checkpoint medfunc wrote (a plain ``torch.load`` of it works), so both
-read the same bytes. Files go to ``--folder`` (default: a temporary folder on the same disk as
-/tmp); the OS page cache is not dropped, so loads read from memory when the file was just
-written.
+read the same bytes. Saves write a new file each (as a run saving ``step-N.pt`` does). Files go
+to ``--folder`` (default: a temporary folder on the same disk as /tmp); before every load the
+file is read once, so all loads read it from the OS page cache, not from the disk.
 
 Usage:
     python benchmarks/checkpoint_io.py [--sizes 480 4096] [--repeats 5] [--folder DIR]
@@ -193,13 +193,19 @@ def child(operation: str, megabytes: int, folder: Path) -> dict[str, float]:
     """Run ``operation`` once in this (fresh) process and measure it.
 
     Args:
-        operation: a key of :data:`OPERATIONS`.
+        operation: a key of :data:`OPERATIONS`, or ``prepare`` (write the checkpoint the loads
+            read).
         megabytes: the state's approximate size.
         folder: where the checkpoint files are.
 
     Returns:
-        ``seconds``, ``extra`` (peak resident growth minus the bytes the operation returned).
+        ``seconds``, ``extra`` (peak resident growth minus the bytes the operation returned);
+        for ``prepare`` the ``state``'s bytes.
     """
+    if operation == "prepare":
+        state = make_state(megabytes)
+        save_state(state, folder / "medfunc.pt")
+        return {"state": tensor_bytes(state)}
     _warm_up(folder)
     run = _setup(operation, megabytes, folder)
     _reset_peak()
@@ -210,6 +216,14 @@ def child(operation: str, megabytes: int, folder: Path) -> dict[str, float]:
     peak = _memory()["VmHWM"]
     kept = 0 if "mmap=True" in operation else tensor_bytes(result)  # mapped: no memory yet
     return {"seconds": seconds, "extra": peak - before - kept}
+
+
+def _warm_page_cache(path: Path) -> None:
+    """Read ``path`` once, so that a load after it reads from memory, not from the disk (a saved
+    file may have left the page cache when later saves and the set-up of a process filled it)."""
+    with open(path, "rb", buffering=0) as handle:
+        while handle.read(1 << 24):
+            pass
 
 
 def _spawn(operation: str, megabytes: int, folder: Path) -> dict[str, float]:
@@ -231,14 +245,16 @@ def run(megabytes: int, repeats: int, folder: Path) -> dict[str, Any]:
         ``rows`` (operation -> list of measurements), ``state`` and ``file`` bytes, the load
         averages before and after.
     """
-    state = make_state(megabytes)
-    state_size = tensor_bytes(state)
-    path = save_state(state, folder / "medfunc.pt")
-    del state
+    # the checkpoint is written by a process of its own: memory this one kept from building the
+    # state would crowd the page cache and the measured processes
+    path = folder / "medfunc.pt"
+    state_size = _spawn("prepare", megabytes, folder)["state"]
     load_before = os.getloadavg()
     rows: dict[str, list[dict[str, float]]] = {op: [] for op in OPERATIONS}
     for _ in range(repeats):
         for operation in OPERATIONS:
+            if "save" not in operation:
+                _warm_page_cache(path)
             rows[operation].append(_spawn(operation, megabytes, folder))
             (folder / "written.pt").unlink(missing_ok=True)
     return {
