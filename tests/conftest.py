@@ -67,15 +67,15 @@ def tiny_bert(dropout: float = 0.1) -> nn.Module:
     return transformers.BertForSequenceClassification(config)
 
 
-def end_worker() -> None:
+def end_worker(code: int = 0) -> None:
     """End a torchrun worker once its results are written, without interpreter teardown.
 
     Under load, a 2-process Gloo job whose every rank has finished and written its results
     sometimes aborts in torch's C++ teardown at exit ("terminate called without an active
     exception", SIGABRT, no Python frame on the stack; about 1 run in 4 on a busy 2-core
     machine, none in 30 runs of a bare all-reduce script). The tests check what the workers
-    computed, so the workers flush and leave here.
+    computed, so the workers flush and leave here, with exit status ``code``.
     """
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import TinyClassifier  # noqa: E402
+from conftest import TinyClassifier, end_worker  # noqa: E402
 
 from medfunc import distributed  # noqa: E402
 from medfunc.errors import TrainingInterrupted  # noqa: E402
@@ -108,4 +108,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_worker(main())
