@@ -8,12 +8,9 @@ peer under torchrun and times the survivor.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +27,10 @@ from medfunc.distributed import env
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "tests" / "distributed" / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+from dist_common import free_port, stop_launch  # noqa: E402
+
 TIMEOUT_S = 5
 LAUNCH_TIMEOUT_S = 240
 
@@ -73,12 +74,6 @@ def test_an_explicit_timeout_applies_to_existing_and_later_groups(own_group):
     assert _timeout_s(torch_dist.new_group([0])) == 3.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_deepspeed_hung_peer_fails_within_the_configured_timeout(tmp_path):
     env_vars = dict(
@@ -94,7 +89,7 @@ def test_deepspeed_hung_peer_fails_within_the_configured_timeout(tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(SCRIPTS / "timeout_worker.py"),
     ]
     launcher = subprocess.Popen(
@@ -110,13 +105,7 @@ def test_deepspeed_hung_peer_fails_within_the_configured_timeout(tmp_path):
         output, _ = launcher.communicate(timeout=LAUNCH_TIMEOUT_S)
         ended = time.time()
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.wait(timeout=60)
-        hung = tmp_path / "hung.pid"
-        if hung.exists():  # a hung worker that outlived its launcher; end it too
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(hung.read_text()), signal.SIGKILL)
+        stop_launch([launcher], tmp_path)
     assert launcher.returncode != 0
     # every group that exists once DeepSpeed has initialised, its own included, has the timeout
     groups = json.loads((tmp_path / "groups.json").read_text())

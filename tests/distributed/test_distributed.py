@@ -7,11 +7,8 @@ them with a single-process medfunc run computed here.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,18 +26,20 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "tests" / "distributed" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from dist_common import STEPS, accumulate_run, make_model, make_tx, reference_run  # noqa: E402
+from dist_common import (  # noqa: E402
+    STEPS,
+    accumulate_run,
+    free_port,
+    make_model,
+    make_tx,
+    reference_run,
+    stop_launch,
+)
 
 # Two ranks on halves of each batch against one process on the whole batch (fp32, CPU): the
 # sums are reassociated, so the match is within float32 rounding, not bitwise.
 TOL = 1e-6
 LAUNCH_TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(out: Path, **extra: str) -> dict:
@@ -55,7 +54,7 @@ def _torchrun(script: str, out: Path, *args: str, **env: str) -> subprocess.Comp
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(SCRIPTS / script),
         *args,
     ]
@@ -299,7 +298,7 @@ def test_deepspeed_runs_in_a_single_process(tmp_path, reference):
 @pytest.mark.parametrize("how", ["sigkill", "hang"])
 def test_failed_rank_makes_the_other_raise_distributed_error(tmp_path, how):
     timeout_s = 6
-    port = _free_port()
+    port = free_port()
     env = _env(tmp_path, MEDFUNC_DIST_TIMEOUT_S=str(timeout_s))
     nodes = []
     for node in (0, 1):
@@ -332,14 +331,7 @@ def test_failed_rank_makes_the_other_raise_distributed_error(tmp_path, how):
         output, _ = nodes[0].communicate(timeout=LAUNCH_TIMEOUT_S)
         elapsed = time.monotonic() - started
     finally:
-        for proc in nodes:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-        hung = tmp_path / "hung.pid"
-        if hung.exists():  # the hung worker outlives its killed launcher; end it too
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(hung.read_text()), signal.SIGKILL)
+        stop_launch(nodes, tmp_path)
     assert nodes[0].returncode != 0
     assert "medfunc.errors.DistributedError: gradient all-reduce" in output
     assert "most likely rank 1" in output
@@ -364,7 +356,7 @@ def test_example_script_trains_under_torchrun_and_writes_a_restorable_checkpoint
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(example),
         "--mode",
         "ddp",

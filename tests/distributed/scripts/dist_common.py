@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,3 +99,23 @@ def reference_run(
     for i in range(start, stop):
         state, _ = mf.train_step(state, data[i])
     return state
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a torchrun ``--master_port``)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_launch(processes: list[subprocess.Popen], folder: Path) -> None:
+    """Kill what is left of torchrun launchers started with ``start_new_session=True`` (their
+    whole process groups), and a hung worker that outlived them (its pid in ``hung.pid``)."""
+    for proc in processes:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    hung = folder / "hung.pid"
+    if hung.exists():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(hung.read_text()), signal.SIGKILL)
