@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 from collections import OrderedDict
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from torch import nn
 
 import medfunc as mf
@@ -451,9 +451,7 @@ def _ddp_worker(out: Path) -> None:
 
 @pytest.mark.slow
 def test_ddp_and_fsdp_equal_torch_and_ranks_agree_on_the_set_of_gradients(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     command = [

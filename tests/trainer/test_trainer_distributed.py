@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyClassifier
+from conftest import TinyClassifier, free_port
 from safetensors.torch import load_file
 
 from medfunc.recipes.base import TensorDictDataset
@@ -65,12 +64,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _data(n: int, seed: int) -> TensorDictDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, generator=g)
@@ -104,7 +97,7 @@ def test_two_process_training_writes_once_and_reduces_metrics_over_all_ranks(
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            f"--master_port={_free_port()}",
+            f"--master_port={free_port()}",
             str(script),
         ],
         cwd=tmp_path,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 import medfunc as mf
 from medfunc.checkpoint import read_checkpoint
@@ -249,16 +249,10 @@ def test_the_cli_exits_with_143_on_sigterm_and_names_the_checkpoint(tmp_path):
     assert read_checkpoint(checkpoint)["trainer_state"]["run"]["recipe"] == "breast_cancer"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torchrun(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-        + [f"--master_port={_free_port()}", str(WORKER), str(out), *extra],
+        + [f"--master_port={free_port()}", str(WORKER), str(out), *extra],
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

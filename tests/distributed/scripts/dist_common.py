@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from torch import nn
 import medfunc as mf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, for conftest
-from conftest import end_worker  # noqa: E402, F401 - re-exported for the workers
+from conftest import end_worker, free_port  # noqa: E402, F401 - re-exported for workers/tests
 
 STEPS = 10
 BATCH = 8
@@ -99,13 +98,6 @@ def reference_run(
     for i in range(start, stop):
         state, _ = mf.train_step(state, data[i])
     return state
-
-
-def free_port() -> int:
-    """A TCP port free on this machine now (for a torchrun ``--master_port``)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stop_launch(processes: list[subprocess.Popen], folder: Path) -> None:
