@@ -7,7 +7,7 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from medfunc.state import TrainState, bind_module
 __all__ = [
     "describe_error",
     "eval_mode",
+    "export_target",
     "module_device",
     "quiet_exporter",
     "resolve_module",
@@ -80,6 +81,56 @@ def split_example(example: Any, device: torch.device) -> tuple[tuple, dict, list
         "export_input_example must be a dict of keyword inputs, a tuple/list of positional "
         f"inputs or a tensor; got {type(example).__name__}"
     )
+
+
+class _AppliedExport(torch.nn.Module):
+    """A state's ``apply_fn(model, inputs)`` as a forward over positional tensors: the exported
+    graph takes the example's tensors in order and rebuilds the example's structure (a dict with
+    its keys, a tuple, or the lone tensor) before calling ``apply_fn``."""
+
+    def __init__(self, model: torch.nn.Module, apply_fn: Callable, example: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.apply_fn = apply_fn
+        self.keys = [str(k) for k in example] if isinstance(example, Mapping) else None
+        self.lone_tensor = isinstance(example, torch.Tensor)
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        if self.keys is not None:
+            return self.apply_fn(self.model, dict(zip(self.keys, inputs)))
+        return self.apply_fn(self.model, inputs[0] if self.lone_tensor else tuple(inputs))
+
+
+def export_target(
+    state_or_module: TrainState | torch.nn.Module, example: Any
+) -> tuple[torch.nn.Module, tuple, dict, list[str]]:
+    """The module to export and its example as ``(module, args, kwargs, input names)``.
+
+    A state with an ``apply_fn`` exports ``apply_fn(model, example)``: the graph's inputs are the
+    example's tensors, positional in the example's order (a dict's keys name them), so the
+    exported model is called as the state calls its model. Otherwise the model itself is
+    exported with the example as its inputs (:func:`split_example`).
+
+    Args:
+        state_or_module: a :class:`TrainState` (its values bound into its module) or a module.
+        example: ``export_input_example``: dict, tuple/list or tensor.
+
+    Returns:
+        ``(module, args, kwargs, input_names)`` with the tensors on the module's device.
+
+    Example:
+        >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.sgd(0.1),
+        ...                       apply_fn=lambda model, batch: model(batch[0]))
+        >>> module, args, kwargs, names = export_target(state, (torch.randn(3, 4),))
+        >>> module(*args).shape, names
+        (torch.Size([3, 2]), ['input_0'])
+    """
+    module = resolve_module(state_or_module)
+    args, kwargs, names = split_example(example, module_device(module))
+    apply_fn = getattr(state_or_module, "apply_fn", None)
+    if apply_fn is None:
+        return module, args, kwargs, names
+    return _AppliedExport(module, apply_fn, example), (*args, *kwargs.values()), {}, names
 
 
 @contextlib.contextmanager

@@ -18,12 +18,10 @@ from medfunc.errors import ExportError
 from medfunc.export.common import (
     describe_error,
     eval_mode,
-    module_device,
+    export_target,
     quiet_exporter,
-    resolve_module,
     root_cause,
     run_eager,
-    split_example,
 )
 from medfunc.export.compare import compare_outputs, flatten_outputs
 from medfunc.state import TrainState
@@ -282,7 +280,8 @@ def to_onnx(
     Args:
         state_or_module: a :class:`TrainState` (exported with its own params and buffers, which
             :func:`~medfunc.state.bind_module` writes into ``state.module``) or a module.
-        example: ``export_input_example``: dict, tuple/list or tensor of inputs.
+        example: ``export_input_example``: dict, tuple/list or tensor of inputs. For a state
+            built with ``apply_fn`` the graph runs ``apply_fn(model, example)``.
         path: the ``.onnx`` file to write (parent folders are created).
         opset: the ONNX opset (default: the exporter's default, 18+ for the dynamo exporter).
         dynamic_batch: make the batch dimension symbolic and verify at a second batch size.
@@ -308,11 +307,10 @@ def to_onnx(
         (logits,) = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
     """
     onnx, ort = _require_onnx(verify)
-    module = resolve_module(state_or_module)
+    module, args, kwargs, input_names = export_target(state_or_module, example)
     path = ensure_writable(path)  # a target that cannot work fails before tracing
     use_dynamo = dynamo if dynamo is not None else (opset is None or opset >= DYNAMO_MIN_OPSET)
     label = f"ONNX export ({_exporter_name(use_dynamo)}) of {type(module).__name__}"
-    args, kwargs, input_names = split_example(example, module_device(module))
     workdir = temporary_path(path)
     workdir.mkdir()
     staged = workdir / path.name

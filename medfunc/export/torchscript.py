@@ -16,10 +16,9 @@ from medfunc.errors import ExportError
 from medfunc.export.common import (
     describe_error,
     eval_mode,
+    export_target,
     module_device,
-    resolve_module,
     run_eager,
-    split_example,
 )
 from medfunc.export.compare import compare_outputs, flatten_outputs
 from medfunc.state import TrainState
@@ -124,7 +123,8 @@ def to_torchscript(
         state_or_module: a :class:`TrainState` (its params and buffers are written into
             ``state.module`` with :func:`~medfunc.state.bind_module` and exported) or a module.
         example: ``export_input_example``: dict (``model(**example)``), tuple/list
-            (``model(*example)``) or a tensor.
+            (``model(*example)``) or a tensor. For a state built with ``apply_fn`` the file runs
+            ``apply_fn(model, example)`` and takes the example's tensors positionally.
         path: the ``.pt`` file to write (parent folders are created).
         verify: reload the saved file and compare it with the eager model.
         atol: the largest absolute difference accepted by the verification.
@@ -146,10 +146,9 @@ def to_torchscript(
         >>> torch.allclose(loaded(x), mf.apply_model(state, x))
         True
     """
-    module = resolve_module(state_or_module)
+    module, args, kwargs, _ = export_target(state_or_module, example)
     path = ensure_writable(path)  # a target that cannot work fails before tracing
     device = module_device(module)
-    args, kwargs, _ = split_example(example, device)
     name = type(module).__name__
     staged = temporary_path(path)
     try:
