@@ -1,5 +1,5 @@
-"""Model options applied before :func:`~medfunc.state.init_state`: activation checkpointing,
-dropout override and channels_last.
+"""Model options applied before :func:`~medfunc.state.init_state`: activation checkpointing
+(by block or by module-name pattern), dropout override and channels_last.
 
 Each helper changes the module in place and leaves its ``state_dict()`` keys alone, so
 checkpoints stay interchangeable with the unprepared model.
@@ -28,8 +28,10 @@ from torch.utils.checkpoint import checkpoint
 from medfunc.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_RECOMPUTE_PATTERNS",
     "DROPOUT_TYPES",
     "HF_CHECKPOINTING",
+    "enable_activation_recompute",
     "enable_gradient_checkpointing",
     "is_checkpointed",
     "prepare_model",
@@ -40,6 +42,9 @@ __all__ = [
 #: What :func:`enable_gradient_checkpointing` returns when the model's own (Hugging Face) API
 #: was used.
 HF_CHECKPOINTING = "<hf>"
+#: The module-name substrings :func:`enable_activation_recompute` wraps by default (those of
+#: ``medvllm.training.trainer``).
+DEFAULT_RECOMPUTE_PATTERNS: tuple[str, ...] = ("attention", "conv3d")
 #: Module classes whose ``p`` :func:`set_dropout` overrides.
 DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
     nn.Dropout,
@@ -226,12 +231,19 @@ def enable_gradient_checkpointing(
             outermost matches are wrapped. Given patterns always use medfunc's wrapping, also on
             Hugging Face models.
 
+    When neither the Hugging Face API nor the block rule applies (and no ``patterns`` were
+    given), ``gradient_checkpointing = True`` is set on every (sub)module that has that
+    attribute, as the original trainer's toggle did, with a ``UserWarning``; a model without
+    such an attribute is left as it is (also with the warning, never an error).
+
     Returns:
         The qualified names of the checkpointed submodules (including ones wrapped by an earlier
-        call), or ``["<hf>"]`` when the model's own API was used.
+        call), ``["<hf>"]`` when the model's own API was used, or the names of the modules
+        whose ``gradient_checkpointing`` attribute was set (``""``: the model itself).
 
     Raises:
-        ConfigError: nothing matched (the message lists the model's top-level children).
+        ConfigError: given ``patterns`` matched nothing (the message lists the model's
+            top-level children).
 
     Example:
         >>> layer = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, batch_first=True)
@@ -254,14 +266,20 @@ def enable_gradient_checkpointing(
         if name in chosen or any(name.startswith(f"{outer}.") for outer in chosen):
             continue
         chosen[name] = module
+    if not chosen and not pattern_list:
+        return _attribute_toggle(model)
     if not chosen:
         children = [n for n, _ in model.named_children()]
-        what = f"patterns {pattern_list}" if pattern_list else "the default block rule"
         raise ConfigError(
-            f"gradient checkpointing: no submodule of {type(model).__name__} matched {what}; "
-            f"its top-level children are {children}. Pass patterns=['<name glob or class name>'] "
-            "naming the repeated blocks to checkpoint"
+            f"gradient checkpointing: no submodule of {type(model).__name__} matched patterns "
+            f"{pattern_list}; its top-level children are {children}. Pass "
+            "patterns=['<name glob or class name>'] naming the repeated blocks to checkpoint"
         )
+    return _wrap(model, chosen)
+
+
+def _wrap(model: nn.Module, chosen: dict[str, nn.Module]) -> list[str]:
+    """Checkpoint the ``chosen`` submodules; their names in model order."""
     names = []
     for name, module in model.named_modules():
         if name in chosen:
@@ -269,6 +287,94 @@ def enable_gradient_checkpointing(
                 module.forward = _CheckpointedForward(module)
             names.append(name)
     return names
+
+
+def _attribute_toggle(model: nn.Module) -> list[str]:
+    """Set ``gradient_checkpointing = True`` on the (sub)modules that have that attribute, with
+    a warning: the model's own code decides what it does with the flag."""
+    flagged = [n for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")]
+    for name in flagged:
+        model.get_submodule(name).gradient_checkpointing = True
+    children = [n for n, _ in model.named_children()]
+    if flagged:
+        what = (
+            f"set gradient_checkpointing=True on {[n or '<model>' for n in flagged]}; whether "
+            "activations are recomputed is up to the model's own forward"
+        )
+    else:
+        what = "nothing was changed: activations are stored as without the option"
+    warnings.warn(
+        f"gradient checkpointing: {type(model).__name__} has no Hugging Face "
+        "gradient_checkpointing_enable and no repeated blocks medfunc recognises (top-level "
+        f"children {children}); {what}. Pass patterns (or activation_recompute_patterns) "
+        "naming the blocks to checkpoint them with medfunc",
+        UserWarning,
+        stacklevel=3,
+    )
+    return flagged
+
+
+def enable_activation_recompute(
+    model: nn.Module, patterns: str | Iterable[str] = DEFAULT_RECOMPUTE_PATTERNS
+) -> list[str]:
+    """Recompute in the backward pass the submodules whose qualified name contains a pattern.
+
+    A submodule is chosen when one of ``patterns`` is a substring of its qualified name
+    (``"encoder.layer.0.attention"`` contains ``"attention"``); top-level children count
+    (``model.attention`` is wrapped). Only the outermost matches are wrapped, and a module
+    inside one already checkpointed (by :func:`enable_gradient_checkpointing`) is left alone.
+    Wrapping is the same as :func:`enable_gradient_checkpointing`'s: non-reentrant
+    ``torch.utils.checkpoint``, no module inserted, ``state_dict()`` keys unchanged, gradients
+    equal to the unwrapped model's.
+
+    Args:
+        model: the model (changed in place).
+        patterns: substrings of qualified module names (case-sensitive); default
+            :data:`DEFAULT_RECOMPUTE_PATTERNS`.
+
+    Returns:
+        The qualified names of the submodules now recomputed (a warning when there is none).
+
+    Raises:
+        ConfigError: ``patterns`` is empty or holds something other than non-empty strings.
+
+    Example:
+        >>> model = nn.Module()
+        >>> model.attention = nn.Linear(8, 8)
+        >>> model.decoder = nn.Module()
+        >>> model.decoder.conv3d = nn.Conv3d(1, 1, 1)
+        >>> enable_activation_recompute(model)
+        ['attention', 'decoder.conv3d']
+        >>> list(model.state_dict())[:2]
+        ['attention.weight', 'attention.bias']
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    pattern_list = list(patterns)
+    if not pattern_list or not all(isinstance(p, str) and p for p in pattern_list):
+        raise ConfigError(
+            f"activation_recompute_patterns must be non-empty strings (substrings of module "
+            f"names such as 'attention'), got {pattern_list!r}"
+        )
+    covered = [n for n, m in model.named_modules() if is_checkpointed(m)]
+    chosen: dict[str, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=True):
+        if not name or not any(p in name for p in pattern_list):
+            continue
+        outer = [*covered, *chosen]
+        if any(name.startswith(f"{o}.") for o in outer if o):
+            continue
+        chosen[name] = module
+    if not chosen:
+        warnings.warn(
+            f"activation recompute: no submodule name of {type(model).__name__} contains any "
+            f"of {pattern_list}; nothing is recomputed. Module names look like "
+            f"{[n for n, _ in model.named_modules() if n][:6]}",
+            UserWarning,
+            stacklevel=2,
+        )
+        return []
+    return _wrap(model, chosen)
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,6 +460,7 @@ def prepare_model(
     model: nn.Module,
     *,
     gradient_checkpointing: bool | str | Iterable[str] = False,
+    activation_recompute: bool | Iterable[str] = False,
     channels_last: bool = False,
     dropout_prob: float | None = None,
     device: str | torch.device | None = None,
@@ -364,6 +471,8 @@ def prepare_model(
         model: the model (changed in place).
         gradient_checkpointing: True for :func:`enable_gradient_checkpointing`'s default, or
             patterns naming the blocks.
+        activation_recompute: True for :func:`enable_activation_recompute` with
+            :data:`DEFAULT_RECOMPUTE_PATTERNS`, or the name substrings to use.
         channels_last: convert with :func:`to_channels_last` (CUDA only).
         dropout_prob: if not None, :func:`set_dropout` to this probability.
         device: where the model will run, for ``channels_last`` (default: where its parameters
@@ -373,7 +482,7 @@ def prepare_model(
         ``model``.
 
     Raises:
-        ConfigError: invalid ``dropout_prob``, or no block to checkpoint.
+        ConfigError: invalid ``dropout_prob``, or given patterns that match no block.
 
     Example:
         >>> layer = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, batch_first=True)
@@ -387,6 +496,11 @@ def prepare_model(
     if gradient_checkpointing is not False and gradient_checkpointing is not None:
         patterns = None if gradient_checkpointing is True else gradient_checkpointing
         enable_gradient_checkpointing(model, patterns)
+    if activation_recompute is not False and activation_recompute is not None:
+        if activation_recompute is True:
+            enable_activation_recompute(model)
+        else:
+            enable_activation_recompute(model, activation_recompute)
     if channels_last:
         to_channels_last(model, device)
     return model

@@ -15,7 +15,9 @@ from torch import nn
 import medfunc as mf
 from medfunc.errors import ConfigError
 from medfunc.modeling import (
+    DEFAULT_RECOMPUTE_PATTERNS,
     HF_CHECKPOINTING,
+    enable_activation_recompute,
     enable_gradient_checkpointing,
     is_checkpointed,
     prepare_model,
@@ -146,8 +148,33 @@ def test_patterns_choose_blocks_by_name_or_class():
     assert enable_gradient_checkpointing(DeepMLP(depth=2), "Block") == ["blocks.0", "blocks.1"]
     with pytest.raises(ConfigError, match=r"no submodule.*top-level children are \['inp'"):
         enable_gradient_checkpointing(DeepMLP(depth=2), ["decoder.*"])
-    with pytest.raises(ConfigError, match="default block rule"):
-        enable_gradient_checkpointing(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+
+
+class FlaggedNet(nn.Module):
+    """No blocks medfunc recognises and no Hugging Face API: a model whose own code reads a
+    ``gradient_checkpointing`` flag (as the original trainer's attribute toggle expects)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(2, 4)
+        self.core = nn.Linear(4, 4)
+        self.core.gradient_checkpointing = False
+        self.gradient_checkpointing = False
+
+
+def test_without_api_or_blocks_the_flag_is_set_with_a_warning():
+    model = FlaggedNet()
+    with pytest.warns(
+        UserWarning, match=r"set gradient_checkpointing=True on \['<model>', 'core'\]"
+    ):
+        assert enable_gradient_checkpointing(model) == ["", "core"]
+    assert model.gradient_checkpointing is True and model.core.gradient_checkpointing is True
+    assert not hasattr(model.inp, "gradient_checkpointing")
+    assert not any(is_checkpointed(m) for m in model.modules())
+    plain = nn.Sequential(nn.Linear(2, 2), nn.ReLU())  # no flag anywhere: nothing, no error
+    with pytest.warns(UserWarning, match="nothing was changed"):
+        assert prepare_model(plain, gradient_checkpointing=True) is plain
+    assert not hasattr(plain, "gradient_checkpointing")
 
 
 @pytest.mark.parametrize("make", [DeepMLP, Encoder], ids=["mlp", "transformer"])
@@ -165,6 +192,71 @@ def test_checkpointed_gradients_equal_plain_under_functional_call(make):
         functional_grads(plain, params, buffers, batch),
         functional_grads(ckpt, params, buffers, batch),
     )
+
+
+class AttentionNet(nn.Module):
+    """A top-level child named ``attention`` and a nested ``encoder.conv3d`` (the original's
+    default patterns), plus modules no pattern names."""
+
+    def __init__(self, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.attention = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(dropout))
+        self.encoder = nn.Module()
+        self.encoder.conv3d = nn.Conv3d(1, 2, kernel_size=(1, 1, 3), padding=(0, 0, 1))
+        self.encoder.attention_norm = nn.LayerNorm(64)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        h = self.attention(self.inp(x)).view(x.shape[0], 1, 1, 1, 32)
+        h = self.encoder.conv3d(h).flatten(1)
+        out = {"logits": self.head(self.encoder.attention_norm(h))}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(out["logits"], labels)
+        return out
+
+
+def test_activation_recompute_wraps_matching_names_top_level_included():
+    model = AttentionNet()
+    keys = list(model.state_dict())
+    assert DEFAULT_RECOMPUTE_PATTERNS == ("attention", "conv3d")
+    names = enable_activation_recompute(model)
+    # "attention" is a top-level child (the original never wrapped one); the Linear inside it
+    # is not wrapped again; every module whose name contains a pattern is.
+    assert names == ["attention", "encoder.conv3d", "encoder.attention_norm"]
+    assert is_checkpointed(model.attention) and not is_checkpointed(model.attention[0])
+    assert not is_checkpointed(model.inp) and not is_checkpointed(model.head)
+    assert list(model.state_dict()) == keys
+    assert enable_activation_recompute(model) == names  # idempotent
+    assert enable_activation_recompute(AttentionNet(), ["head"]) == ["head"]
+    with pytest.warns(UserWarning, match=r"no submodule name .* contains any of \['decoder'\]"):
+        assert enable_activation_recompute(AttentionNet(), ["decoder"]) == []
+    with pytest.raises(ConfigError, match="activation_recompute_patterns"):
+        enable_activation_recompute(AttentionNet(), [""])
+
+
+def test_activation_recompute_inside_checkpointed_blocks_wraps_nothing_twice():
+    model = Encoder(depth=2)
+    enable_gradient_checkpointing(model)
+    # every "self_attn" lies inside a checkpointed layer; "inp" is outside any
+    assert enable_activation_recompute(model, ["self_attn", "inp"]) == ["inp"]
+    assert not is_checkpointed(model.encoder.layers[0].self_attn)
+
+
+def test_activation_recompute_gradients_equal_the_plain_model_bitwise():
+    plain, ckpt = twins(AttentionNet, dropout=0.2)  # dropout masks must be replayed
+    prepare_model(ckpt, activation_recompute=True)
+    assert is_checkpointed(ckpt.attention) and is_checkpointed(ckpt.encoder.conv3d)
+    params = shifted_params(plain)  # differ from the module's weights, as after pure steps
+    buffers = OrderedDict(plain.named_buffers())
+    grads = [functional_grads(m, params, buffers, mlp_batch()) for m in (plain, ckpt)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    states = [mf.init_state(m, mf.optim.adamw(1e-2), seed=3) for m in (plain, ckpt)]
+    for i in range(3):
+        states = [mf.train_step(s, mlp_batch(seed=i))[0] for s in states]
+    for name, value in states[0].params.items():
+        assert torch.equal(value, states[1].params[name]), name
 
 
 def test_batchnorm_statistics_are_updated_once():
