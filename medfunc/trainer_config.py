@@ -27,6 +27,7 @@ import torch
 
 from medfunc import validation
 from medfunc.errors import ConfigError
+from medfunc.modeling import DEFAULT_RECOMPUTE_PATTERNS
 from medfunc.optim.optimizers import OPTIMIZER_NAMES
 from medfunc.schedules import ANNEAL_STRATEGIES, SCHEDULE_NAMES
 
@@ -37,6 +38,7 @@ SCHEDULERS = SCHEDULE_NAMES
 CLIP_MODES = ("norm", "value", "none")
 METRIC_MODES = ("auto", "min", "max")
 COMPILE_MODES = ("inductor", "cudagraph", "inductor+cudagraph")
+DDP_BACKENDS = ("nccl", "gloo")
 AMP_DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
@@ -47,7 +49,7 @@ AMP_DTYPES = {
 #: Keys of a run file that belong to the ``medfunc`` command, not to TrainerConfig.
 RUN_KEYS = ("recipe", "recipe_options", "output_dir")
 #: Fields that hold Python objects and cannot come from a config file.
-_OBJECT_FIELDS = ("eval_compute_metrics", "export_input_example", "collate_fn")
+_OBJECT_FIELDS = ("eval_compute_metrics", "export_input_example", "collate_fn", "visualize_fn")
 
 
 @dataclasses.dataclass
@@ -87,6 +89,7 @@ class TrainerConfig:
     max_grad_norm: float | None = 1.0
     grad_clip_value: float = 0.5
     gradient_accumulation_steps: int = 1
+    ema_decay: float | None = None
     max_consecutive_skipped_steps: int | None = 100
     allow_no_update_epochs: bool = False
     # precision and device
@@ -101,6 +104,10 @@ class TrainerConfig:
     shuffle: bool = True
     collate_fn: Callable[[list], Any] | None = None
     seed: int = 42
+    num_workers: int = 2
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
     log_every: int = 50
     progress_bar: bool | None = None
     # evaluation
@@ -112,12 +119,14 @@ class TrainerConfig:
     early_stopping_patience: int | None = None
     early_stopping_min_delta: float = 0.0
     load_best_model_at_end: bool | None = None
+    eval_with_ema: bool = False
     # checkpoints
     save_every_epochs: int | None = 1
     save_every_steps: int | None = None
     save_total_limit: int | None = None
     save_optimizer: bool = True
     save_scheduler: bool = True
+    save_trainable_only: bool | None = None
     resume_from: str | None = None
     overwrite_output_dir: bool = False
     # export
@@ -135,7 +144,17 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     channels_last: bool = False
     dropout_prob: float | None = None
+    activation_recompute: bool = False
+    activation_recompute_patterns: tuple[str, ...] = DEFAULT_RECOMPUTE_PATTERNS
+    cudnn_benchmark: bool = True
+    # model versions and visualisation
+    model_versioning: bool = True
+    visualize_every_steps: int | None = None
+    visualize_fn: Callable[[Any, Any, int, Path], Any] | None = None
     # distributed
+    use_ddp: bool = False
+    ddp_backend: str = "nccl"
+    ddp_find_unused_parameters: bool = False
     fsdp: bool = False
     deepspeed: bool = False
     deepspeed_config: dict | str | None = None
@@ -251,6 +270,23 @@ class TrainerConfig:
         mapping = apply_overrides(load_config_file(path), overrides or {})
         options = {k: v for k, v in mapping.items() if k not in RUN_KEYS}
         return cls.from_dict(options, source=str(path))
+
+
+def _checked_init(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap the dataclass ``__init__``: an unknown keyword is a ConfigError with a did-you-mean."""
+
+    @functools.wraps(init)
+    def __init__(self: TrainerConfig, *args: Any, **kwargs: Any) -> None:
+        names = [f.name for f in dataclasses.fields(type(self))]
+        for key in kwargs:
+            if key not in names:
+                raise ConfigError(f"TrainerConfig: {_unknown_key_message(key, names)}")
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+TrainerConfig.__init__ = _checked_init(TrainerConfig.__init__)  # type: ignore[method-assign]
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -501,6 +537,26 @@ def _export_example(name: str, value: Any) -> Any:
     raise validation.fail(name, "a dict (or tuple) of example input tensors, or None", value)
 
 
+def _visualize_fn(name: str, value: Any) -> Callable | None:
+    if value is not None and not callable(value):
+        raise validation.fail(
+            name, "a callable (batch, outputs, global_step, output_dir) -> None, or None", value
+        )
+    return value
+
+
+def _recompute_patterns(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    if (
+        not isinstance(value, (list, tuple))
+        or not value
+        or not all(isinstance(p, str) and p for p in value)
+    ):
+        raise validation.fail(name, "a non-empty list of module-name substrings", value)
+    return tuple(value)
+
+
 def _deepspeed_config(name: str, value: Any) -> dict | str | None:
     if value is None or isinstance(value, dict):
         return value
@@ -532,6 +588,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "max_grad_norm": functools.partial(validation.positive_float, optional=True),
     "grad_clip_value": validation.positive_float,
     "gradient_accumulation_steps": validation.positive_int,
+    "ema_decay": functools.partial(validation.probability, optional=True),
     "max_consecutive_skipped_steps": functools.partial(validation.positive_int, optional=True),
     "allow_no_update_epochs": validation.boolean,
     "use_amp": validation.boolean,
@@ -544,6 +601,10 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "shuffle": validation.boolean,
     "collate_fn": _collate_fn,
     "seed": validation.non_negative_int,
+    "num_workers": validation.non_negative_int,
+    "pin_memory": validation.boolean,
+    "persistent_workers": validation.boolean,
+    "prefetch_factor": validation.positive_int,
     "log_every": validation.positive_int,
     "progress_bar": functools.partial(validation.boolean, optional=True),
     "eval_every_steps": functools.partial(validation.positive_int, optional=True),
@@ -554,11 +615,13 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "early_stopping_patience": functools.partial(validation.positive_int, optional=True),
     "early_stopping_min_delta": validation.non_negative_float,
     "load_best_model_at_end": functools.partial(validation.boolean, optional=True),
+    "eval_with_ema": validation.boolean,
     "save_every_epochs": functools.partial(validation.non_negative_int, optional=True),
     "save_every_steps": functools.partial(validation.positive_int, optional=True),
     "save_total_limit": functools.partial(validation.positive_int, optional=True),
     "save_optimizer": validation.boolean,
     "save_scheduler": validation.boolean,
+    "save_trainable_only": functools.partial(validation.boolean, optional=True),
     "resume_from": _optional_string,
     "overwrite_output_dir": validation.boolean,
     "export_torchscript": validation.boolean,
@@ -573,6 +636,15 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "gradient_checkpointing": validation.boolean,
     "channels_last": validation.boolean,
     "dropout_prob": functools.partial(validation.probability, optional=True),
+    "activation_recompute": validation.boolean,
+    "activation_recompute_patterns": _recompute_patterns,
+    "model_versioning": validation.boolean,
+    "visualize_every_steps": functools.partial(validation.positive_int, optional=True),
+    "visualize_fn": _visualize_fn,
+    "cudnn_benchmark": validation.boolean,
+    "use_ddp": validation.boolean,
+    "ddp_backend": _choice(*DDP_BACKENDS),
+    "ddp_find_unused_parameters": validation.boolean,
     "fsdp": validation.boolean,
     "deepspeed": validation.boolean,
     "deepspeed_config": _deepspeed_config,
@@ -592,6 +664,7 @@ _FLOAT_FIELDS = frozenset(
         "grad_clip_value",
         "early_stopping_min_delta",
         "dropout_prob",
+        "ema_decay",
     )
 )
 
@@ -610,4 +683,19 @@ def _check_combinations(config: TrainerConfig) -> None:
     if config.fsdp and config.deepspeed:
         raise ConfigError(
             "TrainerConfig.fsdp and TrainerConfig.deepspeed are both true; choose one"
+        )
+    _check_ema(config)
+
+
+def _check_ema(config: TrainerConfig) -> None:
+    """Refuse ``eval_with_ema`` without ``ema_decay``, and an EMA under FSDP or DeepSpeed."""
+    if config.eval_with_ema and config.ema_decay is None:
+        raise ConfigError(
+            "TrainerConfig.eval_with_ema=True needs an EMA to evaluate with; set ema_decay "
+            "(e.g. 0.999)"
+        )
+    if config.ema_decay is not None and (config.fsdp or config.deepspeed):
+        raise ConfigError(
+            "TrainerConfig.ema_decay is not available with fsdp=True or deepspeed=True (their "
+            "sharded weights are not averaged); drop ema_decay or train without sharding"
         )

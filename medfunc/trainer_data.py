@@ -34,7 +34,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import (
@@ -42,10 +42,12 @@ from torch.utils.data import (
     Dataset,
     DistributedSampler,
     IterableDataset,
+    Sampler,
     default_collate,
 )
 
 from medfunc.data import to_device
+from medfunc.device_options import resolve as resolve_device_options
 from medfunc.errors import BatchError, ConfigError
 from medfunc.trainer_config import TrainerConfig
 
@@ -202,6 +204,83 @@ def pin_memory(tree: Any) -> Any:
     return tree
 
 
+class LoaderOptions(NamedTuple):
+    """How a map-style dataset's examples are loaded: ``torch.utils.data.DataLoader`` options.
+
+    Attributes:
+        num_workers: worker processes reading and collating batches (0: in this process).
+        pin_memory: the loader page-locks the batches (meaningful on CUDA only).
+        persistent_workers: the workers live from one epoch to the next (with workers > 0).
+        prefetch_factor: batches each worker loads in advance (with workers > 0).
+        loader: the DataLoader class. ``torch.utils.data.DataLoader`` gets medfunc's seeded
+            per-epoch batch order; any other callable is called as the original trainer calls
+            it, ``loader(dataset, batch_size=, shuffle=, collate_fn=, num_workers=,
+            pin_memory=, ...)``, and what it returns is used as ready batches.
+    """
+
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    prefetch_factor: int = 2
+    loader: Callable[..., Any] = DataLoader
+
+    def worker_kwargs(self) -> dict[str, Any]:
+        """The DataLoader keyword arguments of these options (worker-only ones with workers)."""
+        kwargs: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
+        if self.num_workers > 0:
+            kwargs["persistent_workers"] = self.persistent_workers
+            kwargs["prefetch_factor"] = self.prefetch_factor
+        return kwargs
+
+
+class _BatchReader(Dataset):
+    """Item ``indices`` is the collated batch of those examples (read in a loader's worker)."""
+
+    def __init__(self, data: Any, role: str, collate_fn: Callable[[list], Any]) -> None:
+        self.data, self.role, self.collate_fn = data, role, collate_fn
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, indices: list[int]) -> Any:
+        items = []
+        for index in indices:
+            try:
+                items.append(self.data[index])
+            except Exception as err:
+                raise BatchError(
+                    f"{self.role}[{index}] could not be read: {type(err).__name__}: {err}"
+                ) from err
+        try:
+            return self.collate_fn(items)
+        except Exception as err:
+            raise BatchError(
+                f"{self.role} items {indices[:4]}... could not be batched together "
+                f"({type(err).__name__}: {err}); return tensors or numbers of equal "
+                "shapes (or dicts of them) from the dataset, or set TrainerConfig.collate_fn"
+            ) from err
+
+
+class _EpochBatches(Sampler):
+    """The index lists of one epoch's batches, from batch ``start`` on (set before iterating)."""
+
+    def __init__(self, order: Callable[[int], list[int]], batch_size: int) -> None:
+        self.order, self.batch_size = order, batch_size
+        self.epoch, self.start = 0, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices, size = self.order(self.epoch), self.batch_size
+        for begin in range(self.start * size, len(indices), size):
+            yield indices[begin : begin + size]
+
+    def __len__(self) -> int:
+        return max(0, math.ceil(len(self.order(self.epoch)) / self.batch_size) - self.start)
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
 def _inner_sampler(data: Any) -> Any:
     if isinstance(data, DataLoader):
         batch_sampler = getattr(data, "batch_sampler", None)
@@ -241,7 +320,9 @@ class DatasetBatches:
         world: int,
         train: bool,
         collate_fn: Callable[[list], Any] | None = None,
+        loading: LoaderOptions | None = None,
     ) -> None:
+        loading = loading or LoaderOptions()
         map_style = is_map_style(data)
         if not map_style and (
             isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable)
@@ -261,15 +342,39 @@ class DatasetBatches:
                 "examples, wrap them in a map-style Dataset (any object with __getitem__ and "
                 "__len__ that is not a list), which is batched without this check"
             )
+        self.collate_fn = collate_fn or default_collate
+        if map_style and loading.loader is not DataLoader:
+            data = loading.loader(
+                data,
+                batch_size=batch_size,
+                shuffle=shuffle and train,
+                collate_fn=self.collate_fn,
+                **loading.worker_kwargs(),
+            )
+            map_style = False
         self.data, self.role, self.rank, self.world = data, role, rank, world
         self.map_style = map_style
         self.batch_size = batch_size
-        self.collate_fn = collate_fn or default_collate
+        self.seed = seed
         self.sampler = None
         if map_style and train:
             self.sampler = DistributedSampler(
                 data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
             )
+        self._batches = _EpochBatches(self._order, batch_size)
+        self._generator = torch.Generator()
+        self._loader = (
+            DataLoader(
+                _BatchReader(data, role, self.collate_fn),
+                batch_size=None,
+                sampler=self._batches,
+                collate_fn=_as_is,
+                generator=self._generator,
+                **loading.worker_kwargs(),
+            )
+            if map_style
+            else None
+        )
         self.one_shot = isinstance(data, Iterator)
         self._split_batches = (
             not train
@@ -291,6 +396,13 @@ class DatasetBatches:
         length = len(self.data)
         return len(range(self.rank, length, self.world)) if self._split_batches else length
 
+    def _order(self, epoch: int) -> list[int]:
+        """The example indices of ``epoch`` on this rank, in visiting order."""
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+            return list(self.sampler)
+        return list(range(self.rank, len(self.data), self.world))
+
     @property
     def has_length(self) -> bool:
         """Whether the number of batches per epoch is known in advance."""
@@ -311,14 +423,9 @@ class DatasetBatches:
             An iterator of batches.
         """
         if self.map_style:
-            if self.sampler is not None:
-                self.sampler.set_epoch(epoch)
-                indices = list(self.sampler)
-            else:
-                indices = list(range(self.rank, len(self.data), self.world))
-            size = self.batch_size
-            for begin in range(start * size, len(indices), size):
-                yield self._fetch(indices[begin : begin + size])
+            self._batches.epoch, self._batches.start = epoch, start
+            self._generator.manual_seed(self.seed + epoch)
+            yield from self._loader
             return
         sampler = _inner_sampler(self.data)
         if hasattr(sampler, "set_epoch"):
@@ -360,26 +467,45 @@ class DatasetBatches:
                 return
             yield window
 
-    def _fetch(self, indices: list[int]) -> Any:
-        items = []
-        for index in indices:
-            try:
-                items.append(self.data[index])
-            except Exception as err:
-                raise BatchError(
-                    f"{self.role}[{index}] could not be read: {type(err).__name__}: {err}"
-                ) from err
-        try:
-            return self.collate_fn(items)
-        except Exception as err:
-            raise BatchError(
-                f"{self.role} items {indices[:4]}... could not be batched together "
-                f"({type(err).__name__}: {err}); return tensors or numbers of equal "
-                "shapes (or dicts of them) from the dataset, or set TrainerConfig.collate_fn"
-            ) from err
+
+def loader_options(
+    config: TrainerConfig,
+    device: torch.device | None = None,
+    loader: Callable[..., Any] = DataLoader,
+) -> LoaderOptions:
+    """The DataLoader options of ``config`` on ``device`` (``pin_memory`` on CUDA only).
+
+    Args:
+        config: the options (``num_workers``, ``pin_memory``, ``persistent_workers``,
+            ``prefetch_factor``).
+        device: the training device (default: the CPU).
+        loader: the DataLoader class to build loaders with (see :class:`LoaderOptions`).
+
+    Returns:
+        The options.
+
+    Example:
+        >>> loader_options(TrainerConfig(num_workers=4)).worker_kwargs()
+        {'num_workers': 4, 'pin_memory': False, 'persistent_workers': True, 'prefetch_factor': 2}
+    """
+    resolved = resolve_device_options(config, device or torch.device("cpu"))
+    return LoaderOptions(
+        num_workers=config.num_workers,
+        pin_memory=resolved.pin_memory,
+        persistent_workers=config.persistent_workers,
+        prefetch_factor=config.prefetch_factor,
+        loader=loader,
+    )
 
 
-def training_batches(data: Any, config: TrainerConfig, *, rank: int, world: int) -> DatasetBatches:
+def training_batches(
+    data: Any,
+    config: TrainerConfig,
+    *,
+    rank: int,
+    world: int,
+    loading: LoaderOptions | None = None,
+) -> DatasetBatches:
     """The training batches of ``data``: seeded shuffle per epoch, this rank's part.
 
     Args:
@@ -387,6 +513,8 @@ def training_batches(data: Any, config: TrainerConfig, *, rank: int, world: int)
         config: the options (``batch_size``, ``shuffle``, ``seed``, ``num_epochs``).
         rank: this process's rank.
         world: the number of processes.
+        loading: how map-style data is loaded (default: :func:`loader_options` of ``config``
+            on the CPU).
 
     Returns:
         The batches.
@@ -409,6 +537,7 @@ def training_batches(data: Any, config: TrainerConfig, *, rank: int, world: int)
         rank=rank,
         world=world,
         collate_fn=config.collate_fn,
+        loading=loading or loader_options(config),
     )
     if batches.one_shot and config.num_epochs > 1:
         raise ConfigError(
@@ -419,7 +548,13 @@ def training_batches(data: Any, config: TrainerConfig, *, rank: int, world: int)
 
 
 def evaluation_batches(
-    data: Any, config: TrainerConfig, *, rank: int, world: int, role: str = "eval_dataset"
+    data: Any,
+    config: TrainerConfig,
+    *,
+    rank: int,
+    world: int,
+    role: str = "eval_dataset",
+    loading: LoaderOptions | None = None,
 ) -> DatasetBatches:
     """The evaluation batches of ``data``, in order (``rank=0, world=1`` for all of them).
 
@@ -429,6 +564,7 @@ def evaluation_batches(
         rank: this process's rank.
         world: the number of processes sharing the evaluation.
         role: the argument's name for messages.
+        loading: how map-style data is loaded (default: :func:`loader_options` of ``config``).
 
     Returns:
         The batches.
@@ -448,6 +584,7 @@ def evaluation_batches(
         rank=rank,
         world=world,
         collate_fn=config.collate_fn,
+        loading=loading or loader_options(config),
     )
 
 

@@ -93,7 +93,9 @@ def test_a_collate_fn_batches_the_examples(tmp_path):
         calls.append(len(items))
         return default_collate(items)
 
-    result = _trainer(batch_size=16, collate_fn=collate).train(_examples(40), output_dir=tmp_path)
+    # in this process (num_workers=0), so that the calls are recorded here
+    trainer = _trainer(batch_size=16, collate_fn=collate, num_workers=0)
+    result = trainer.train(_examples(40), output_dir=tmp_path)
     assert result.global_step == 3 and calls == [16, 16, 8]
     with pytest.raises(ConfigError, match="collate_fn must be a callable"):
         TrainerConfig(collate_fn="stack")
