@@ -17,7 +17,8 @@ Example (the bundled breast-cancer recipe: an MLP on 456 training and 113 held-o
     >>> result.global_step, [path.name for path in result.checkpoints]
     (30, ['checkpoint-epoch1.pt', 'checkpoint-epoch2.pt'])
     >>> sorted(result.eval_metrics)
-    ['accuracy', 'auroc', 'f1', 'loss', 'precision', 'recall']
+    ['accuracy', 'auprc', 'auroc', 'f1', 'loss', 'precision', 'recall', 'sensitivity',
+     'specificity']
     >>> trainer.evaluate(parts.eval_dataset)["auroc"] > 0.9
     True
     >>> trainer.predict(parts.eval_dataset).shape
@@ -42,18 +43,20 @@ from medfunc.compile import compile_step, resolve_mode
 from medfunc.data import to_device
 from medfunc.early_stopping import EarlyStopping
 from medfunc.errors import ConfigError
-from medfunc.final_outputs import check_exports, write_final_outputs
+from medfunc.final_outputs import WEIGHTS_FILE, check_exports, write_final_outputs
 from medfunc.logging import MetricLogger, create_logger
 from medfunc.metrics import evaluate_batches, find_logits
 from medfunc.modeling import prepare_model
+from medfunc.peft_models import trainable_only
 from medfunc.preemption import PreemptionGuard
 from medfunc.run_folder import (
     checkpoint_files,
     prune_checkpoints,
     resolve_run_dir,
 )
+from medfunc.run_report import SETTINGS_KEY, announce_start, current_weights, run_settings
 from medfunc.skipped_steps import EpochUpdates, LossScaleWatch, check_epoch_updates
-from medfunc.state import TrainState, init_state
+from medfunc.state import TrainState, ema_params, init_state
 from medfunc.step import apply_model
 from medfunc.tracking import LoopPosition, StepMetricSums, TrainResult, check_skipped_run
 from medfunc.trainer_build import build_optimizer, build_schedule
@@ -104,6 +107,11 @@ class _Run:
     scale_watch: LossScaleWatch = dataclasses.field(default_factory=LossScaleWatch)
     #: skipped optimizer steps logged so far (shown beside the progress bar)
     skipped_total: int = 0
+
+
+def _shown(metrics: Mapping[str, float]) -> str:
+    """``metrics`` as ``name=value`` pairs for a console line."""
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
 def _boundary_name(position: LoopPosition) -> str:
@@ -180,6 +188,8 @@ class MedicalModelTrainer:
             self.model = prepare_model(
                 self.model,
                 gradient_checkpointing=cfg.gradient_checkpointing,
+                activation_recompute=cfg.activation_recompute
+                and cfg.activation_recompute_patterns,
                 channels_last=cfg.channels_last,
                 dropout_prob=cfg.dropout_prob,
                 device=self.device,
@@ -217,7 +227,8 @@ class MedicalModelTrainer:
                 **self._init_kwargs(),
             )
         tx = build_optimizer(cfg, schedule)
-        state = init_state(model, tx, device=self.device, **self._init_kwargs())
+        kwargs = self._init_kwargs()
+        state = init_state(model, tx, device=self.device, ema_decay=cfg.ema_decay, **kwargs)
         return distributed.data_parallel(state) if distributed.is_distributed() else state
 
     def _sharded(self) -> bool:
@@ -257,9 +268,11 @@ class MedicalModelTrainer:
             "extra": {
                 **position.to_trainer_state(cfg.eval_metric, self.run_metadata),
                 "epoch_updates": run.updates.to_list(),
+                SETTINGS_KEY: run_settings(cfg, run.steps_per_epoch),
             },
             "save_optimizer": cfg.save_optimizer,
             "save_scheduler": cfg.save_scheduler,
+            "trainable_only": trainable_only(cfg.save_trainable_only, self.model),
         }
         if self._sharded():
             distributed.save_full(state, path, **options)
@@ -286,8 +299,8 @@ class MedicalModelTrainer:
 
     def _resume(
         self, state: TrainState, path: str, stopping: EarlyStopping
-    ) -> tuple[TrainState, LoopPosition, dict[str, Any]]:
-        """The state, loop position and ``trainer_state`` of checkpoint ``path``."""
+    ) -> tuple[TrainState, LoopPosition, dict[str, Any], list[str]]:
+        """The state, loop position, ``trainer_state`` and payload entries of ``path``."""
         payload = read_checkpoint(path)
         if self._sharded():
             state = distributed.load_full(path, like=state)
@@ -295,14 +308,8 @@ class MedicalModelTrainer:
             state = restore_state(payload, like=state)
         saved = payload.get("trainer_state", {})
         position = LoopPosition.from_trainer_state(saved, stopping)
-        log.info(
-            "resumed from %s at epoch %d, batch %d, step %d",
-            path,
-            position.epoch,
-            position.batch_index,
-            position.global_step,
-        )
-        return state, position, saved
+        parts = [key for key, value in payload.items() if not isinstance(value, Mapping) or value]
+        return state, position, saved, parts
 
     def _eval_batches(self, dataset: Any) -> DatasetBatches:
         """In-order batches of ``dataset``, split over the ranks."""
@@ -311,6 +318,8 @@ class MedicalModelTrainer:
 
     def _run_eval(self, state: TrainState, batches: DatasetBatches) -> dict[str, float]:
         on_device = (to_training_device(b, self.device) for b in batches.epoch(0))
+        if self.config.eval_with_ema and state.ema:
+            state = state.replace(params=ema_params(state))
         return evaluate_batches(state, on_device, self.config.eval_compute_metrics)
 
     def evaluate(self, eval_dataset: Any) -> dict[str, float]:
@@ -406,9 +415,9 @@ class MedicalModelTrainer:
         stopping = EarlyStopping(
             cfg.early_stopping_patience, cfg.metric_mode, cfg.early_stopping_min_delta
         )
-        position, saved_loop = LoopPosition(stopping), {}
+        position, saved_loop, parts = LoopPosition(stopping), {}, []
         if cfg.resume_from:
-            state, position, saved_loop = self._resume(state, cfg.resume_from, stopping)
+            state, position, saved_loop, parts = self._resume(state, cfg.resume_from, stopping)
         result = TrainResult(
             output_dir=resolve_run_dir(
                 output_dir, resume_from=cfg.resume_from, overwrite=cfg.overwrite_output_dir
@@ -418,6 +427,7 @@ class MedicalModelTrainer:
             best_metric=position.stopping.best,
         )
         logger = self._create_logger(result.output_dir, total_steps)
+        idle = announce_start(logger, cfg, position, saved_loop, parts, per_epoch, total_steps)
         sums, saved = StepMetricSums(state.device), checkpoint_files(result.output_dir)
         updates = EpochUpdates(state.device)
         updates.restore(saved_loop.get("epoch_updates"))
@@ -427,12 +437,20 @@ class MedicalModelTrainer:
         run.last_saved_step = position.global_step
         run.last_checkpoint = Path(cfg.resume_from) if cfg.resume_from else None
         try:
-            if position.global_step:
-                logger.progress_update(position.global_step)
+            logger.progress_start(position.global_step)
             with run.guard:
                 state = self._loop(state, run)
             self.state = best.final_state(state, position, result, sharded=self._sharded())
-            write_final_outputs(self.state, result, cfg, sharded=self._sharded())
+            if cfg.eval_with_ema:  # the run ends with the averaged weights
+                self.state = self.state.replace(params=ema_params(self.state))
+            if idle and evals is not None:  # nothing trained: report the model as it is
+                result.eval_metrics = self._run_eval(self.state, evals)
+                logger.info("final model eval: " + _shown(result.eval_metrics))
+            result.weights_path = (
+                current_weights(self.state, result.output_dir, WEIGHTS_FILE) if idle else None
+            )
+            if result.weights_path is None:  # an unchanged model.safetensors is kept as it is
+                write_final_outputs(self.state, result, cfg, sharded=self._sharded())
         finally:
             logger.close()
         return result
@@ -452,6 +470,7 @@ class MedicalModelTrainer:
             is_main_process=self.is_main_process,
             progress=cfg.progress_bar,
             total_steps=total_steps,
+            log_level=cfg.log_level,
         )
 
     def _loop(self, state: TrainState, run: _Run) -> TrainState:
@@ -535,6 +554,7 @@ class MedicalModelTrainer:
         )
         position.epoch, position.batch_index = epoch + 1, 0
         run.result.epochs_completed = epoch + 1
+        run.logger.epoch_done(epoch + 1, cfg.num_epochs, position.global_step)
         stop = False
         if (
             run.eval is not None
@@ -573,9 +593,7 @@ class MedicalModelTrainer:
         run.logger.log({f"eval/{name}": value for name, value in metrics.items()}, step=step)
         run.result.eval_metrics = metrics
         run.result.history.append({"epoch": epoch, "step": step, **metrics})
-        if self.is_main_process:
-            shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            log.info("epoch %d step %d eval: %s", epoch, step, shown)
+        run.logger.info(f"epoch {epoch} step {step} eval: {_shown(metrics)}")
         if cfg.eval_metric not in metrics:
             raise ConfigError(
                 f"TrainerConfig.eval_metric={cfg.eval_metric!r} is not among the "
@@ -585,12 +603,9 @@ class MedicalModelTrainer:
         stop = distributed.agree(stopping.update(metrics[cfg.eval_metric]), op="any")
         if stopping.wait == 0:
             position.record_best(epoch, metrics)
-        if stop and self.is_main_process:
-            log.info(
-                "early stopping at step %d: %s did not improve for %d evaluation(s) (best %.6g)",
-                step,
-                cfg.eval_metric,
-                stopping.wait,
-                stopping.best,
+        if stop:
+            run.logger.info(
+                f"early stopping at step {step}: {cfg.eval_metric} did not improve for "
+                f"{stopping.wait} evaluation(s) (best {stopping.best:.6g})"
             )
         return stop
