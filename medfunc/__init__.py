@@ -25,7 +25,7 @@ from medfunc.errors import (
     TrainingInterrupted,
 )
 from medfunc.precision import Policy, get_policy
-from medfunc.state import TrainState, bind_module, init_state, tree_map
+from medfunc.state import TrainState, bind_module, ema_params, init_state, tree_map
 from medfunc.step import apply_model, eval_step, train_step
 
 __version__ = "0.1.0"
@@ -66,6 +66,7 @@ __all__ = [
     "save_state",
     "bind_module",
     "data",
+    "ema_params",
     "eval_step",
     "get_policy",
     "init_state",

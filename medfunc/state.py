@@ -1,9 +1,9 @@
 """TrainState: the one immutable pytree a training run is made of.
 
 Leaves (tensors): ``params`` and ``buffers`` (ordered dicts in the model's ``named_parameters()`` /
-``named_buffers()`` order), ``opt_state``, ``loss_scale``, ``step``, ``rng`` and ``accum``.
-Static metadata: the module, the gradient transformation ``tx``, ``loss_fn``, the precision policy
-and ``accumulate_steps``.
+``named_buffers()`` order), ``opt_state``, ``loss_scale``, ``step``, ``rng``, ``accum`` and ``ema``.
+Static metadata: the module, the gradient transformation ``tx``, ``loss_fn``, the precision policy,
+``accumulate_steps`` and ``ema_decay``.
 
 Example:
     >>> model = torch.nn.Linear(3, 1)
@@ -25,12 +25,13 @@ import optree
 import torch
 import torch.utils._pytree as torch_pytree
 
+from medfunc import validation
 from medfunc.errors import ConfigError, ConsumedStateError
 from medfunc.optim.torch_adapter import check_tx
 from medfunc.precision import LossScaleState, Policy, get_policy, init_loss_scale
 
 PYTREE_NAMESPACE = "medfunc"
-LEAF_FIELDS = ("params", "buffers", "opt_state", "loss_scale", "step", "rng", "accum")
+LEAF_FIELDS = ("params", "buffers", "opt_state", "loss_scale", "step", "rng", "accum", "ema")
 STATIC_FIELDS = (
     "module",
     "tx",
@@ -40,6 +41,7 @@ STATIC_FIELDS = (
     "grad_path",
     "trainable_names",
     "apply_fn",
+    "ema_decay",
 )
 
 
@@ -55,6 +57,19 @@ class AccumState(NamedTuple):
     grads: OrderedDict
     count: torch.Tensor
     loss_sum: torch.Tensor
+
+
+class EmaState(NamedTuple):
+    """The exponential moving average of the trainable parameters (``ema_decay`` set).
+
+    Attributes:
+        params: the averages, keyed like the trainable params (same shapes, dtypes, device).
+        count: 0-d int64 on the params' device, the updates averaged so far (as
+            ``AveragedModel.n_averaged``); the first update copies the parameters.
+    """
+
+    params: OrderedDict
+    count: torch.Tensor
 
 
 class GradPath(NamedTuple):
@@ -111,6 +126,8 @@ class TrainState:
             convention (static; as Flax's ``TrainState.apply_fn``).
         trainable_names: the parameters the optimizer updates, fixed by ``init_state`` (the
             optimizer state was built for exactly these).
+        ema: :class:`EmaState` when ``ema_decay`` is set, else ``()``.
+        ema_decay: the EMA's decay (static), or None for no EMA.
     """
 
     params: OrderedDict
@@ -128,6 +145,8 @@ class TrainState:
     grad_path: GradPath | None = None
     trainable_names: tuple[str, ...] | None = None
     apply_fn: Callable | None = None
+    ema: Any = ()
+    ema_decay: float | None = None
     _liveness: _Liveness = dataclasses.field(
         default_factory=_Liveness, init=False, repr=False, compare=False
     )
@@ -267,6 +286,7 @@ def init_state(
     precision: str | Policy = "fp32",
     seed: int = 0,
     accumulate_steps: int = 1,
+    ema_decay: float | None = None,
     device: str | torch.device | None = None,
 ) -> TrainState:
     """Build the initial :class:`TrainState` of ``model`` trained with ``tx``.
@@ -293,6 +313,12 @@ def init_state(
         seed: RNG key for dropout and any other randomness in the step (and, when ``model``
             is a constructor, the seed its weights are drawn with).
         accumulate_steps: micro-batches per optimizer update (>= 1).
+        ema_decay: keep an exponential moving average of the trainable parameters in
+            ``state.ema``, updated by every applied, finite optimizer step as
+            ``torch.optim.swa_utils.AveragedModel(model,
+            multi_avg_fn=get_ema_multi_avg_fn(ema_decay))`` (the first update copies the
+            parameters). A float in [0, 1]; None (default) keeps none. Read it with
+            :func:`ema_params`.
         device: move the model there first (default: where its parameters are).
 
     Returns:
@@ -316,6 +342,7 @@ def init_state(
         raise ConfigError(f"accumulate_steps must be an integer >= 1, got {accumulate_steps!r}")
     if not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
+    ema_decay = validation.probability("ema_decay", ema_decay, optional=True)
     if device is not None:
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -354,7 +381,60 @@ def init_state(
         accumulate_steps=accumulate_steps,
         trainable_names=tuple(trainable),
         apply_fn=apply_fn,
+        ema=init_ema(trainable) if ema_decay is not None else (),
+        ema_decay=ema_decay,
     )
+
+
+def init_ema(trainable: OrderedDict) -> EmaState:
+    """A fresh :class:`EmaState`: copies of ``trainable`` and a zero count.
+
+    Args:
+        trainable: the trainable parameters, name -> tensor.
+
+    Returns:
+        The EMA state before its first update.
+    """
+    first = next(iter(trainable.values()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    return EmaState(
+        params=OrderedDict((n, p.detach().clone()) for n, p in trainable.items()),
+        count=torch.zeros((), dtype=torch.int64, device=device),
+    )
+
+
+def ema_params(state: TrainState) -> OrderedDict:
+    """The state's parameters with the EMA in place of the trainable ones.
+
+    Frozen parameters keep their values (an average of a constant is the constant). Evaluate or
+    export with the averaged weights through ``state.replace(params=ema_params(state))``.
+
+    Args:
+        state: a state built with ``ema_decay``.
+
+    Returns:
+        name -> tensor in ``named_parameters()`` order (the EMA's own tensors, not copies).
+
+    Raises:
+        ConfigError: the state keeps no EMA.
+
+    Example:
+        >>> state = init_state(torch.nn.Linear(4, 1), mf.optim.sgd(0.1), ema_decay=0.9,
+        ...                    loss_fn=lambda out, x: out.mean())
+        >>> for _ in range(3):
+        ...     state, _ = mf.train_step(state, torch.ones(2, 4))
+        >>> averaged = state.replace(params=ema_params(state))
+        >>> int(state.ema.count), averaged.params["bias"] > state.params["bias"]
+        (3, tensor([True]))
+    """
+    if not state.ema:
+        raise ConfigError(
+            "this state keeps no EMA of its parameters; build it with "
+            "init_state(..., ema_decay=0.999) (TrainerConfig.ema_decay for the Trainer)"
+        )
+    params = OrderedDict(state.params)
+    params.update(state.ema.params)
+    return params
 
 
 def bind_module(state: TrainState) -> torch.nn.Module:

@@ -65,6 +65,7 @@ class StepStatic(NamedTuple):
     names: tuple[str, ...]
     device: torch.device
     apply_fn: Callable | None = None
+    ema_decay: float | None = None
 
 
 class StepTrees(NamedTuple):
@@ -77,6 +78,7 @@ class StepTrees(NamedTuple):
     step: torch.Tensor
     accum_grads: Any
     loss_sum: Any
+    ema: Any = ()
 
 
 def static_of(state: TrainState) -> StepStatic:
@@ -91,6 +93,7 @@ def static_of(state: TrainState) -> StepStatic:
         state.trainable,
         state.device,
         state.apply_fn,
+        state.ema_decay,
     )
 
 
@@ -110,6 +113,7 @@ def trees_of(state: TrainState, *, copy: bool) -> StepTrees:
         step=state.step,
         accum_grads=OrderedDict(own(accum.grads)) if accum else (),
         loss_sum=own(accum.loss_sum) if accum else (),
+        ema=own(state.ema),
     )
 
 
@@ -284,6 +288,37 @@ def _lr_metric(ctx: UpdateContext, device: torch.device) -> torch.Tensor:
     return lr if lr.dtype == torch.float64 else lr.to(torch.float64)
 
 
+def update_ema(ema: Any, params: OrderedDict, found_inf: torch.Tensor, decay: float) -> None:
+    """Advance the parameters' moving average in place after an optimizer update, as
+    ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay)).update_parameters(model)``:
+    the first update copies the parameters, later ones lerp towards them by ``1 - decay``; an
+    update skipped for non-finite gradients leaves the average and its count alone.
+
+    One ``torch._foreach_lerp_`` per dtype with the weight as a device tensor (1 on the first
+    update, ``1 - decay`` after, 0 when skipped), so nothing waits for the device. Lerp returns
+    its end point exactly at weight 1 and its start at weight 0, and a float32 (or float64)
+    weight tensor equals the Python-float weight of the reference bitwise.
+
+    Args:
+        ema: the :class:`~medfunc.state.EmaState` (updated in place).
+        params: the parameters after the update, keyed like ``ema.params``.
+        found_inf: the step's non-finite flag (0-d float, nonzero: skipped).
+        decay: the EMA decay.
+    """
+    applied = found_inf == 0
+    later = torch.full((), 1.0 - decay, dtype=torch.float64, device=ema.count.device)
+    weight = later.masked_fill(ema.count == 0, 1.0) * applied
+    by_dtype: dict[torch.dtype, tuple[list, list]] = {}
+    for name, average in ema.params.items():
+        averages, targets = by_dtype.setdefault(average.dtype, ([], []))
+        averages.append(average)
+        targets.append(params[name].detach())
+    for dtype, (averages, targets) in by_dtype.items():
+        w = weight.to(dtype)
+        torch._foreach_lerp_(averages, targets, [w] * len(averages))
+    ema.count.add_(applied)
+
+
 def apply_update(
     static: StepStatic, trees: StepTrees, grads: list[torch.Tensor | None], loss: torch.Tensor
 ) -> tuple[StepTrees, dict[str, torch.Tensor]]:
@@ -319,6 +354,8 @@ def apply_update(
     params = OrderedDict(trees.params)
     params.update(trainable)
     step = trees.step + (found_inf == 0)  # int64 + bool stays int64
+    if trees.ema:
+        update_ema(trees.ema, params, found_inf, static.ema_decay)
     if loss_scale:
         update_scale(static.policy, loss_scale, found_inf)
     if static.accumulate_steps > 1:
@@ -342,6 +379,7 @@ def apply_update(
         step=step,
         accum_grads=trees.accum_grads,
         loss_sum=trees.loss_sum,
+        ema=trees.ema,
     )
     return new_trees, metrics
 
@@ -409,6 +447,7 @@ def finish_step(
         step=trees.step,
         rng=next_rng(state.rng),
         accum=accum,
+        ema=trees.ema,
     )
     if donate:
         state.mark_consumed()

@@ -11,8 +11,9 @@ The payload is laid out like the seed trainer's, so plain PyTorch can continue f
   the gradient-accumulation window (``accumulation``: running sums, count, loss sum and ``used``,
   the names of the parameters the window differentiated so far) and the caller's ``extra``
   entries.
-- ``medfunc_state``: what the torch formats lack: non-persistent buffers and the optimizer state
-  of chain members other than the optimizer.
+- ``medfunc_state``: what the torch formats lack: non-persistent buffers, the optimizer state
+  of chain members other than the optimizer and, with ``ema_decay``, the parameters' moving
+  average (``ema``, see :mod:`medfunc.checkpoint.ema`).
 
 The layout helpers here (:func:`state_dict_layout`, :func:`optimizer_path`, :func:`opt_rest`)
 are shared with :mod:`medfunc.checkpoint.restore`, which reads the payload back into a state.
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from medfunc.accumulation import window_of
+from medfunc.checkpoint.ema import ema_entry
 from medfunc.errors import ConfigError
 from medfunc.optim import find_optimizer, to_torch_state_dict
 from medfunc.optim.base import replace_substate
@@ -226,6 +228,8 @@ def build_payload(
             payload["scheduler_state"] = scheduler
     payload["scaler_state"] = scaler_state_dict(state.policy, state.loss_scale)
     payload["trainer_state"] = _trainer_state(state, extra)
+    if state.ema:
+        medfunc_state["ema"] = ema_entry(state)
     payload["medfunc_state"] = medfunc_state
     return payload
 

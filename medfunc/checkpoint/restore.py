@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from medfunc.accumulation import WindowGrads
+from medfunc.checkpoint.ema import restore_ema, saved_ema_decay
 from medfunc.checkpoint.payload import opt_rest, optimizer_path, state_dict_layout
 from medfunc.checkpoint.reading import read_payload, validate_payload
 from medfunc.errors import CheckpointCorruptError, CheckpointMismatchError, ConfigError
@@ -273,6 +274,7 @@ def _restore_into(payload: dict, like: TrainState, take: _Taker, source: str) ->
         step=torch.tensor(trainer["global_step"], dtype=torch.int64, device=like.device),
         rng=torch.tensor(list(trainer["rng"]), dtype=torch.int64),
         accum=accum,
+        ema=restore_ema(payload, like, params, take, source),
     )
 
 
@@ -338,6 +340,7 @@ def _fresh_like(payload: dict, builder: Mapping[str, Any]) -> TrainState:
             if accumulate_steps is not None
             else int(trainer.get("accumulate_steps", 1))
         ),
+        ema_decay=saved_ema_decay(payload),
         device=builder["device"],
     )
 
@@ -360,13 +363,14 @@ def restore_state(
     loss_fn, policy). Its tensors are new: ``like`` and its module are not changed; call
     :func:`medfunc.bind_module` to write the restored values into the module.
 
-    Without ``like``: the state is built with ``init_state(model, tx, ...)`` (precision and
-    accumulate_steps default to the checkpoint's) and, as ``init_state`` does, shares storage
-    with ``model``, which then holds the checkpoint's values.
+    Without ``like``: the state is built with ``init_state(model, tx, ...)`` (precision,
+    accumulate_steps and ema_decay default to the checkpoint's) and, as ``init_state`` does,
+    shares storage with ``model``, which then holds the checkpoint's values.
 
     Parts the checkpoint lacks: no ``optimizer_state`` (``save_optimizer=False``) keeps
     ``like``'s optimizer state (a copy; fresh for a fresh ``like``); an empty ``scaler_state``
-    keeps ``like``'s loss scale. The LR position is ``trainer_state['global_step']``.
+    keeps ``like``'s loss scale; no ``medfunc_state['ema']`` starts ``like``'s EMA afresh from
+    the restored parameters. The LR position is ``trainer_state['global_step']``.
 
     Args:
         path_or_payload: a checkpoint file, or a payload from :func:`read_checkpoint`.

@@ -67,3 +67,6 @@ def test_resume_in_a_fresh_process_is_bitwise_equal_to_the_straight_run(tmp_path
             assert any(bool(m["applied"]) and not bool(m["skipped"]) for m in after_split)
         if config.accumulate == 3:
             assert int(before["accum/1"]) == config.split % 3
+        if config.ema is not None:
+            assert not torch.equal(want["ema/0/fc1.weight"], before["ema/0/fc1.weight"])
+            assert int(want["ema/1"]) > int(before["ema/1"]) > 0

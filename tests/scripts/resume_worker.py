@@ -46,13 +46,15 @@ class Config(NamedTuple):
     split: int
     with_like: bool
     optimizer: str = "adamw"
+    ema: float | None = None
 
     @property
     def name(self) -> str:
         like = "like" if self.with_like else "model"
+        ema = f"-ema{self.ema}" if self.ema is not None else ""
         return (
             f"{self.optimizer}-{self.precision}-k{self.accumulate}-{self.schedule}-"
-            f"at{self.split}-{like}"
+            f"at{self.split}-{like}{ema}"
         )
 
 
@@ -66,6 +68,8 @@ CONFIGS = [
     Config("fp16", 3, "cosine", 9, True),  # at an accumulation-window boundary
     Config("fp32", 3, "one_cycle", 7, False),  # after the first micro-batch of a window
     Config("fp16", 1, "step", 8, True, optimizer="sgd"),
+    Config("fp16", 3, "cosine", 8, True, ema=0.9),  # EMA through skips and accumulation
+    Config("fp32", 1, "one_cycle", 8, False, ema=0.99),  # decay taken from the checkpoint
 ]
 
 
@@ -94,6 +98,7 @@ def make_state(config: Config) -> mf.TrainState:
         precision=precision,
         seed=1234,
         accumulate_steps=config.accumulate,
+        ema_decay=config.ema,
     )
 
 
