@@ -1,8 +1,9 @@
 """The ``medfunc`` command: train a recipe, list recipes, inspect and export checkpoints.
 
-``medfunc train`` with no arguments fine-tunes the default recipe (breast_cancer) and prints the
-held-out metrics; ``medfunc train run.toml --set num_epochs=3`` runs a config file. Errors in
-configs, checkpoints or data print one line on stderr and exit with status 2.
+``medfunc train`` with no arguments fine-tunes the default recipe (breast_cancer): the validation
+split chooses the best model, and the last line is the test split's metrics, scored once with
+that model. ``medfunc train run.toml --set num_epochs=3`` runs a config file. Errors in configs,
+checkpoints, data, files and arguments print one line on stderr and exit with status 2.
 
 Example::
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import sys
@@ -24,12 +26,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medfunc import __version__
 from medfunc.errors import (
     CheckpointMismatchError,
     ConfigError,
     MedfuncError,
     TrainingInterrupted,
 )
+from medfunc.logging import ConsoleHandler
 
 EXIT_ERROR = 2
 SUMMARY_METRICS = ("auroc", "accuracy", "f1", "precision", "recall", "loss")
@@ -80,11 +84,36 @@ def _run_options(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 
 def _final_metrics(trainer: Any, result: Any, eval_dataset: Any) -> dict[str, float]:
-    if result.loaded_best:
+    if result.loaded_best or result.eval_metrics and not result.history:
         return result.eval_metrics
     if result.history and result.history[-1]["step"] == result.global_step:
         return {k: v for k, v in result.history[-1].items() if k not in ("epoch", "step")}
     return trainer.evaluate(eval_dataset)
+
+
+def _shown(metrics: dict[str, float]) -> str:
+    return " ".join(f"{key}={metrics[key]:.4f}" for key in SUMMARY_METRICS if key in metrics)
+
+
+def _metric_lines(trainer: Any, result: Any, parts: Any) -> list[str]:
+    """The validation line and, last, the test line (the test split scored once, here)."""
+    which = (
+        f"best model: epoch {result.best_epoch} step {result.best_step}, "
+        if result.loaded_best
+        else "final model, "
+    )
+    positive = f"positive = {parts.positive_label}"
+    validation = _final_metrics(trainer, result, parts.eval_dataset)
+    lines = [
+        f"validation ({which}{len(parts.eval_dataset)} examples, chose the model): "
+        + _shown(validation)
+    ]
+    if parts.test_dataset is None:
+        lines[0] += f" [{positive}; the recipe has no test split]"
+        return lines
+    test = trainer.evaluate(parts.test_dataset)
+    lines.append(f"test ({which}{len(parts.test_dataset)} examples, {positive}): " + _shown(test))
+    return lines
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -130,17 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         parts.model, config, run_metadata={"recipe": name, "recipe_options": recipe_options}
     )
     result = trainer.train(parts.train_dataset, parts.eval_dataset, output_dir=output_dir)
-    metrics = _final_metrics(trainer, result, parts.eval_dataset)
-    shown = [f"{key}={metrics[key]:.4f}" for key in SUMMARY_METRICS if key in metrics]
-    which = (
-        f"best model: epoch {result.best_epoch} step {result.best_step}, "
-        if result.loaded_best
-        else ""
-    )
-    say(
-        f"held-out ({which}{len(parts.eval_dataset)} examples, positive = "
-        f"{parts.positive_label}): " + " ".join(shown)
-    )
+    metric_lines = _metric_lines(trainer, result, parts)
     if main:
         plot = plot_metrics(output_dir / "metrics.jsonl", output_dir / "metrics.png")
         if result.checkpoints:
@@ -160,6 +179,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{result.global_step} optimizer steps, {result.epochs_completed} epochs{stopped} "
             f"in {time.perf_counter() - started:.1f} s"
         )
+    for line in metric_lines:
+        say(line)
     distributed.shutdown()
     return 0
 
@@ -211,13 +232,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         ) from None
     state = init_state(parts.model, optim.chain())
     out = Path(args.output_dir or Path(args.checkpoint).parent)
+    targets = {"torchscript": out / "model.pt", "onnx": out / "model.onnx"}
+    wanted = [fmt for fmt in targets if getattr(args, fmt)]
+    existing = [str(targets[fmt]) for fmt in wanted if targets[fmt].exists()]
+    if existing and not args.overwrite:
+        raise ConfigError(
+            f"{', '.join(existing)} already exist(s) (a run's export is not replaced silently); "
+            "pass --overwrite to replace, or --output-dir DIR to write elsewhere"
+        )
     out.mkdir(parents=True, exist_ok=True)
     if args.torchscript:
-        print(
-            f"torchscript: {export.to_torchscript(state, parts.export_example, out / 'model.pt')}"
-        )
+        path = export.to_torchscript(state, parts.export_example, targets["torchscript"])
+        print(f"torchscript: {path}")
     if args.onnx:
-        path = export.to_onnx(state, parts.export_example, out / "model.onnx", opset=args.opset)
+        path = export.to_onnx(state, parts.export_example, targets["onnx"], opset=args.opset)
         print(f"onnx: {path}")
     return 0
 
@@ -237,15 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Functional PyTorch fine-tuning for medical models: train a built-in "
         "recipe, list recipes, inspect and export checkpoints.",
     )
+    parser.add_argument("--version", action="version", version=f"medfunc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train = sub.add_parser(
         "train",
-        help="fine-tune a recipe (default: breast_cancer) and report held-out metrics",
-        description="Fine-tune a recipe and print its held-out metrics. Without arguments it "
-        "runs the default recipe (breast_cancer). Writes checkpoints, metrics.jsonl, "
-        "TensorBoard logs, model.safetensors and a metrics plot to the output "
-        "folder.",
+        help="fine-tune a recipe (default: breast_cancer) and report its test metrics",
+        description="Fine-tune a recipe; the validation split chooses the best model, and the "
+        "last line printed is the test split's metrics, scored once with that model. Without "
+        "arguments it runs the default recipe (breast_cancer). Writes checkpoints, "
+        "metrics.jsonl, TensorBoard logs, model.safetensors and a metrics plot to the output "
+        "folder. Any TrainerConfig option is set with --set KEY=VALUE.",
     )
     train.add_argument(
         "config",
@@ -279,12 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the previous run in --output-dir (its files are removed first; a folder "
         "holding files the trainer does not write is refused)",
     )
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, parser=train)
 
     recipes = sub.add_parser(
         "recipes", help="list the built-in recipes", description="List the built-in recipes."
     )
-    recipes.set_defaults(func=cmd_recipes)
+    recipes.set_defaults(func=cmd_recipes, parser=recipes)
 
     inspect = sub.add_parser(
         "inspect",
@@ -292,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print what a medfunc checkpoint holds.",
     )
     inspect.add_argument("checkpoint", type=Path, help="a checkpoint-*.pt file")
-    inspect.set_defaults(func=cmd_inspect)
+    inspect.set_defaults(func=cmd_inspect, parser=inspect)
 
     export = sub.add_parser(
         "export",
@@ -314,8 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--output-dir", type=Path, help="where to write (default: the checkpoint's folder)"
     )
-    export.set_defaults(func=cmd_export)
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing model.pt / model.onnx (refused without it)",
+    )
+    export.set_defaults(func=cmd_export, parser=export)
     return parser
+
+
+def _unknown_arguments(unknown: Sequence[str]) -> str:
+    """argparse's message for ``unknown`` arguments, with a hint towards ``--set``."""
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    flags = [a.lstrip("-").replace("-", "_") for a in unknown if a.startswith("--")]
+    if flags:
+        from medfunc.trainer_config import TrainerConfig
+
+        names = [f.name for f in dataclasses.fields(TrainerConfig)]
+        close = difflib.get_close_matches(flags[0].split("=")[0], names, n=1, cutoff=0.5)
+        option = close[0] if close else "num_epochs"
+        message += f" (TrainerConfig options are set with --set KEY=VALUE, e.g. --set {option}=...)"
+    return message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -325,8 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments (default ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 2 for a configuration, checkpoint or data error (one
-        line on stderr, no traceback).
+        The exit status: 0 on success, 2 for a configuration, checkpoint, data or file error
+        or a bad argument (one line on stderr, no traceback; argparse adds the command's
+        usage for a bad argument).
 
     Example:
         >>> main(["recipes"])
@@ -336,8 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["inspect", "missing.pt"])  # "medfunc: error: ..." on stderr
         2
     """
-    args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.parser.error(_unknown_arguments(unknown))
+    handler = ConsoleHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     medfunc_log = logging.getLogger("medfunc")
     medfunc_log.addHandler(handler)
@@ -349,6 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
     except MedfuncError as err:
         print(f"medfunc: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as err:  # the file system refused: a read-only folder, a full disk
+        where = f"{err.filename}: " if err.filename else ""
+        reason = err.strerror or _one_line(err)
+        print(f"medfunc: error: {where}{reason}", file=sys.stderr)
         return EXIT_ERROR
     finally:
         medfunc_log.removeHandler(handler)

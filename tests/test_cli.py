@@ -32,8 +32,8 @@ def _run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Complet
     )
 
 
-def _auroc(text: str) -> float:
-    return float(re.search(r"held-out .*auroc=([0-9.]+)", text).group(1))
+def _auroc(text: str, split: str = "test") -> float:
+    return float(re.search(rf"^{split} \(.*auroc=([0-9.]+)", text, flags=re.M).group(1))
 
 
 def test_train_without_arguments_runs_the_default_recipe(tmp_path):
@@ -41,6 +41,9 @@ def test_train_without_arguments_runs_the_default_recipe(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "recipe: breast_cancer" in done.stdout
     assert _auroc(done.stdout) >= 0.97
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("test (best model: epoch ") and "113 examples" in last
+    assert "validation (best model: epoch " in done.stdout and "114 examples" in done.stdout
     (run,) = (tmp_path / "runs").glob("breast_cancer-*")
     assert f"output: {Path('runs') / run.name}" in done.stdout
     checkpoint = Path(re.search(r"^checkpoint: (.+)$", done.stdout, flags=re.M).group(1))
@@ -87,7 +90,7 @@ def test_train_with_a_config_file_and_overrides(one_epoch_run, capsys):
     assert not (out / "tb_logs").exists()
     state = read_checkpoint(out / "checkpoint-epoch1.pt")["trainer_state"]
     assert state["run"] == {"recipe": "breast_cancer", "recipe_options": {"seed": 1}}
-    assert state["loop_step"] == 15
+    assert state["loop_step"] == 11  # 342 training examples in batches of 32
 
 
 def test_inspect_prints_the_checkpoint_summary(one_epoch_run, capsys):
@@ -95,7 +98,7 @@ def test_inspect_prints_the_checkpoint_summary(one_epoch_run, capsys):
     assert main(["inspect", str(out / "checkpoint-epoch1.pt")]) == 0
     text = capsys.readouterr().out
     assert "checkpoint-epoch1.pt" in text
-    assert "global step: 15" in text and "epoch: 1" in text
+    assert "global step: 11" in text and "epoch: 1" in text
 
 
 def test_export_writes_onnx_that_matches_the_checkpoint_model(one_epoch_run, tmp_path, capsys):
@@ -202,11 +205,58 @@ def test_override_values_are_parsed_as_json_when_possible():
 @pytest.mark.slow
 def test_drug_reviews_recipe_end_to_end(tmp_path):
     """One epoch of MiniLM fine-tuning on a subsample (160 reviews of 64 tokens, 10 steps)."""
-    options = ["max_train=160", "max_eval=96", "max_length=64"]
+    options = ["max_train=160", "max_eval=96", "max_test=96", "max_length=64"]
     args = ["train", "--recipe", "drug_reviews", "--set", "learning_rate=3e-4"]
+    args += ["--set", "num_epochs=1"]
     for option in options:
         args += ["--set", f"recipe_options.{option}"]
     done = _run([*args, "--output-dir", "out"], cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr
     assert _auroc(done.stdout) >= 0.85
     assert (tmp_path / "out" / "checkpoint-epoch1.pt").is_file()
+
+
+def test_version_prints_the_package_version(capsys):
+    from medfunc import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"medfunc {__version__}"
+
+
+def test_an_unknown_train_flag_shows_the_usage_of_train(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--epochs", "3"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: medfunc train ")
+    assert "medfunc train: error: unrecognized arguments: --epochs" in err
+    assert "--set num_epochs=" in err
+
+
+def test_a_file_system_error_is_one_line_with_status_2(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "a_file" / "run"
+    assert main(["train", "--set", "num_epochs=1", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("medfunc: error: ")]
+    assert errors == [f"medfunc: error: {out}: Not a directory"]
+
+
+def test_export_does_not_replace_an_existing_file_without_overwrite(
+    one_epoch_run, tmp_path, capsys
+):
+    _, out = one_epoch_run
+    ckpt = str(out / "checkpoint-epoch1.pt")
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"the run's own export")
+    assert main(["export", ckpt, "--torchscript", "--output-dir", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"medfunc: error: {target} already exist")
+    assert "--overwrite" in line
+    assert target.read_bytes() == b"the run's own export"
+    args = ["export", ckpt, "--torchscript", "--output-dir", str(tmp_path), "--overwrite"]
+    assert main(args) == 0
+    assert torch.jit.load(str(target))(**get_recipe("breast_cancer").build().export_example)

