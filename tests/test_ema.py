@@ -289,3 +289,26 @@ def test_trainer_evaluates_and_saves_the_average_with_eval_with_ema(tmp_path, ev
 def make_eval_batches() -> list[dict]:
     data = _dataset(24)
     return [{k: v[i : i + 8] for k, v in data.tensors.items()} for i in range(0, 24, 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_graph_captures_the_average_update_bitwise_eager(precision):
+    policy = (
+        mf.get_policy("fp16", growth_interval=3, init_scale=2.0**10)
+        if precision == "fp16"
+        else precision
+    )
+    tx = mf.optim.adamw(1e-2)
+    eager = mf.init_state(_model().cuda(), tx, precision=policy, ema_decay=DECAY)
+    graphed = mf.init_state(_model().cuda(), tx, precision=policy, ema_decay=DECAY)
+    fast = compile_step(mf.train_step, mode="cudagraph")
+    batches = [mf.data.to_device(b, "cuda") for b in make_batches(8)]
+    batches[4] = _inject_nonfinite(batches[4])
+    for batch in batches:
+        eager, _ = mf.train_step(eager, batch)
+        graphed, _ = fast(graphed, batch)
+        assert_trees_equal(graphed.ema, eager.ema)
+    assert fast.stats.replays == len(batches) and fast.stats.captures >= 1
+    assert int(graphed.ema.count) == int(eager.ema.count) < len(batches)
