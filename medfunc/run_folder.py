@@ -59,13 +59,16 @@ RUN_FILES = frozenset(
         "metrics.png",
         "config.json",
         "generation_config.json",
+        "manifest.json",
     }
 )
 #: Folders the logging backends write in a run folder (TensorBoard, W&B).
-RUN_FOLDERS = frozenset({"tb_logs", "wandb", "save_pretrained"})
+RUN_FOLDERS = frozenset({"tb_logs", "wandb", "save_pretrained", "visualizations"})
 _CHECKPOINT = re.compile(r"^checkpoint-(epoch|step)\d+\.pt$")
 #: A Hugging Face model's sharded weights (``save_pretrained`` of a large model).
 _SHARDS = re.compile(r"^model-\d+-of-\d+\.safetensors$|^model\.safetensors\.index\.json$")
+#: The versioned weights (``model_versioning``): ``model.v{N}.safetensors``.
+VERSION_FILE = re.compile(r"^model\.v\d+\.safetensors$")
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-\d+-[0-9a-f]+$")
 
 
@@ -100,8 +103,9 @@ def is_run_file(path: Path) -> bool:
 
     Returns:
         True for checkpoints, the weights, exports, logs, ``best.json``, the metrics plot, the
-        Hugging Face ``config.json``/``generation_config.json``, the logging folders
-        ``tb_logs``/``wandb`` and the temporary files of an interrupted atomic write of any of
+        Hugging Face ``config.json``/``generation_config.json``, the weight versions
+        ``model.v{N}.safetensors`` and their ``manifest.json``, the folders ``tb_logs``/``wandb``/
+        ``visualizations`` and the temporary files of an interrupted atomic write of any of
         them.
 
     Example:
@@ -114,7 +118,8 @@ def is_run_file(path: Path) -> bool:
         name = temporary.group("name")
     if name in RUN_FOLDERS:
         return path.is_dir() or temporary is not None
-    return bool(_CHECKPOINT.match(name) or _SHARDS.match(name)) or name in RUN_FILES
+    versioned = VERSION_FILE.match(name)
+    return bool(_CHECKPOINT.match(name) or _SHARDS.match(name) or versioned) or name in RUN_FILES
 
 
 def prepare_run_dir(path: Path, *, resuming: bool, overwrite: bool) -> None:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from medfunc.checkpoint.payload import RESERVED_TRAINER_KEYS
 from medfunc.checkpoint.reading import read_payload
+from medfunc.errors import CheckpointCorruptError, UnsafeCheckpointError
 
 __all__ = ["inspect_checkpoint"]
 
@@ -92,6 +93,9 @@ def inspect_checkpoint(path: str | os.PathLike) -> str:
     Args:
         path: the checkpoint file.
 
+    A checkpoint or ``pytorch_model.bin`` written by the original trainer
+    (``medvllm.training.trainer``) is described too (see :mod:`medfunc.legacy`).
+
     Returns:
         Several lines: format version, global step, epoch, precision, parameter count, size and
         dtypes, the parts present, the loss scale and the caller's extra entries.
@@ -115,7 +119,15 @@ def inspect_checkpoint(path: str | os.PathLike) -> str:
         extra: batch=40
     """
     path = Path(path)
-    payload = read_payload(path, "cpu", mmap=True)
+    try:
+        payload = read_payload(path, "cpu", mmap=True)
+    except (CheckpointCorruptError, UnsafeCheckpointError):
+        from medfunc.legacy import describe_legacy_file  # the original trainer's files
+
+        described = describe_legacy_file(path)
+        if described is None:
+            raise
+        return described
     trainer = payload["trainer_state"]
     lines = [
         f"checkpoint {path} ({_size(path.stat().st_size)})",

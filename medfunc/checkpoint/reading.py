@@ -36,7 +36,7 @@ from medfunc.errors import (
     UnsafeCheckpointError,
 )
 
-__all__ = ["read_checkpoint", "read_payload", "validate_payload"]
+__all__ = ["load_verified", "read_checkpoint", "read_payload", "validate_payload"]
 
 _REQUIRED = ("format_version", "model_state", "trainer_state")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -501,6 +501,28 @@ def read_payload(path: str | os.PathLike, map_location: str | torch.device, mmap
     device = _as_device(map_location)
     _check_exists(path)
     return validate_payload(_torch_load(path, device, mmap), path)
+
+
+def load_verified(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """What a PyTorch zip file holds, integrity-checked and loaded with ``weights_only=True``,
+    without the medfunc layout check (for files other programs wrote, e.g. the original
+    trainer's; see :mod:`medfunc.legacy`).
+
+    Args:
+        path: the file.
+        map_location: where the tensors go.
+
+    Returns:
+        The unpickled object (plain containers, tensors and the globals allowed at the call).
+
+    Raises:
+        CheckpointNotFoundError, CheckpointCorruptError, UnsafeCheckpointError: as
+        :func:`read_checkpoint`.
+    """
+    path = Path(path)
+    device = _as_device(map_location)
+    _check_exists(path)
+    return _torch_load(path, device, mmap=False)
 
 
 def read_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
