@@ -2,7 +2,10 @@
 
 :class:`EarlyStopping` keeps the best value of a metric seen so far and counts the evaluations
 since it last improved; :meth:`EarlyStopping.update` says when to stop. With ``patience=None`` it
-never stops and only tracks the best value. :func:`improves` is the comparison it uses.
+never stops and only tracks the best value. :func:`improves` is the comparison it uses. A value
+that is not a finite number (an AUROC undefined for a single-class evaluation set, a loss of NaN
+logits) is no improvement: it counts towards ``patience``, with a warning, and never becomes the
+best value.
 
 Example:
     >>> stopper = EarlyStopping(patience=2, mode="min", min_delta=0.01)
@@ -15,6 +18,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import warnings
 
 from medfunc import validation
 
@@ -87,6 +93,8 @@ class EarlyStopping:
     def update(self, value: float) -> bool:
         """Record one evaluation's value.
 
+        A value that is not a finite number counts as no improvement, with a warning.
+
         Args:
             value: the metric of this evaluation.
 
@@ -97,7 +105,16 @@ class EarlyStopping:
             >>> EarlyStopping(patience=1).update(0.3)
             False
         """
-        if improves(value, self.best, mode=self.mode, min_delta=self.min_delta):
+        finite = isinstance(value, numbers.Real) and math.isfinite(value)
+        if not finite:
+            warnings.warn(
+                f"the evaluation metric is undefined ({value!r}); this evaluation counts as no "
+                f"improvement (best so far: {self.best!r}, {self.wait + 1} evaluation(s) "
+                "without improvement)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if finite and improves(value, self.best, mode=self.mode, min_delta=self.min_delta):
             self.best, self.wait = value, 0
         else:
             self.wait += 1

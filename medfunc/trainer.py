@@ -320,15 +320,20 @@ class MedicalModelTrainer:
         on_device = (to_training_device(b, self.device) for b in batches.epoch(0))
         if self.config.eval_with_ema and state.ema:
             state = state.replace(params=ema_params(state))
-        return evaluate_batches(state, on_device, self.config.eval_compute_metrics)
+        cfg = self.config
+        return evaluate_batches(
+            state, on_device, cfg.eval_set_metrics, batch_metric_fn=cfg.eval_compute_metrics
+        )
 
     def evaluate(self, eval_dataset: Any) -> dict[str, float]:
         """Evaluate the current model on the whole of ``eval_dataset``.
 
         Metrics are computed once over every example (all ranks' examples under torchrun):
-        ``loss`` (the example-weighted mean of the batch losses), and for classifiers
-        ``accuracy``, ``precision``, ``recall``, ``f1`` and (binary) ``auroc``, plus whatever
-        ``eval_compute_metrics(outputs_list, labels)`` returns.
+        ``loss`` (the example-weighted mean of the batch losses); for classifiers
+        ``accuracy``, ``precision``, ``recall``, ``sensitivity``, ``specificity``, ``f1`` and
+        (binary) ``auroc`` and ``auprc``; for segmentation ``dice``, ``iou`` and ``hausdorff``
+        (see docs/metrics.md); the example-weighted means of ``eval_compute_metrics(batch,
+        model_output)``; and whatever ``eval_set_metrics(outputs_list, labels)`` returns.
 
         Args:
             eval_dataset: a map-style Dataset, a DataLoader or an iterable of dict batches.

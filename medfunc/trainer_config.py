@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from medfunc import validation
+from medfunc import metric_names, validation
 from medfunc.errors import ConfigError
 from medfunc.modeling import DEFAULT_RECOMPUTE_PATTERNS
 from medfunc.optim.optimizers import OPTIMIZER_NAMES
@@ -49,7 +49,13 @@ AMP_DTYPES = {
 #: Keys of a run file that belong to the ``medfunc`` command, not to TrainerConfig.
 RUN_KEYS = ("recipe", "recipe_options", "output_dir")
 #: Fields that hold Python objects and cannot come from a config file.
-_OBJECT_FIELDS = ("eval_compute_metrics", "export_input_example", "collate_fn", "visualize_fn")
+_OBJECT_FIELDS = (
+    "eval_compute_metrics",
+    "eval_set_metrics",
+    "export_input_example",
+    "collate_fn",
+    "visualize_fn",
+)
 
 
 @dataclasses.dataclass
@@ -84,6 +90,9 @@ class TrainerConfig:
     anneal_strategy: str = "cos"
     div_factor: float = 25.0
     final_div_factor: float = 1e4
+    cycle_momentum: bool = True
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
     # gradients
     grad_clip_mode: str = "norm"
     max_grad_norm: float | None = 1.0
@@ -115,7 +124,8 @@ class TrainerConfig:
     eval_at_epoch_end: bool = True
     eval_metric: str = "loss"
     eval_metric_mode: str = "auto"
-    eval_compute_metrics: Callable[[list, torch.Tensor], Mapping[str, float]] | None = None
+    eval_compute_metrics: Callable[[Any, Any], Mapping[str, float]] | None = None
+    eval_set_metrics: Callable[[list, torch.Tensor], Mapping[str, float]] | None = None
     early_stopping_patience: int | None = None
     early_stopping_min_delta: float = 0.0
     load_best_model_at_end: bool | None = None
@@ -173,10 +183,10 @@ class TrainerConfig:
 
     @property
     def metric_mode(self) -> str:
-        """``eval_metric_mode`` with "auto" resolved: "min" for losses, "max" otherwise."""
+        """``eval_metric_mode`` with "auto" resolved: "min" for losses and distances, else "max"."""
         if self.eval_metric_mode != "auto":
             return self.eval_metric_mode
-        return "min" if "loss" in self.eval_metric else "max"
+        return metric_names.default_mode(self.eval_metric)
 
     def to_dict(self) -> dict[str, Any]:
         """The options as plain JSON-able values (for W&B run configs and run records).
@@ -517,7 +527,15 @@ def _eval_metric(name: str, value: Any) -> str:
     return key
 
 
-def _optional_callable(name: str, value: Any) -> Callable | None:
+def _batch_metric_fn(name: str, value: Any) -> Callable | None:
+    if value is not None and not callable(value):
+        raise validation.fail(
+            name, "a callable (batch, model_output) -> dict of floats, or None", value
+        )
+    return value
+
+
+def _set_metric_fn(name: str, value: Any) -> Callable | None:
     if value is not None and not callable(value):
         raise validation.fail(
             name, "a callable (outputs_list, labels) -> dict of floats, or None", value
@@ -584,6 +602,9 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "anneal_strategy": _choice(*ANNEAL_STRATEGIES),
     "div_factor": validation.positive_float,
     "final_div_factor": validation.positive_float,
+    "cycle_momentum": validation.boolean,
+    "base_momentum": validation.probability,
+    "max_momentum": validation.probability,
     "grad_clip_mode": _choice(*CLIP_MODES),
     "max_grad_norm": functools.partial(validation.positive_float, optional=True),
     "grad_clip_value": validation.positive_float,
@@ -611,7 +632,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "eval_at_epoch_end": validation.boolean,
     "eval_metric": _eval_metric,
     "eval_metric_mode": _choice(*METRIC_MODES),
-    "eval_compute_metrics": _optional_callable,
+    "eval_compute_metrics": _batch_metric_fn,
+    "eval_set_metrics": _set_metric_fn,
     "early_stopping_patience": functools.partial(validation.positive_int, optional=True),
     "early_stopping_min_delta": validation.non_negative_float,
     "load_best_model_at_end": functools.partial(validation.boolean, optional=True),
@@ -660,6 +682,8 @@ _FLOAT_FIELDS = frozenset(
         "pct_start",
         "div_factor",
         "final_div_factor",
+        "base_momentum",
+        "max_momentum",
         "max_grad_norm",
         "grad_clip_value",
         "early_stopping_min_delta",
@@ -684,6 +708,8 @@ def _check_combinations(config: TrainerConfig) -> None:
         raise ConfigError(
             "TrainerConfig.fsdp and TrainerConfig.deepspeed are both true; choose one"
         )
+    custom = config.eval_compute_metrics is not None or config.eval_set_metrics is not None
+    metric_names.check_eval_metric(config.eval_metric, custom=custom)
     _check_ema(config)
 
 

@@ -45,7 +45,21 @@ def test_without_patience_it_only_tracks_the_best_value():
 def test_a_nan_never_improves_on_a_number():
     stopper = EarlyStopping(patience=1, mode="min")
     stopper.update(0.4)
-    assert stopper.update(math.nan) and stopper.best == 0.4
+    with pytest.warns(RuntimeWarning, match="undefined.*no improvement"):
+        assert stopper.update(math.nan) and stopper.best == 0.4
+
+
+@pytest.mark.parametrize("undefined", [math.nan, math.inf, -math.inf, None])
+def test_an_undefined_first_value_is_no_improvement_and_never_the_best(undefined):
+    stopper = EarlyStopping(patience=3, mode="max")
+    with pytest.warns(RuntimeWarning, match=r"undefined .*best so far: None, 1 evaluation"):
+        assert not stopper.update(undefined)
+    assert (stopper.best, stopper.wait) == (None, 1)
+    assert not stopper.update(0.6)  # the first number is the best; the wait starts over
+    assert (stopper.best, stopper.wait) == (0.6, 0)
+    with pytest.warns(RuntimeWarning, match="best so far: 0.6, 1 evaluation"):
+        stopper.update(undefined)
+    assert (stopper.best, stopper.wait) == (0.6, 1)
 
 
 @settings(max_examples=100, deadline=None)

@@ -205,7 +205,7 @@ def test_early_stopping_uses_patience_min_delta_and_mode(tmp_path):
         eval_metric_mode="max",
         early_stopping_patience=2,
         early_stopping_min_delta=1e-3,
-        eval_compute_metrics=slowly_improving,
+        eval_set_metrics=slowly_improving,
         eval_batch_size=4,
         save_every_epochs=1,
     )

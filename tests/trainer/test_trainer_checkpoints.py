@@ -86,7 +86,7 @@ def _scored(**options) -> TrainerConfig:
         eval_metric="score",
         eval_metric_mode="max",
         early_stopping_patience=3,
-        eval_compute_metrics=score,
+        eval_set_metrics=score,
         save_every_epochs=5,
     )
     return {**base, **options}
