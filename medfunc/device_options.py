@@ -3,6 +3,9 @@
 ``pin_memory``, ``cudnn_benchmark`` and ``ddp_backend="nccl"`` act on CUDA only. On another
 device each is resolved to what it can do there (no pinning, cuDNN untouched, the Gloo backend)
 and the choice is logged once per process at INFO, so that no option is ignored silently.
+``ddp_find_unused_parameters`` is accepted for the original's configs: medfunc's data-parallel
+step always treats a parameter without a gradient as ``find_unused_parameters=True`` does
+(see :mod:`medfunc.distributed.ddp`), which is said once at INFO when the option is False.
 
 Example:
     >>> config = TrainerConfig(num_workers=0)
@@ -45,12 +48,15 @@ def _info_once(message: str, *args: object) -> None:
         log.info(message, *args)
 
 
-def resolve(config: TrainerConfig, device: torch.device) -> DeviceOptions:
+def resolve(
+    config: TrainerConfig, device: torch.device, *, multi_process: bool = False
+) -> DeviceOptions:
     """``pin_memory`` and ``ddp_backend`` as they apply on ``device`` (INFO once when changed).
 
     Args:
         config: the options.
         device: the training device.
+        multi_process: the run is a multi-process one (the distribution options are noted).
 
     Returns:
         The resolved options.
@@ -65,8 +71,15 @@ def resolve(config: TrainerConfig, device: torch.device) -> DeviceOptions:
     backend = config.ddp_backend
     if backend == "nccl" and not cuda:
         backend = "gloo"
+    if multi_process and config.ddp_backend != backend:
         _info_once(
             "ddp_backend='nccl' needs CUDA; a multi-process run on %s uses Gloo", device.type
+        )
+    if multi_process and not config.ddp_find_unused_parameters:
+        _info_once(
+            "ddp_find_unused_parameters=False: medfunc's data-parallel step finds unused "
+            "parameters by itself on every step, as DistributedDataParallel("
+            "find_unused_parameters=True) does; the option changes nothing"
         )
     return DeviceOptions(pin_memory=config.pin_memory and cuda, ddp_backend=backend)
 

@@ -1,13 +1,16 @@
 """What a training run leaves behind after its last step: the weights file and the exports.
 
 :func:`write_final_outputs` writes ``model.safetensors`` (and a Hugging Face model's
-``save_pretrained`` files) and the TorchScript/ONNX exports the config asks for, on rank 0. An
-export that fails is logged and recorded in ``TrainResult.export_errors``; the other outputs are
-kept. :func:`check_exports` fails before training when an export lacks its example inputs.
+``save_pretrained`` files; for a ``peft.PeftModel`` only its adapter, ``adapter_config.json``
+and ``adapter_model.safetensors``) and the TorchScript/ONNX exports the config asks for, on
+rank 0. An export that fails is logged and recorded in ``TrainResult.export_errors``; the
+other outputs are kept. Before training, :func:`check_exports` warns about an export without
+example inputs (it is skipped) and :func:`check_export_example` runs the example through the model.
 
 Example::
 
     check_exports(config)                                 # before training
+    check_export_example(state, config)
     ...
     write_final_outputs(state, result, config, sharded=False)
     result.weights_path                                   # runs/demo/model.safetensors
@@ -16,45 +19,94 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 from medfunc import distributed, export
 from medfunc.data import to_device
 from medfunc.distributed.checkpoint import gather_full_state
 from medfunc.errors import ConfigError
+from medfunc.peft_models import is_peft_model
 from medfunc.state import TrainState, bind_module
+from medfunc.step import apply_model
 from medfunc.tracking import TrainResult
 from medfunc.trainer_config import TrainerConfig
-from medfunc.weights import is_pretrained_model, save_pretrained, save_weights
+from medfunc.versioning import record_version
+from medfunc.weights import is_pretrained_model, save_adapter, save_pretrained, save_weights
 
-__all__ = ["EXPORT_FILES", "WEIGHTS_FILE", "check_exports", "write_final_outputs"]
+__all__ = [
+    "EXPORT_FILES",
+    "WEIGHTS_FILE",
+    "check_export_example",
+    "check_exports",
+    "export_state",
+    "write_final_outputs",
+]
 
 log = logging.getLogger("medfunc.trainer")
 WEIGHTS_FILE = "model.safetensors"
 EXPORT_FILES = {"torchscript": "model.pt", "onnx": "model.onnx"}
 
 
-def check_exports(config: TrainerConfig) -> None:
-    """Fail early when an export is requested without ``export_input_example``.
+def check_exports(config: TrainerConfig) -> list[str]:
+    """Warn (once, before training) about exports requested without ``export_input_example``.
+
+    As the original trainer, such an export is skipped rather than refused.
 
     Args:
         config: the options.
 
-    Raises:
-        ConfigError: ``export_torchscript`` or ``export_onnx`` without example inputs.
+    Returns:
+        The export flags that will be skipped, e.g. ``["export_onnx"]``.
 
     Example:
         >>> check_exports(TrainerConfig(export_onnx=True))
-        Traceback (most recent call last):
-        ...
-        medfunc.errors.ConfigError: TrainerConfig.export_onnx=True needs export_input_example, ...
+        ['export_onnx']
     """
-    for flag in ("export_torchscript", "export_onnx"):
-        if getattr(config, flag) and config.export_input_example is None:
-            raise ConfigError(
-                f"TrainerConfig.{flag}=True needs export_input_example, a dict "
-                "of example model inputs such as {'input_ids': "
-                "torch.zeros(1, 8, dtype=torch.long)}"
-            )
+    skipped = [
+        flag
+        for flag in ("export_torchscript", "export_onnx")
+        if getattr(config, flag) and config.export_input_example is None
+    ]
+    for flag in skipped:
+        log.warning(
+            "TrainerConfig.%s=True without export_input_example: the export will be skipped. "
+            "Give a dict of example model inputs such as {'input_ids': "
+            "torch.zeros(1, 8, dtype=torch.long)} to export",
+            flag,
+        )
+    return skipped
+
+
+def check_export_example(state: TrainState, config: TrainerConfig) -> None:
+    """Run ``export_input_example`` through the model once, before training, when exporting.
+
+    A wrong key or shape then fails in the first second of a run, not after its last epoch.
+
+    Args:
+        state: the initial state (unchanged; the model runs in eval mode without gradients).
+        config: the options.
+
+    Raises:
+        ConfigError: the model cannot take the example (the message gives the model's error).
+
+    Example::
+
+        check_export_example(state, TrainerConfig(export_onnx=True,
+                                                  export_input_example={"x": torch.zeros(1, 6)}))
+    """
+    exporting = config.export_torchscript or config.export_onnx
+    if not exporting or config.export_input_example is None:
+        return
+    example = to_device(config.export_input_example, state.device)
+    try:
+        apply_model(state, example)
+    except Exception as err:
+        raise ConfigError(
+            "TrainerConfig.export_input_example does not run through the model "
+            f"({type(err).__name__}: {err}); give the inputs the model's forward takes, e.g. "
+            "the keys of a training batch without the labels"
+        ) from err
 
 
 def write_final_outputs(
@@ -76,9 +128,16 @@ def write_final_outputs(
         full = state
         bind_module(state)
     if distributed.is_main_process():
-        result.weights_path = save_weights(full, result.output_dir / WEIGHTS_FILE)
-        if not sharded and is_pretrained_model(state.module):
-            save_pretrained(state.module, result.output_dir)
+        if not sharded and is_peft_model(state.module):
+            result.weights_path = save_adapter(state.module, result.output_dir)
+        else:
+            result.weights_path = save_weights(full, result.output_dir / WEIGHTS_FILE)
+            if config.model_versioning:
+                record_version(
+                    result.weights_path, epoch=result.epochs_completed, step=result.global_step
+                )
+            if not sharded and is_pretrained_model(state.module):
+                save_pretrained(state.module, result.output_dir)
         _export(state, result, config, sharded=sharded)
     distributed.barrier()
 
@@ -88,6 +147,8 @@ def _export(
 ) -> None:
     """Make the configured exports, recording each success or failure in ``result``."""
     flags = {"torchscript": config.export_torchscript, "onnx": config.export_onnx}
+    if config.export_input_example is None:  # skipped, as warned by check_exports
+        return
     wanted = [name for name, flag in flags.items() if flag]
     if wanted and sharded:
         for name in wanted:
@@ -112,3 +173,27 @@ def _export(
             log.warning("%s export failed (training outputs are kept): %s", name, reason)
         else:
             result.exports[name] = path
+
+
+def export_state(
+    state: TrainState, config: TrainerConfig, output_dir: str | os.PathLike
+) -> TrainResult:
+    """Make the configured exports of ``state`` into ``output_dir`` now (this process).
+
+    Args:
+        state: the (unsharded) state to export.
+        config: the options (which exports, their example inputs and ONNX opset).
+        output_dir: the folder for ``model.pt`` / ``model.onnx`` (created if missing).
+
+    Returns:
+        A :class:`TrainResult` whose ``exports`` and ``export_errors`` say what was written.
+
+    Example::
+
+        export_state(trainer.state, config, "exports").exports   # {'onnx': .../model.onnx}
+    """
+    result = TrainResult(output_dir=Path(output_dir))
+    result.output_dir.mkdir(parents=True, exist_ok=True)
+    bind_module(state)
+    _export(state, result, config, sharded=False)
+    return result

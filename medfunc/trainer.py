@@ -7,22 +7,24 @@ batches datasets (a seeded shuffle per epoch, sharded under torchrun), logs aver
 atomic checkpoints that resume at the exact step and data position, and saves and exports the
 final model. All options are in :class:`~medfunc.trainer_config.TrainerConfig`.
 
-Example (the bundled breast-cancer recipe: an MLP on 456 training and 113 held-out examples):
+Example (the bundled breast-cancer recipe: an MLP on 342 training and 114 validation examples):
     >>> from medfunc.recipes import get_recipe
     >>> from medfunc.trainer import MedicalModelTrainer, TrainerConfig
     >>> parts = get_recipe("breast_cancer").build()
-    >>> config = TrainerConfig(num_epochs=2, batch_size=32, learning_rate=1e-3, progress_bar=False)
+    >>> config = TrainerConfig(
+    ...     num_epochs=2, batch_size=32, learning_rate=1e-3, progress_bar=False, log_level="warning"
+    ... )
     >>> trainer = MedicalModelTrainer(parts.model, config)
     >>> result = trainer.train(parts.train_dataset, parts.eval_dataset, output_dir="run")
     >>> result.global_step, [path.name for path in result.checkpoints]
-    (30, ['checkpoint-epoch1.pt', 'checkpoint-epoch2.pt'])
+    (22, ['checkpoint-epoch1.pt', 'checkpoint-epoch2.pt'])
     >>> sorted(result.eval_metrics)
     ['accuracy', 'auprc', 'auroc', 'f1', 'loss', 'precision', 'recall', 'sensitivity',
      'specificity']
     >>> trainer.evaluate(parts.eval_dataset)["auroc"] > 0.9
     True
     >>> trainer.predict(parts.eval_dataset).shape
-    torch.Size([113, 2])
+    torch.Size([114, 2])
 """
 
 from __future__ import annotations
@@ -35,15 +37,25 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from torch.utils.data import DataLoader
 
-from medfunc import distributed, optim, schedules
+from medfunc import distributed, optim
 from medfunc.best_model import BestCheckpoint
-from medfunc.checkpoint import read_checkpoint, restore_state, save_state
+from medfunc.checkpoint import restore_state, save_state
 from medfunc.compile import compile_step, resolve_mode
 from medfunc.data import to_device
+from medfunc.dataset_columns import select_model_inputs
+from medfunc.device_options import apply_cudnn_benchmark
+from medfunc.device_options import resolve as resolve_device_options
 from medfunc.early_stopping import EarlyStopping
 from medfunc.errors import ConfigError
-from medfunc.final_outputs import WEIGHTS_FILE, check_exports, write_final_outputs
+from medfunc.final_outputs import (
+    WEIGHTS_FILE,
+    check_export_example,
+    check_exports,
+    write_final_outputs,
+)
+from medfunc.legacy import read_resume_payload
 from medfunc.logging import MetricLogger, create_logger
 from medfunc.metrics import evaluate_batches, find_logits
 from medfunc.modeling import prepare_model
@@ -63,16 +75,24 @@ from medfunc.trainer_build import build_optimizer, build_schedule
 from medfunc.trainer_config import TrainerConfig
 from medfunc.trainer_data import (
     DatasetBatches,
+    LoaderOptions,
     evaluation_batches,
+    loader_options,
     resolve_device,
     steps_per_epoch,
-    to_training_device,
     training_batches,
 )
+from medfunc.trainer_surface import OriginalTrainerSurface
+from medfunc.trainer_views import EvalResult
+from medfunc.visualize import Visualizer
 from medfunc.weights import save_weights
 
 __all__ = [
+    "DataLoader",
+    "EvalResult",
     "MedicalModelTrainer",
+    "build_optimizer",
+    "build_schedule",
     "TrainResult",
     "TrainerConfig",
     "resolve_device",
@@ -121,7 +141,14 @@ def _boundary_name(position: LoopPosition) -> str:
     return f"checkpoint-{name}.pt"
 
 
-class MedicalModelTrainer:
+class _EarlyStopSignal(Exception):  # noqa: N818 - the original trainer's name
+    """Raise from a trainer hook (e.g. an overridden ``_log``) to stop training after this step.
+
+    The run ends as an early-stopped one: the last checkpoint and final outputs are written.
+    """
+
+
+class MedicalModelTrainer(OriginalTrainerSurface):
     """Fine-tune ``model`` with the options of ``config`` (see docs/trainer.md).
 
     Constructing a trainer does not touch ``torch.distributed``: under torchrun the process
@@ -133,6 +160,9 @@ class MedicalModelTrainer:
             ``model(**batch)`` for dict batches.
         config: the options (default: ``TrainerConfig()``).
         loss_fn: optional ``loss_fn(outputs, batch) -> loss`` for models that return no loss.
+        apply_fn: optional ``apply_fn(model, batch) -> outputs``, how to call the model on a
+            batch when the batch convention does not fit (e.g. ``lambda m, b: m(b[0])`` for
+            a ``TensorDataset(x, y)``); used in training, evaluation and prediction.
         run_metadata: JSON-able facts about the run (e.g. the recipe) stored in checkpoints.
 
     Raises:
@@ -152,6 +182,7 @@ class MedicalModelTrainer:
         config: TrainerConfig | None = None,
         *,
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        apply_fn: Callable[[torch.nn.Module, Any], Any] | None = None,
         run_metadata: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
@@ -162,11 +193,14 @@ class MedicalModelTrainer:
             raise ConfigError(f"config must be a TrainerConfig, got {type(config).__name__}")
         self.config = config
         self.loss_fn = loss_fn
+        self.apply_fn = apply_fn
         self.run_metadata = dict(run_metadata or {})
         self.device = resolve_device(config.device)
         self.model = model
         self.state: TrainState | None = None
         self._prepared = False
+        self._scheduled = False
+        self._run: _Run | None = None
 
     @property
     def is_main_process(self) -> bool:
@@ -178,18 +212,27 @@ class MedicalModelTrainer:
 
         With ``device="auto"`` a multi-process job trains on each rank's own device.
         """
-        info = distributed.init()
+        cfg = self.config
+        if cfg.use_ddp and "WORLD_SIZE" not in os.environ:
+            raise ConfigError(
+                "TrainerConfig.use_ddp=True but this process was not started by torchrun (no "
+                "WORLD_SIZE); launch with `torchrun --nproc-per-node N script.py`, or leave "
+                "use_ddp=False (under torchrun medfunc trains data-parallel by itself)"
+            )
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        options = resolve_device_options(cfg, self.device, multi_process=several)
+        info = distributed.init(backend=options.ddp_backend)
         if self.config.device == "auto" and info.world_size > 1:
             self.device = info.device
 
     def _prepare_model(self) -> torch.nn.Module:
         if not self._prepared:
             cfg = self.config
+            self._maybe_enable_gradient_checkpointing()
             self.model = prepare_model(
                 self.model,
-                gradient_checkpointing=cfg.gradient_checkpointing,
-                activation_recompute=cfg.activation_recompute
-                and cfg.activation_recompute_patterns,
+                gradient_checkpointing=False,
+                activation_recompute=cfg.activation_recompute and cfg.activation_recompute_patterns,
                 channels_last=cfg.channels_last,
                 dropout_prob=cfg.dropout_prob,
                 device=self.device,
@@ -200,17 +243,22 @@ class MedicalModelTrainer:
     def _init_kwargs(self) -> dict[str, Any]:
         return {
             "loss_fn": self.loss_fn,
+            "apply_fn": self.apply_fn,
             "precision": self.config.precision,
             "seed": self.config.seed,
             "accumulate_steps": self.config.gradient_accumulation_steps,
         }
 
-    def _build_state(self, schedule: schedules.Schedule) -> TrainState:
+    def _loading(self) -> LoaderOptions:
+        """The DataLoader options, built with this module's ``DataLoader`` (replaceable)."""
+        return loader_options(self.config, self.device, DataLoader)
+
+    def _build_state(self, total_steps: int | None) -> TrainState:
         cfg = self.config
         model = self._prepare_model()
         if cfg.fsdp:
             return distributed.fully_shard_state(
-                model, build_optimizer(cfg, schedule), **self._init_kwargs()
+                model, self._transformation(total_steps), **self._init_kwargs()
             )
         if cfg.deepspeed:
             if cfg.grad_clip_mode == "value":
@@ -220,13 +268,13 @@ class MedicalModelTrainer:
                 )
             return distributed.deepspeed_state(
                 model,
-                build_optimizer(cfg, schedule, clip=False),
+                self._transformation(total_steps, clip=False),
                 cfg.deepspeed_config,
                 max_grad_norm=cfg.max_grad_norm if cfg.grad_clip_mode == "norm" else None,
                 micro_batch_size=cfg.batch_size,
                 **self._init_kwargs(),
             )
-        tx = build_optimizer(cfg, schedule)
+        tx = self._transformation(total_steps)
         kwargs = self._init_kwargs()
         state = init_state(model, tx, device=self.device, ema_decay=cfg.ema_decay, **kwargs)
         return distributed.data_parallel(state) if distributed.is_distributed() else state
@@ -249,11 +297,12 @@ class MedicalModelTrainer:
             optim.chain(),
             device=self.device,
             loss_fn=self.loss_fn,
+            apply_fn=self.apply_fn,
             precision=self.config.precision,
             seed=self.config.seed,
         )
 
-    def _save_checkpoint(
+    def _write_checkpoint(
         self, state: TrainState, run: _Run, name: str, *, forced: bool = False
     ) -> None:
         """Write checkpoint ``name`` (marked best when it holds the best evaluation's state).
@@ -301,7 +350,7 @@ class MedicalModelTrainer:
         self, state: TrainState, path: str, stopping: EarlyStopping
     ) -> tuple[TrainState, LoopPosition, dict[str, Any], list[str]]:
         """The state, loop position, ``trainer_state`` and payload entries of ``path``."""
-        payload = read_checkpoint(path)
+        payload = read_resume_payload(path, like=state, sharded=self._sharded())
         if self._sharded():
             state = distributed.load_full(path, like=state)
         else:
@@ -314,10 +363,12 @@ class MedicalModelTrainer:
     def _eval_batches(self, dataset: Any) -> DatasetBatches:
         """In-order batches of ``dataset``, split over the ranks."""
         rank, world = distributed.rank(), distributed.world_size()
-        return evaluation_batches(dataset, self.config, rank=rank, world=world)
+        loading = self._loading()
+        dataset = select_model_inputs(dataset, self.model, "eval_dataset")
+        return evaluation_batches(dataset, self.config, rank=rank, world=world, loading=loading)
 
     def _run_eval(self, state: TrainState, batches: DatasetBatches) -> dict[str, float]:
-        on_device = (to_training_device(b, self.device) for b in batches.epoch(0))
+        on_device = (self._move_to_device(b) for b in batches.epoch(0))
         if self.config.eval_with_ema and state.ema:
             state = state.replace(params=ema_params(state))
         cfg = self.config
@@ -325,7 +376,7 @@ class MedicalModelTrainer:
             state, on_device, cfg.eval_set_metrics, batch_metric_fn=cfg.eval_compute_metrics
         )
 
-    def evaluate(self, eval_dataset: Any) -> dict[str, float]:
+    def evaluate(self, eval_dataset: Any) -> EvalResult:
         """Evaluate the current model on the whole of ``eval_dataset``.
 
         Metrics are computed once over every example (all ranks' examples under torchrun):
@@ -339,7 +390,8 @@ class MedicalModelTrainer:
             eval_dataset: a map-style Dataset, a DataLoader or an iterable of dict batches.
 
         Returns:
-            metric name -> float.
+            An :class:`EvalResult`: a mapping metric name -> float (``"loss"`` included), with
+            ``.loss`` and ``.metrics`` (the others) as in the original trainer.
 
         Example::
 
@@ -348,7 +400,7 @@ class MedicalModelTrainer:
             #  'auroc': 0.995}
         """
         state = self._inference_state()
-        return self._run_eval(state, self._eval_batches(eval_dataset))
+        return EvalResult(self._run_eval(state, self._eval_batches(eval_dataset)))
 
     def predict(self, dataset: Any) -> torch.Tensor | list[Any]:
         """Run the model (eval mode, no gradients) over ``dataset`` in order.
@@ -366,8 +418,11 @@ class MedicalModelTrainer:
             probabilities = trainer.predict(eval_ds).softmax(-1)[:, 1]
         """
         state = self._inference_state()
-        batches = evaluation_batches(dataset, self.config, rank=0, world=1, role="dataset")
-        outputs = [apply_model(state, to_training_device(b, self.device)) for b in batches.epoch(0)]
+        dataset = select_model_inputs(dataset, self.model, "dataset")
+        batches = evaluation_batches(
+            dataset, self.config, rank=0, world=1, role="dataset", loading=self._loading()
+        )
+        outputs = [apply_model(state, self._move_to_device(b)) for b in batches.epoch(0)]
         tensors = [o if isinstance(o, torch.Tensor) else find_logits(o) for o in outputs]
         if tensors and all(t is not None for t in tensors):
             return torch.cat([t.detach().cpu() for t in tensors])
@@ -410,13 +465,19 @@ class MedicalModelTrainer:
         cfg = self.config
         check_exports(cfg)
         self._join()
+        apply_cudnn_benchmark(cfg, self.device)
         batches = training_batches(
-            train_dataset, cfg, rank=distributed.rank(), world=distributed.world_size()
+            select_model_inputs(train_dataset, self.model, "train_dataset"),
+            cfg,
+            rank=distributed.rank(),
+            world=distributed.world_size(),
+            loading=self._loading(),
         )
         evals = self._eval_batches(eval_dataset) if eval_dataset is not None else None
         per_epoch = steps_per_epoch(batches, cfg.gradient_accumulation_steps)
         total_steps = cfg.total_steps or (per_epoch * cfg.num_epochs if per_epoch else None)
-        state = self._build_state(build_schedule(cfg, total_steps))
+        state = self.prepare_for_training(total_steps)
+        check_export_example(state, cfg)
         stopping = EarlyStopping(
             cfg.early_stopping_patience, cfg.metric_mode, cfg.early_stopping_min_delta
         )
@@ -439,6 +500,7 @@ class MedicalModelTrainer:
         keep = evals is not None and cfg.load_best_model_at_end is not False
         best = BestCheckpoint(result.output_dir, cfg.eval_metric, keep, cfg.resume_from)
         run = _Run(batches, evals, logger, result, position, sums, updates, best, per_epoch, saved)
+        self._run = run
         run.last_saved_step = position.global_step
         run.last_checkpoint = Path(cfg.resume_from) if cfg.resume_from else None
         try:
@@ -457,6 +519,7 @@ class MedicalModelTrainer:
             if result.weights_path is None:  # an unchanged model.safetensors is kept as it is
                 write_final_outputs(self.state, result, cfg, sharded=self._sharded())
         finally:
+            self._run = None
             logger.close()
         return result
 
@@ -484,25 +547,35 @@ class MedicalModelTrainer:
         step_fn = self._step_fn(state)
         k = cfg.gradient_accumulation_steps
         start_epoch, start_batch = position.epoch, position.batch_index
+        draw = Visualizer(cfg.visualize_every_steps, cfg.visualize_fn, main=self.is_main_process)
         for epoch in range(start_epoch, cfg.num_epochs):
             position.epoch = epoch
             position.batch_index = start_batch if epoch == start_epoch else 0
             stop = False
             for window in run.train.windows(epoch, position.batch_index, k):
-                for batch in window:
-                    batch = to_training_device(batch, self.device)
-                    state, metrics = step_fn(state, batch, donate=True)
+                with torch.autograd.profiler.record_function("medfunc.train_step"):
+                    for batch in window:
+                        batch = self._move_to_device(batch)
+                        state, metrics = step_fn(state, batch, donate=True)
+                self.state = state
                 position.batch_index += k
                 position.global_step += 1
                 run.sums.record(metrics)
                 run.updates.record(metrics)
-                stop = self._after_step(state, run)
+                draw.after_step(state, batch, position.global_step, run.result.output_dir)
+                try:
+                    stop = self._after_step(state, run)
+                except _EarlyStopSignal:
+                    stop = True
                 if run.guard.should_stop():
                     self._interrupt(state, run)
                 if stop:
                     break
             run.result.global_step = position.global_step
-            stop = stop or self._end_epoch(state, run, epoch)
+            try:
+                stop = stop or self._end_epoch(state, run, epoch)
+            except _EarlyStopSignal:
+                stop = True
             if run.guard.should_stop():
                 self._interrupt(state, run)
             if stop:
@@ -512,7 +585,7 @@ class MedicalModelTrainer:
             self._log_train(run, with_epoch=False)
         saving = cfg.save_every_epochs or cfg.save_every_steps
         if saving and run.last_saved_step != position.global_step:
-            self._save_checkpoint(state, run, _boundary_name(position))
+            self._write_checkpoint(state, run, _boundary_name(position))
         if run.guard.should_stop():
             self._interrupt(state, run)
         run.result.best_metric = position.stopping.best
@@ -524,7 +597,7 @@ class MedicalModelTrainer:
         if run.sums.steps:
             self._log_train(run, with_epoch=False)
         if run.last_checkpoint is None or run.last_saved_step != position.global_step:
-            self._save_checkpoint(state, run, _boundary_name(position))
+            self._write_checkpoint(state, run, _boundary_name(position))
         run.result.global_step = position.global_step
         interrupted = run.guard.interrupted(run.last_checkpoint, position)
         if self.is_main_process:
@@ -542,7 +615,7 @@ class MedicalModelTrainer:
             stop = self._evaluate_and_track(state, run, epoch=run.position.epoch + 1)
         due = bool(cfg.save_every_steps) and step % cfg.save_every_steps == 0
         if due or run.best.wanted(run.position):
-            self._save_checkpoint(state, run, f"checkpoint-step{step}.pt", forced=not due)
+            self._write_checkpoint(state, run, f"checkpoint-step{step}.pt", forced=not due)
         run.position.best_pending = False
         return stop
 
@@ -569,7 +642,7 @@ class MedicalModelTrainer:
             stop = self._evaluate_and_track(state, run, epoch=epoch + 1)
         due = bool(cfg.save_every_epochs) and (epoch + 1) % cfg.save_every_epochs == 0
         if due or run.best.wanted(position):
-            self._save_checkpoint(state, run, f"checkpoint-epoch{epoch + 1}.pt", forced=not due)
+            self._write_checkpoint(state, run, f"checkpoint-epoch{epoch + 1}.pt", forced=not due)
         position.best_pending = False
         return stop
 
@@ -584,7 +657,7 @@ class MedicalModelTrainer:
         if with_epoch and run.steps_per_epoch:
             micro_batches = run.steps_per_epoch * self.config.gradient_accumulation_steps
             scalars["train/epoch"] = position.epoch + position.batch_index / micro_batches
-        run.logger.log(scalars, step=position.global_step)
+        self._log(scalars)
         run.scale_watch.check(scalars.get("train/loss_scale"), position.global_step)
         run.skipped_total += int(scalars["train/skipped_steps"])
         shown = {"skipped": run.skipped_total} if run.skipped_total else {}
@@ -595,7 +668,7 @@ class MedicalModelTrainer:
         cfg, position = self.config, run.position
         metrics = self._run_eval(state, run.eval)
         step = position.last_eval_step = position.global_step
-        run.logger.log({f"eval/{name}": value for name, value in metrics.items()}, step=step)
+        self._log({f"eval/{name}": value for name, value in metrics.items()})
         run.result.eval_metrics = metrics
         run.result.history.append({"epoch": epoch, "step": step, **metrics})
         run.logger.info(f"epoch {epoch} step {step} eval: {_shown(metrics)}")

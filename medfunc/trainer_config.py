@@ -27,6 +27,7 @@ import torch
 
 from medfunc import metric_names, validation
 from medfunc.errors import ConfigError
+from medfunc.logging import LOG_LEVELS
 from medfunc.modeling import DEFAULT_RECOMPUTE_PATTERNS
 from medfunc.optim.optimizers import OPTIMIZER_NAMES
 from medfunc.schedules import ANNEAL_STRATEGIES, SCHEDULE_NAMES
@@ -119,6 +120,7 @@ class TrainerConfig:
     prefetch_factor: int = 2
     log_every: int = 50
     progress_bar: bool | None = None
+    log_level: str = "info"
     # evaluation
     eval_every_steps: int | None = None
     eval_at_epoch_end: bool = True
@@ -628,6 +630,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "prefetch_factor": validation.positive_int,
     "log_every": validation.positive_int,
     "progress_bar": functools.partial(validation.boolean, optional=True),
+    "log_level": _choice(*LOG_LEVELS),
     "eval_every_steps": functools.partial(validation.positive_int, optional=True),
     "eval_at_epoch_end": validation.boolean,
     "eval_metric": _eval_metric,

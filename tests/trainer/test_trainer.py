@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 from torch.utils.data import DataLoader
 
+import medfunc.final_outputs
 from medfunc import distributed, optim, schedules
 from medfunc.errors import BatchError, ConfigError, NonFiniteError
 from medfunc.recipes.base import TensorDictDataset
@@ -283,29 +284,47 @@ def test_final_weights_are_saved_as_safetensors(tmp_path):
         assert torch.equal(saved[name], value), name
 
 
-def test_a_failed_export_is_recorded_and_keeps_the_training_outputs(tmp_path, caplog):
+def test_a_failed_export_is_recorded_and_keeps_the_training_outputs(
+    tmp_path, caplog, monkeypatch
+):
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(medfunc.final_outputs.export, "to_onnx", failing_export)
     config = _quiet(
         num_epochs=1,
         batch_size=8,
         save_every_epochs=1,
         export_onnx=True,
-        export_input_example={"x": torch.zeros(1, 5)},
-    )  # wrong width: 5, not 6
+        export_input_example={"x": torch.zeros(1, 6)},
+    )
     with caplog.at_level(logging.WARNING, logger="medfunc.trainer"):
         result = MedicalModelTrainer(_model(), config).train(_data(16), output_dir=tmp_path)
-    assert "onnx" in result.export_errors and "onnx" not in result.exports
-    assert "onnx export failed" in caplog.text
+    assert result.export_errors == {"onnx": "RuntimeError: exporter failed"}
+    assert "onnx" not in result.exports and "onnx export failed" in caplog.text
     assert (tmp_path / "model.safetensors").is_file()
     assert (tmp_path / "checkpoint-epoch1.pt").is_file()
     assert not (tmp_path / "model.onnx").exists()
 
 
-def test_export_without_an_example_is_refused_before_training(tmp_path):
-    with pytest.raises(ConfigError, match="export_torchscript=True needs export_input_example"):
-        MedicalModelTrainer(_model(), _quiet(export_torchscript=True)).train(
-            _data(16), output_dir=tmp_path
-        )
-    assert not (tmp_path / "metrics.jsonl").exists()
+def test_an_export_example_the_model_cannot_take_fails_before_training(tmp_path):
+    config = _quiet(export_onnx=True, export_input_example={"x": torch.zeros(1, 5)})  # not 6
+    with pytest.raises(ConfigError, match="export_input_example does not run through the model"):
+        MedicalModelTrainer(_model(), config).train(_data(16), output_dir=tmp_path)
+    assert not list(tmp_path.glob("checkpoint-*.pt"))
+
+
+def test_export_without_an_example_is_warned_before_training_and_skipped(tmp_path, caplog):
+    config = _quiet(num_epochs=1, export_torchscript=True)
+    trainer = MedicalModelTrainer(_model(), config)
+    with caplog.at_level(logging.WARNING, logger="medfunc.trainer"):
+        with pytest.raises(ConfigError, match="train_dataset must be"):
+            trainer.train(42, output_dir=tmp_path / "bad")  # warned before the data is read
+    assert caplog.text.count("export_torchscript=True without export_input_example") == 1
+    result = trainer.train(_data(16), output_dir=tmp_path / "run")
+    assert result.exports == {} and result.export_errors == {}
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "model.pt").exists()
 
 
 def test_missing_eval_metric_and_unavailable_devices_are_config_errors(tmp_path):
