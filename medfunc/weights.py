@@ -6,7 +6,9 @@ name, as ``safetensors.torch.save_model`` does: ``safetensors.torch.load_model(m
 loads it with ``strict=True``, and for a model without tied weights so does
 ``model.load_state_dict(safetensors.torch.load_file(path))``. A Hugging Face ``PreTrainedModel``
 is also saved with its own ``save_pretrained`` (``config.json`` and its weights), so
-``AutoModel...from_pretrained(output_dir)`` loads the run folder.
+``AutoModel...from_pretrained(output_dir)`` loads the run folder. A ``peft.PeftModel`` is saved
+as its adapter instead (:func:`save_adapter`): ``PeftModel.from_pretrained(base, output_dir)``
+loads it over the base model.
 
 Example:
     >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.sgd(0.1))
@@ -28,9 +30,10 @@ import torch
 
 from medfunc.atomic import atomic_write
 from medfunc.checkpoint.payload import state_dict_layout
+from medfunc.peft_models import ADAPTER_FILES
 from medfunc.state import TrainState
 
-__all__ = ["save_pretrained", "save_weights", "weights_state_dict"]
+__all__ = ["save_adapter", "save_pretrained", "save_weights", "weights_state_dict"]
 
 
 def weights_state_dict(state: TrainState) -> OrderedDict[str, torch.Tensor]:
@@ -98,6 +101,24 @@ def is_pretrained_model(module: torch.nn.Module) -> bool:
     return callable(getattr(module, "save_pretrained", None)) and hasattr(module, "config")
 
 
+def _save_staged(
+    module: torch.nn.Module, folder: Path, keep: tuple[str, ...] | None = None
+) -> list[Path]:
+    """Run ``module.save_pretrained`` into a temporary folder inside ``folder``, then rename
+    each file (those named in ``keep``, when given) into place, so every file appears whole."""
+    staging = folder / f".save_pretrained.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        module.save_pretrained(staging, safe_serialization=True)
+        written = []
+        for item in sorted(staging.iterdir()):
+            if keep is None or item.name in keep:
+                os.replace(item, folder / item.name)
+                written.append(folder / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
 def save_pretrained(module: torch.nn.Module, folder: Path) -> list[Path]:
     """Save a Hugging Face model with its own ``save_pretrained`` into ``folder``.
 
@@ -116,13 +137,26 @@ def save_pretrained(module: torch.nn.Module, folder: Path) -> list[Path]:
         save_pretrained(trainer.model, Path("runs/demo"))
         AutoModelForSequenceClassification.from_pretrained("runs/demo")
     """
-    staging = folder / f".save_pretrained.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        module.save_pretrained(staging, safe_serialization=True)
-        written = []
-        for item in sorted(staging.iterdir()):
-            os.replace(item, folder / item.name)
-            written.append(folder / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return written
+    return _save_staged(module, folder)
+
+
+def save_adapter(module: torch.nn.Module, folder: Path) -> Path:
+    """Save a ``peft.PeftModel``'s adapter into ``folder`` with ``PeftModel.save_pretrained``.
+
+    Only the adapter's files are kept (:data:`~medfunc.peft_models.ADAPTER_FILES`; not the
+    generated model card), each renamed into place whole.
+
+    Args:
+        module: the ``PeftModel`` holding the final values.
+        folder: the run folder.
+
+    Returns:
+        The adapter's weights, ``folder / "adapter_model.safetensors"``.
+
+    Example::
+
+        save_adapter(trainer.model, Path("runs/lora"))
+        model = PeftModel.from_pretrained(build_base_model(), "runs/lora")
+    """
+    _save_staged(module, folder, keep=ADAPTER_FILES)
+    return folder / ADAPTER_FILES[1]

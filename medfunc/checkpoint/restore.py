@@ -19,6 +19,7 @@ from torch import Tensor
 
 from medfunc.accumulation import WindowGrads
 from medfunc.checkpoint.ema import restore_ema, saved_ema_decay
+from medfunc.checkpoint.frozen import fill_frozen_base
 from medfunc.checkpoint.payload import opt_rest, optimizer_path, state_dict_layout
 from medfunc.checkpoint.reading import read_payload, validate_payload
 from medfunc.errors import CheckpointCorruptError, CheckpointMismatchError, ConfigError
@@ -261,6 +262,7 @@ def _restore_accum(payload: dict, like: TrainState, take: _Taker, source: str) -
 
 
 def _restore_into(payload: dict, like: TrainState, take: _Taker, source: str) -> TrainState:
+    payload = fill_frozen_base(payload, like, source)
     params, buffers = _restore_model(payload, like, take, source)
     opt_state = _restore_opt_state(payload, like, params, take, source)
     loss_scale = _restore_loss_scale(payload, like, source)

@@ -12,6 +12,7 @@ import torch
 from torch.utils.serialization import config as serialization_config
 
 from medfunc.atomic import atomic_write, ensure_writable
+from medfunc.checkpoint.frozen import trainable_only_payload
 from medfunc.checkpoint.payload import build_payload, check_extra, check_loadable
 from medfunc.state import TrainState
 
@@ -48,6 +49,7 @@ def save_state(
     extra: Mapping[str, Any] | None = None,
     save_optimizer: bool = True,
     save_scheduler: bool = True,
+    trainable_only: bool = False,
 ) -> Path:
     """Write ``state`` to one ``.pt`` checkpoint, atomically.
 
@@ -65,6 +67,12 @@ def save_state(
             position); reserved names (``global_step``, ``rng``, ...) are refused.
         save_optimizer: include the optimizer state.
         save_scheduler: include ``scheduler_state`` (the LR position, for plain PyTorch).
+        trainable_only: leave out the frozen parameters (e.g. a LoRA fine-tune's pretrained
+            base): ``model_state`` keeps the trainable parameters and the buffers, and
+            ``medfunc_state['frozen_base']`` records the frozen ones' SHA-256, which
+            :func:`restore_state` checks against the model it restores into (see
+            :mod:`medfunc.checkpoint.frozen`). Such a file loads into a model with
+            ``load_state_dict(..., strict=False)`` only.
 
     Returns:
         The checkpoint's path.
@@ -86,6 +94,8 @@ def save_state(
     state.check_alive()
     path = ensure_writable(path)
     payload = build_payload(state, check_extra(extra), save_optimizer, save_scheduler)
+    if trainable_only:
+        payload = trainable_only_payload(payload, state)
     check_loadable(payload, "checkpoint")
     _write_payload(payload, path)
     return path

@@ -2,7 +2,8 @@
 
 ``breast_cancer`` (the default) trains a small MLP on the Wisconsin diagnostic breast cancer
 data bundled with scikit-learn; ``drug_reviews`` fine-tunes a pretrained MiniLM encoder on
-drugs.com patient reviews. Nothing is downloaded at run time.
+drugs.com patient reviews, and ``drug_reviews_lora`` trains LoRA adapters on the frozen
+encoder instead. Nothing is downloaded at run time.
 
 Example:
     >>> from medfunc.recipes import get_recipe
@@ -33,6 +34,12 @@ def _build_drug_reviews(**options: Any) -> RecipeParts:
     return drug_reviews.build(**options)
 
 
+def _build_drug_reviews_lora(**options: Any) -> RecipeParts:
+    from medfunc.recipes import drug_reviews_lora
+
+    return drug_reviews_lora.build(**options)
+
+
 RECIPES: dict[str, Recipe] = {
     "breast_cancer": Recipe(
         name="breast_cancer",
@@ -43,6 +50,11 @@ RECIPES: dict[str, Recipe] = {
         name="drug_reviews",
         description="fine-tune MiniLM on drugs.com reviews (birth control vs other condition)",
         build=_build_drug_reviews,
+    ),
+    "drug_reviews_lora": Recipe(
+        name="drug_reviews_lora",
+        description="LoRA r=8 adapters on a frozen MiniLM, drugs.com reviews (peft)",
+        build=_build_drug_reviews_lora,
     ),
 }
 
