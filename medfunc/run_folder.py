@@ -59,6 +59,8 @@ RUN_FILES = frozenset(
         "metrics.png",
         "config.json",
         "generation_config.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
         "manifest.json",
     }
 )
