@@ -87,3 +87,44 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+_ORIGINAL_CONFIG = '''
+import dataclasses
+from typing import Any, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    learning_rate: float = 5e-5
+    betas: tuple = (0.9, 0.999)
+    amp_dtype: torch.dtype = torch.float16
+    deepspeed_config: Optional[Any] = None
+    activation_recompute_patterns: list = dataclasses.field(
+        default_factory=lambda: ["attention", "conv3d"]
+    )
+'''
+
+
+def save_like_the_original(folder, path, payload: dict, **config_fields) -> None:
+    """``torch.save`` ``payload`` plus ``config``: an instance of a stand-in class importable as
+    ``medvllm.training.trainer.TrainerConfig`` (written under ``folder``), pickled as the
+    original trainer does; afterwards the stand-in package is gone from sys.path and
+    sys.modules, so reading the file cannot import it."""
+    import importlib
+
+    package = folder / "original_pkg"
+    (package / "medvllm" / "training").mkdir(parents=True, exist_ok=True)
+    (package / "medvllm" / "__init__.py").write_text("")
+    (package / "medvllm" / "training" / "__init__.py").write_text("")
+    (package / "medvllm" / "training" / "trainer.py").write_text(_ORIGINAL_CONFIG)
+    sys.path.insert(0, str(package))
+    try:
+        module = importlib.import_module("medvllm.training.trainer")
+        torch.save({**payload, "config": module.TrainerConfig(**config_fields)}, path)
+    finally:
+        sys.path.remove(str(package))
+        for name in [n for n in sys.modules if n == "medvllm" or n.startswith("medvllm.")]:
+            del sys.modules[name]

@@ -46,8 +46,10 @@ def test_overwrite_removes_the_previous_run_first(tmp_path):
     result = _trainer(num_epochs=1, overwrite_output_dir=True).train(_data(), output_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoint-epoch1.pt",
+        "manifest.json",
         "metrics.jsonl",
         "model.safetensors",
+        "model.v1.safetensors",
     ]
     steps = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 1 and result.global_step == 4
