@@ -50,6 +50,7 @@ from medfunc.step import apply_model
 from medfunc.tracking import LoopPosition
 from medfunc.trainer_build import (
     TorchSchedulerLRs,
+    build_momentum,
     build_optimizer,
     build_schedule,
     clipped,
@@ -98,13 +99,18 @@ class OriginalTrainerSurface:
         ``_scheduler_factory`` is overridden (otherwise medfunc's own optimizer runs).
 
         Returns:
-            Groups of ``{"params": [(name, parameter), ...], "lr", "weight_decay"}`` over the
-            trainable parameters (``layer_wise_lrs`` multipliers applied).
+            Groups of ``{"params": [(name, parameter), ...], "weight_decay"}`` over the
+            trainable parameters; a group with a ``layer_wise_lrs`` multiplier also has its
+            ``"lr"`` (the others take the optimizer's ``lr``).
         """
         model = self._prepare_model()
         trainable = OrderedDict((n, p) for n, p in model.named_parameters() if p.requires_grad)
-        tx = build_optimizer(self.config, self.config.learning_rate, clip=False)
-        return optim.torch_param_groups(tx, trainable)
+        base = self.config.learning_rate
+        groups = optim.torch_param_groups(build_optimizer(self.config, base, clip=False), trainable)
+        for group in groups:
+            if group["lr"] == base:
+                del group["lr"]
+        return groups
 
     def _optimizer_factory(self, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         """The torch optimizer of ``optimizer`` over ``param_groups``, with the config's options.
@@ -166,7 +172,8 @@ class OriginalTrainerSurface:
         cfg = self.config
         if not self._torch_seams():
             self._scheduled = cfg.scheduler != "none"
-            return build_optimizer(cfg, build_schedule(cfg, total_steps), clip=clip)
+            lr, momentum = build_schedule(cfg, total_steps), build_momentum(cfg, total_steps)
+            return build_optimizer(cfg, lr, clip=clip, momentum=momentum)
         model = self._prepare_model()
         trainable = OrderedDict((n, p) for n, p in model.named_parameters() if p.requires_grad)
         optimizer = self._optimizer_factory(self._build_param_groups())
