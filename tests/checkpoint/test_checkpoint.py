@@ -425,7 +425,7 @@ def _saved(tmp_path: Path) -> tuple[Path, bytes, dict]:
 def test_truncated_files_are_reported_as_corrupt_naming_the_file(tmp_path):
     _, data, _ = _saved(tmp_path)
     n = len(data)
-    for length in sorted({0, 1, 3, 30, 100, n // 4, n // 2, 3 * n // 4, n - 30, n - 1}):
+    for length in sorted({0, 1, 3, 30, 100, n // 8, n // 4, n // 2, 3 * n // 4, n - 30, n - 1}):
         path = tmp_path / f"cut-{length}.pt"
         path.write_bytes(data[:length])
         with pytest.raises(CheckpointCorruptError) as err:
@@ -451,7 +451,9 @@ def test_flipped_bytes_are_detected_or_harmless_never_silently_loaded(tmp_path):
     good, data, original = _saved(tmp_path)
     rng = random.Random(7)
     positions = {rng.randrange(len(data)) for _ in range(80)}
-    in_records = {start + rng.randrange(size) for start, size in _record_data(good, data).values()}
+    records = list(_record_data(good, data).values())
+    targets = records + [rng.choice(records) for _ in range(100 - len(records))]
+    in_records = {start + rng.randrange(size) for start, size in targets}  # every record, then more
     detected = 0
     for position in sorted(positions | in_records):
         damaged = bytearray(data)
@@ -628,7 +630,7 @@ def test_every_record_has_its_crc_even_when_the_caller_turned_crcs_off(tmp_path)
 
 @pytest.mark.slow
 def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
-    trials = 20
+    trials = 40
     subprocess.run(
         [sys.executable, str(SCRIPTS / "crash_saver.py"), str(tmp_path), str(trials), "0"],
         check=True,
@@ -649,6 +651,43 @@ def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
         save_state(mf.init_state(_model(), _adamw()), folder / "next.pt")
         assert sorted(p.name for p in folder.iterdir()) == ["ckpt.pt", "next.pt"], trial
     assert interrupted > 0  # some kills landed mid-save (the loop spends most time saving)
+
+
+def test_two_writers_and_a_reader_on_one_path_never_see_a_torn_checkpoint(tmp_path):
+    sys.path.insert(0, str(SCRIPTS))
+    from crash_saver import make_state, marked_state
+
+    base = make_state()
+    path = tmp_path / "ckpt.pt"
+    save_state(marked_state(base, 1), path, extra={"marker": 1})
+    rounds, errors, reads = 20, [], []
+
+    def write(first: int) -> None:
+        try:
+            for marker in range(first, first + 2 * rounds, 2):
+                save_state(marked_state(base, marker), path, extra={"marker": marker})
+        except Exception as error:  # noqa: BLE001 - reported by the assert below
+            errors.append(error)
+
+    writers = [threading.Thread(target=write, args=(first,)) for first in (2, 3)]
+    for thread in writers:
+        thread.start()
+    while any(thread.is_alive() for thread in writers) or len(reads) < rounds:
+        payload = read_checkpoint(path)
+        marker = payload["trainer_state"]["marker"]
+        assert payload["trainer_state"]["global_step"] == marker
+        for value in (*payload["model_state"].values(), *_moments(payload)):
+            assert torch.all(value == marker), marker
+        reads.append(marker)
+    for thread in writers:
+        thread.join()
+    assert errors == []
+    assert len(set(reads)) > 1  # the reader saw the writers' saves, not one file throughout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def _moments(payload: dict) -> list[torch.Tensor]:
+    return [v for entry in payload["optimizer_state"]["state"].values() for v in entry.values()]
 
 
 # ------------------------------------------------------------------------------------------------
