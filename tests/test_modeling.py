@@ -259,6 +259,19 @@ def test_activation_recompute_gradients_equal_the_plain_model_bitwise():
         assert torch.equal(value, states[1].params[name]), name
 
 
+def test_activation_recompute_of_a_hugging_face_bert_trains_bitwise_equal():
+    plain = tiny_bert(dropout=0.1)
+    ckpt = copy.deepcopy(plain)
+    names = enable_activation_recompute(ckpt)
+    assert names == ["bert.encoder.layer.0.attention", "bert.encoder.layer.1.attention"]
+    batch = {"input_ids": torch.randint(0, 40, (2, 8)), "labels": torch.tensor([0, 1])}
+    states = [mf.init_state(m, mf.optim.adamw(1e-2), seed=1) for m in (plain, ckpt)]
+    for _ in range(2):
+        states = [mf.train_step(s, batch)[0] for s in states]
+    for name, value in states[0].params.items():
+        assert torch.equal(value, states[1].params[name]), name
+
+
 def test_batchnorm_statistics_are_updated_once():
     plain, ckpt = twins(DeepMLP, dropout=0.0, batchnorm=True)
     enable_gradient_checkpointing(ckpt)
