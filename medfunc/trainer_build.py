@@ -28,6 +28,7 @@ from medfunc.trainer_config import TrainerConfig
 
 __all__ = [
     "TorchSchedulerLRs",
+    "build_momentum",
     "build_optimizer",
     "build_schedule",
     "clipped",
@@ -106,8 +107,49 @@ def build_schedule(config: TrainerConfig, total_steps: int | None) -> schedules.
     return schedules.get_schedule(name, **kwargs)
 
 
+def build_momentum(config: TrainerConfig, total_steps: int | None) -> schedules.Schedule | None:
+    """The momentum schedule of ``scheduler="one_cycle"``, as ``OneCycleLR`` cycles it.
+
+    ``OneCycleLR`` (``cycle_momentum=True``, its default) moves Adam's ``beta1`` or SGD's
+    momentum from ``max_momentum`` down to ``base_momentum`` while the LR rises and back while it
+    falls; ``TrainerConfig.cycle_momentum=False`` keeps ``betas[0]`` / ``sgd_momentum`` fixed.
+
+    Args:
+        config: the options (``scheduler``, ``cycle_momentum``, ``base_momentum``,
+            ``max_momentum``, ``pct_start``, ``anneal_strategy``).
+        total_steps: optimizer steps of the whole run.
+
+    Returns:
+        :func:`~medfunc.schedules.one_cycle_momentum`, or None for other schedules or with
+        ``cycle_momentum=False``.
+
+    Example:
+        >>> mom = build_momentum(TrainerConfig(scheduler="one_cycle"), total_steps=100)
+        >>> [round(float(mom(s)), 6) for s in (0, 29, 99)]
+        [0.95, 0.85, 0.95]
+    """
+    if config.scheduler != "one_cycle" or not config.cycle_momentum:
+        return None
+    if total_steps is None:
+        raise ConfigError(
+            "TrainerConfig.scheduler='one_cycle' needs the run length, but the "
+            "training data has no len(); set TrainerConfig.total_steps"
+        )
+    return schedules.one_cycle_momentum(
+        total_steps,
+        pct_start=config.pct_start,
+        anneal_strategy=config.anneal_strategy,
+        base_momentum=config.base_momentum,
+        max_momentum=config.max_momentum,
+    )
+
+
 def build_optimizer(
-    config: TrainerConfig, schedule: schedules.Schedule, *, clip: bool = True
+    config: TrainerConfig,
+    schedule: schedules.Schedule,
+    *,
+    clip: bool = True,
+    momentum: schedules.Schedule | None = None,
 ) -> optim.GradientTransformation:
     """The gradient transformation the config selects: clipping, then the optimizer.
 
@@ -119,6 +161,8 @@ def build_optimizer(
         config: the options.
         schedule: the learning rate (see :func:`build_schedule`).
         clip: include the clipping of ``grad_clip_mode`` (DeepSpeed clips by itself).
+        momentum: a schedule for Adam's ``beta1`` or SGD's momentum (see
+            :func:`build_momentum`) in place of ``betas[0]`` / ``sgd_momentum``.
 
     Returns:
         ``chain(clip, optimizer)`` (or the optimizer alone with ``grad_clip_mode="none"`` or
@@ -130,7 +174,10 @@ def build_optimizer(
         ['clip', 'adamw']
     """
     name = config.optimizer
-    tx = optim.get_optimizer(name, **_arguments(optim.OPTIMIZERS[name], schedule, _options(config)))
+    options = _options(config)
+    if momentum is not None:
+        options.update(betas=(momentum, config.betas[1]), momentum=momentum)
+    tx = optim.get_optimizer(name, **_arguments(optim.OPTIMIZERS[name], schedule, options))
     return clipped(config, tx) if clip else tx
 
 

@@ -126,7 +126,7 @@ def torch_optimizer(
         tx: an optimizer or a chain holding one (other chain members, e.g. clipping, are not
             part of a torch optimizer).
         params: name -> parameter (trainable, model order).
-        step: the update count at which to evaluate an LR schedule.
+        step: the update count at which to evaluate an LR (and beta1 / momentum) schedule.
 
     Returns:
         e.g. ``torch.optim.AdamW(groups, betas=..., foreach=True)`` without state.
@@ -146,7 +146,7 @@ def torch_optimizer(
     device = first.device if first is not None else torch.device("cpu")
     return spec.torch_class(
         torch_param_groups(tx, params, step=step),
-        **spec.hyperparameters(),
+        **spec.hyperparameters(step),
         **torch_kernel_flags(tx, device),
     )
 

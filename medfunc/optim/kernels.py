@@ -37,6 +37,7 @@ parameter whose ``.grad`` is None), so every list here holds tensors.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -89,13 +90,18 @@ def _capturable_devices() -> list[str]:
 
 
 @functools.lru_cache(maxsize=64)
-def resolve_kernel(kernel: str, device: torch.device, *, adam: bool = True) -> KernelConfig:
+def resolve_kernel(
+    kernel: str, device: torch.device, *, adam: bool = True, tensor_beta1: bool = False
+) -> KernelConfig:
     """Pick the kernel path for parameters on ``device``.
 
     Args:
         kernel: "auto" (fused on CUDA, foreach elsewhere), "foreach" or "fused".
         device: the parameters' device.
         adam: True for Adam/AdamW (foreach is capturable on accelerators), False for SGD.
+        tensor_beta1: Adam's ``beta1`` follows a schedule. The fused kernels take ``beta1`` as
+            a float only, which on an accelerator would be read back every step; "auto" then
+            picks the capturable foreach kernel there, which takes it as a device tensor.
 
     Returns:
         The :class:`KernelConfig`.
@@ -106,7 +112,14 @@ def resolve_kernel(kernel: str, device: torch.device, *, adam: bool = True) -> K
     """
     one_of("kernel", kernel, KERNELS)
     dtype = device.type
-    fused = kernel == "fused" or (kernel == "auto" and dtype == "cuda")
+    fused = kernel == "fused" or (kernel == "auto" and dtype == "cuda" and not tensor_beta1)
+    if fused and tensor_beta1 and dtype != "cpu":
+        raise ConfigError(
+            f"kernel='fused' on {dtype} takes Adam's beta1 as a Python float, so a beta1 "
+            "schedule (momentum cycling) would be read back from the device every step; use "
+            "kernel='auto' or 'foreach' (the capturable foreach kernel takes it as a tensor), or "
+            "a constant beta1 (TrainerConfig.cycle_momentum=False)"
+        )
     if fused and dtype not in _fused_devices():
         raise ConfigError(
             f"kernel='fused' is not available for parameters on {dtype}: PyTorch has fused "
@@ -140,8 +153,13 @@ def step_device(cfg: KernelConfig, param_device: torch.device) -> torch.device:
     return param_device if (cfg.fused or cfg.capturable) else torch.device("cpu")
 
 
-def _lr_arg(lr: float | Tensor, cfg: KernelConfig) -> float | Tensor:
-    """The LR in the form the kernel path takes (never reads a device tensor on the host)."""
+def _lr_arg(lr: float | Tensor, cfg: KernelConfig, what: str = "the LR") -> float | Tensor:
+    """The LR (or Adam's beta1) in the form the kernel path takes (never a device sync).
+
+    A CPU tensor is read on the host (no device sync), which gives the kernel exactly the
+    Python float a ``torch.optim`` scheduler sets; while compiling, and on the capturable or
+    fused accelerator paths, it stays a tensor.
+    """
     if not isinstance(lr, Tensor):
         return lr
     if torch.compiler.is_compiling():
@@ -151,10 +169,49 @@ def _lr_arg(lr: float | Tensor, cfg: KernelConfig) -> float | Tensor:
     if cfg.fused or cfg.capturable:
         return lr.to(dtype=torch.float32)
     raise ConfigError(
-        f"the {'fused' if cfg.fused else 'foreach'} kernel on {cfg.device_type} needs the LR "
+        f"the {'fused' if cfg.fused else 'foreach'} kernel on {cfg.device_type} needs {what} "
         "as a Python float, which would read the schedule's device tensor on the host (a sync); "
-        "use kernel='fused' or a constant lr"
+        "use kernel='fused' or a constant value"
     )
+
+
+_SYNC_WARNED: set[str] = set()
+
+
+def check_momentum_schedule(cfg: KernelConfig, *, adam: bool, scheduled: Any) -> None:
+    """Say once, at ``init``, when a momentum schedule costs a device sync per update.
+
+    torch's SGD kernels (foreach and fused) take the momentum as a Python float only: on the
+    CPU reading the schedule's CPU tensor is free, on an accelerator it is one device sync per
+    update (the update still equals ``torch.optim.SGD`` driven by ``OneCycleLR``, which sets a
+    float too), and such a step cannot be compiled as one graph or captured in a CUDA graph.
+    Adam's ``beta1`` has a tensor path (see :func:`resolve_kernel`).
+    """
+    if scheduled is None or adam or cfg.device_type == "cpu":
+        return
+    if cfg.device_type not in _SYNC_WARNED:
+        _SYNC_WARNED.add(cfg.device_type)
+        warnings.warn(
+            f"sgd with a momentum schedule on {cfg.device_type}: torch's SGD kernels take the "
+            "momentum as a Python float, so it is read from the device every update (one sync "
+            "per step; no CUDA graph). Set TrainerConfig.cycle_momentum=False or use adamw to "
+            "keep the step sync-free.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _momentum_arg(momentum: float | Tensor) -> float:
+    """SGD's momentum as the Python float torch's kernels take (see check_momentum_schedule)."""
+    if not isinstance(momentum, Tensor):
+        return momentum
+    if torch.compiler.is_compiling():
+        raise ConfigError(
+            "sgd with a momentum schedule cannot be compiled: torch's SGD kernels take the "
+            "momentum as a Python float. Use a constant momentum (cycle_momentum=False), adamw, "
+            "or run the step uncompiled"
+        )
+    return float(momentum)
 
 
 def _host_skip(found_inf: Tensor) -> bool | None:
@@ -251,7 +308,7 @@ def adam_step(
     *,
     cfg: KernelConfig,
     lr: float | Tensor,
-    beta1: float,
+    beta1: float | Tensor,
     beta2: float,
     eps: float,
     weight_decay: float,
@@ -267,7 +324,8 @@ def adam_step(
         steps: per-parameter step counters (0-d float tensors, see :func:`step_device`).
         cfg: the kernel path.
         lr: the group's LR (float, or a 0-d tensor).
-        beta1, beta2, eps, weight_decay, amsgrad: hyperparameters.
+        beta1: a float, or a 0-d tensor (a schedule's value; see :func:`_lr_arg`).
+        beta2, eps, weight_decay, amsgrad: hyperparameters.
         decoupled_weight_decay: True for AdamW, False for Adam's L2 penalty.
         found_inf: None, or a 0-d float32 flag; 1.0 leaves everything bitwise unchanged.
     """
@@ -278,6 +336,7 @@ def adam_step(
         # be traced on the CPU, the capturable one can (same math, counters on the device).
         cfg = cfg._replace(capturable=True)
     lr_arg = _lr_arg(lr, cfg)
+    beta1 = _lr_arg(beta1, cfg, "beta1")
     has_complex = any(torch.is_complex(p) for p in params)
     if cfg.fused:
         grads = _laid_out_like(params, grads)
@@ -313,7 +372,7 @@ def sgd_step(
     *,
     cfg: KernelConfig,
     lr: float | Tensor,
-    momentum: float,
+    momentum: float | Tensor,
     dampening: float,
     weight_decay: float,
     nesterov: bool,
@@ -328,7 +387,8 @@ def sgd_step(
             ``momentum == 0``.
         cfg: the kernel path.
         lr: the group's LR (float, or a 0-d tensor).
-        momentum, dampening, weight_decay, nesterov: hyperparameters.
+        momentum: a float, or a 0-d tensor (a schedule's value, read on the host).
+        dampening, weight_decay, nesterov: hyperparameters.
         found_inf: None, or a 0-d float32 flag; 1.0 leaves everything bitwise unchanged.
         initialized: one 0-d flag per parameter, 1.0 once its buffer holds a momentum (only
             read when ``momentum != 0`` and ``dampening != 0``: torch does not dampen a
@@ -337,6 +397,7 @@ def sgd_step(
     if not params:
         return
     lr_arg = _lr_arg(lr, cfg)
+    momentum = _momentum_arg(momentum)
     if cfg.fused:
         grads = _laid_out_like(params, grads)
     state = [*params, *momentum_buffers]

@@ -43,6 +43,9 @@ from medfunc.optim.masks import (
 
 Schedule = Callable[[int | Tensor], Tensor]
 LearningRate = float | Schedule
+Momentum = float | Schedule
+"""A momentum (SGD) or Adam ``beta1``: a float, or a schedule ``step -> 0-d float64 tensor``
+such as :func:`medfunc.schedules.one_cycle_momentum`."""
 
 
 class AdamState(NamedTuple):
@@ -93,8 +96,8 @@ class OptimizerSpec:
         decay_mask: "default", None, a callable ``name -> bool`` or a tuple of substrings.
         lr_multipliers: ``((substring, multiplier), ...)``, first match wins.
         kernel: "auto", "foreach" or "fused".
-        betas, eps, amsgrad: Adam hyperparameters.
-        momentum, dampening, nesterov: SGD hyperparameters.
+        betas, eps, amsgrad: Adam hyperparameters (``betas[0]`` may be a schedule).
+        momentum, dampening, nesterov: SGD hyperparameters (``momentum`` may be a schedule).
     """
 
     name: str
@@ -103,10 +106,10 @@ class OptimizerSpec:
     decay_mask: DecayMask
     lr_multipliers: tuple[tuple[str, float], ...]
     kernel: str
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Momentum, float] = (0.9, 0.999)
     eps: float = 1e-8
     amsgrad: bool = False
-    momentum: float = 0.0
+    momentum: Momentum = 0.0
     dampening: float = 0.0
     nesterov: bool = False
     _groups_cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -124,17 +127,28 @@ class OptimizerSpec:
             self.name
         ]
 
-    def hyperparameters(self) -> dict[str, Any]:
-        """The constructor arguments of :attr:`torch_class` besides params, lr and kernel flags."""
+    @property
+    def momentum_schedule(self) -> Schedule | None:
+        """The schedule of Adam's ``beta1`` or SGD's momentum; None when it is constant."""
+        value = self.betas[0] if self.is_adam else self.momentum
+        return value if callable(value) else None
+
+    def hyperparameters(self, step: int | Tensor = 0) -> dict[str, Any]:
+        """The constructor arguments of :attr:`torch_class` besides params, lr and kernel flags.
+
+        Args:
+            step: the update count at which a ``beta1`` / momentum schedule is read (a host
+                function: it may read a device tensor).
+        """
         if self.is_adam:
             return {
-                "betas": self.betas,
+                "betas": (_value_at(self.betas[0], step), self.betas[1]),
                 "eps": self.eps,
                 "weight_decay": self.weight_decay,
                 "amsgrad": self.amsgrad,
             }
         return {
-            "momentum": self.momentum,
+            "momentum": _value_at(self.momentum, step),
             "dampening": self.dampening,
             "weight_decay": self.weight_decay,
             "nesterov": self.nesterov,
@@ -154,17 +168,46 @@ class OptimizerSpec:
         it without calling into ``resolve_kernel``'s ``lru_cache``, which dynamo warns about)."""
         config = self._kernel_cache.get(device)
         if config is None:
-            config = kernels.resolve_kernel(self.kernel, device, adam=self.is_adam)
+            config = kernels.resolve_kernel(
+                self.kernel,
+                device,
+                adam=self.is_adam,
+                tensor_beta1=self.is_adam and self.momentum_schedule is not None,
+            )
             self._kernel_cache[device] = config
         return config
 
     def lr_at(self, step: int | Tensor) -> float:
         """The base LR at ``step`` as a Python float (host function: may read a device tensor)."""
-        if not callable(self.lr):
-            return float(self.lr)
-        if not isinstance(step, Tensor):
-            step = torch.tensor(int(step), dtype=torch.int64)
-        return float(self.lr(step))
+        return _value_at(self.lr, step)
+
+
+def _value_at(value: float | Schedule, step: int | Tensor) -> float:
+    """A constant, or a schedule read at ``step``, as a Python float (a host function)."""
+    if not callable(value):
+        return float(value)
+    if not isinstance(step, Tensor):
+        step = torch.tensor(int(step), dtype=torch.int64)
+    return float(value(step))
+
+
+def _checked_momentum(field: str, value: Any) -> Momentum:
+    """A momentum schedule as given, else checked as a number in [0, 1)."""
+    if isinstance(value, Tensor):
+        raise ConfigError(
+            f"{field} must be a Python float or a schedule callable (step -> tensor); got a "
+            "Tensor: wrap it, e.g. lambda step: my_tensor"
+        )
+    if callable(value):
+        return value
+    return validation.non_negative_float(field, value)
+
+
+def _checked_betas(betas: Any) -> tuple[Momentum, float]:
+    """``(beta1, beta2)``: beta1 a number in [0, 1) or a schedule, beta2 a number in [0, 1)."""
+    if isinstance(betas, (tuple, list)) and len(betas) == 2 and callable(betas[0]):
+        return betas[0], validation.betas("betas", (0.0, betas[1]))[1]
+    return validation.betas("betas", betas)
 
 
 def _checked_lr(lr: Any) -> LearningRate:
@@ -191,6 +234,16 @@ def _base_lr(spec: OptimizerSpec, step: Tensor) -> tuple[float | Tensor, Tensor]
     if not isinstance(lr, Tensor):
         lr = torch.tensor(float(lr), dtype=torch.float64, device=step.device)
     return lr, lr
+
+
+def _momentum_now(value: Momentum, step: Tensor) -> float | Tensor:
+    """A constant momentum / beta1, or its schedule at ``step`` (a 0-d tensor, no host read)."""
+    if not callable(value):
+        return value
+    out = value(step)
+    if not isinstance(out, Tensor):
+        out = torch.tensor(float(out), dtype=torch.float64, device=step.device)
+    return out
 
 
 def _group_lr(base: float | Tensor, mult: float) -> float | Tensor:
@@ -259,6 +312,7 @@ def _init_common(spec: OptimizerSpec, params: Params) -> None:
         ps = [params[n] for n in group.names]
         cfg = spec.kernel_config(ps[0].device)
         kernels.check_params_for_kernel(ps, cfg)
+        kernels.check_momentum_schedule(cfg, adam=spec.is_adam, scheduled=spec.momentum_schedule)
         if callable(spec.lr) and not cfg.host_lr and not (cfg.fused or cfg.capturable):
             raise ConfigError(
                 f"{spec.name} with kernel={spec.kernel!r} on {cfg.device_type} runs torch's "
@@ -357,7 +411,7 @@ def _adam_family(
         decay_mask,
         lr_multipliers,
         kernel,
-        betas=validation.betas("betas", betas),
+        betas=_checked_betas(betas),
         eps=validation.non_negative_float("eps", eps),
         amsgrad=validation.boolean("amsgrad", amsgrad),
     )
@@ -380,7 +434,7 @@ def _adam_family(
     def update(
         grads: Grads, state: AdamState, params: Params, ctx: UpdateContext
     ) -> tuple[Grads, Params, AdamState]:
-        beta1, beta2 = spec.betas
+        beta1, beta2 = _momentum_now(spec.betas[0], ctx.step), spec.betas[1]
 
         for names, ps, gs, group in _groups_with_grads(spec, grads, params, state.exp_avg, ctx):
             kernels.adam_step(
@@ -404,7 +458,7 @@ def _adam_family(
 
 def adamw(
     lr: LearningRate,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[Momentum, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.01,
     amsgrad: bool = False,
@@ -418,7 +472,8 @@ def adamw(
     Args:
         lr: learning rate: a float, or a schedule ``step -> 0-d float64 tensor``
             (see :mod:`medfunc.schedules`), evaluated at ``ctx.step``.
-        betas: ``(beta1, beta2)``, each in [0, 1).
+        betas: ``(beta1, beta2)``, each in [0, 1); ``beta1`` may be a schedule like ``lr``
+            (e.g. :func:`~medfunc.schedules.one_cycle_momentum`, as ``OneCycleLR`` cycles it).
         eps: term added to the denominator (>= 0).
         weight_decay: decoupled weight decay (>= 0) of the parameters ``decay_mask`` selects.
         amsgrad: use the AMSGrad variant.
@@ -448,7 +503,7 @@ def adamw(
 
 def adam(
     lr: LearningRate,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[Momentum, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     amsgrad: bool = False,
@@ -460,8 +515,14 @@ def adam(
     """Adam with L2 weight decay (added to the gradient), equal to ``torch.optim.Adam``.
 
     Args:
-        lr, betas, eps, amsgrad, decay_mask, lr_multipliers, kernel: as :func:`adamw`.
+        lr: learning rate, a float or a schedule (as :func:`adamw`).
+        betas: as :func:`adamw`.
+        eps: as :func:`adamw`.
         weight_decay: L2 penalty coefficient (>= 0) of the parameters ``decay_mask`` selects.
+        amsgrad: as :func:`adamw`.
+        decay_mask: as :func:`adamw`.
+        lr_multipliers: as :func:`adamw`.
+        kernel: as :func:`adamw`.
 
     Returns:
         The transformation; its state is an :class:`AdamState`.
@@ -480,7 +541,7 @@ def adam(
 
 def sgd(
     lr: LearningRate,
-    momentum: float = 0.0,
+    momentum: Momentum = 0.0,
     dampening: float = 0.0,
     nesterov: bool = False,
     weight_decay: float = 0.0,
@@ -493,11 +554,14 @@ def sgd(
 
     Args:
         lr: learning rate, a float or a schedule (as :func:`adamw`).
-        momentum: momentum factor (>= 0).
+        momentum: momentum factor (>= 0), or a schedule like ``lr`` (e.g.
+            :func:`~medfunc.schedules.one_cycle_momentum`, as ``OneCycleLR`` cycles it).
         dampening: dampening of the momentum (not applied on the first update, as torch).
         nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
         weight_decay: L2 penalty (>= 0) of the parameters ``decay_mask`` selects.
-        decay_mask, lr_multipliers, kernel: as :func:`adamw`.
+        decay_mask: as :func:`adamw`.
+        lr_multipliers: as :func:`adamw`.
+        kernel: as :func:`adamw`.
 
     Returns:
         The transformation; its state is an :class:`SGDState`.
@@ -505,10 +569,10 @@ def sgd(
     Example:
         >>> tx = sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     """
-    momentum = validation.non_negative_float("momentum", momentum)
+    momentum = _checked_momentum("momentum", momentum)
     dampening = validation.number("dampening", dampening)
     nesterov = validation.boolean("nesterov", nesterov)
-    if nesterov and (momentum <= 0 or dampening != 0):
+    if nesterov and ((not callable(momentum) and momentum <= 0) or dampening != 0):
         raise ConfigError(
             f"nesterov=True needs momentum > 0 and dampening == 0; got momentum={momentum!r} "
             f"and dampening={dampening!r}"
@@ -538,6 +602,7 @@ def sgd(
         grads: Grads, state: SGDState, params: Params, ctx: UpdateContext
     ) -> tuple[Grads, Params, SGDState]:
         position = {n: i for i, n in enumerate(params)}
+        momentum = _momentum_now(spec.momentum, ctx.step)
 
         state_keys = state.momentum_buffer if spec.momentum else params
         for names, ps, gs, group in _groups_with_grads(spec, grads, params, state_keys, ctx):
@@ -545,7 +610,7 @@ def sgd(
                 ps,
                 gs,
                 [state.momentum_buffer[n] for n in names] if spec.momentum else [],
-                momentum=spec.momentum,
+                momentum=momentum,
                 dampening=spec.dampening,
                 nesterov=spec.nesterov,
                 initialized=[state.initialized[position[n]] for n in names],
