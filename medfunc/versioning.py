@@ -58,8 +58,12 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     Returns:
         ``{"format", "latest", "versions": [...]}``.
 
+    A manifest of the original trainer in the same folder (its ``versions`` list naming
+    ``pytorch_model.v{N}.bin`` files) is read too: its entries are kept, and medfunc's versions
+    are numbered after them.
+
     Raises:
-        ConfigError: the manifest exists but is not JSON, or not a medfunc versions manifest.
+        ConfigError: the manifest exists but is not JSON, or has no ``versions`` list.
 
     Example:
         >>> read_manifest("empty-folder")
@@ -76,13 +80,13 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
             "model versions (the model.v*.safetensors files are kept and numbered on)"
         ) from error
     versions = manifest.get("versions") if isinstance(manifest, dict) else None
-    if manifest.get("format") != _FORMAT or not isinstance(versions, list):
+    if not isinstance(versions, list) or not all(isinstance(v, dict) for v in versions):
         raise ConfigError(
-            f"{path} is not a medfunc model-versions manifest (no 'format': {_FORMAT!r} and "
-            "'versions' list); it was written by another program: move it away or set "
+            f"{path} is not a model-versions manifest (a JSON object with a 'versions' list of "
+            "objects); it was written by another program: move it away or set "
             "TrainerConfig.model_versioning=False"
         )
-    return manifest
+    return {**manifest, "format": _FORMAT}
 
 
 def _sha256(path: Path) -> str:
@@ -95,7 +99,7 @@ def _sha256(path: Path) -> str:
 
 def _next_version(folder: Path, manifest: dict[str, Any]) -> int:
     """One more than every version the manifest lists and every version file present."""
-    listed = [int(v.get("version", 0)) for v in manifest["versions"] if isinstance(v, dict)]
+    listed = [v["version"] for v in manifest["versions"] if isinstance(v.get("version"), int)]
     present = [int(m["n"]) for p in folder.iterdir() if (m := VERSION_FILE.match(p.name))]
     return max([0, int(manifest.get("latest", 0)), *listed, *present]) + 1
 

@@ -3,6 +3,7 @@ resuming equals continuing the original's torch.optim loop from that point."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -161,6 +162,29 @@ def test_the_originals_newest_weights_version_starts_a_fresh_run(tmp_path):
     for name, want in reference.model.state_dict().items():
         got = trainer.state.params.get(name, trainer.state.buffers.get(name))
         assert torch.equal(got, want), name
+
+
+def test_resuming_in_the_originals_folder_keeps_its_files_and_version_list(tmp_path):
+    data, original = _data(), _Original()
+    original.epoch(data)
+    checkpoint = original.save(tmp_path, epoch=1)
+    torch.save(original.model.state_dict(), tmp_path / "pytorch_model.v1.bin")
+    (tmp_path / "manifest.json").write_text(
+        '{"versions": [{"version": 1, "file": "pytorch_model.v1.bin"}]}'
+    )
+    trainer = MedicalModelTrainer(
+        TinyClassifier(), _config(num_epochs=2, resume_from=str(checkpoint))
+    )
+    with pytest.warns(UserWarning, match="original trainer"):
+        result = trainer.train(data)  # the run folder defaults to the checkpoint's
+    assert result.output_dir == tmp_path and result.global_step == 8
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [v["file"] for v in manifest["versions"]] == [
+        "pytorch_model.v1.bin",
+        "model.v2.safetensors",
+    ]
+    assert checkpoint.is_file() and (tmp_path / "pytorch_model.v1.bin").is_file()
+    assert (tmp_path / "checkpoint-epoch2.pt").is_file()
 
 
 def test_the_originals_checkpoint_is_refused_with_fsdp(tmp_path):

@@ -84,10 +84,26 @@ def test_a_version_file_outside_the_manifest_is_skipped_not_overwritten(tmp_path
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_a_foreign_manifest_is_refused(tmp_path):
+def test_the_original_trainers_manifest_is_kept_and_numbered_after(tmp_path):
+    (tmp_path / "manifest.json").write_text(
+        '{"versions": [{"version": 1, "file": "pytorch_model.v1.bin"},'
+        ' {"version": 2, "file": "pytorch_model.v2.bin"}]}'
+    )
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"w")
+    assert record_version(weights, epoch=3, step=30)["file"] == "model.v3.safetensors"
+    manifest = read_manifest(tmp_path)
+    assert [v["file"] for v in manifest["versions"]] == [
+        "pytorch_model.v1.bin",
+        "pytorch_model.v2.bin",
+        "model.v3.safetensors",
+    ]
+
+
+def test_a_manifest_without_versions_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text('{"files": ["a.bin"]}')
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"w")
-    with pytest.raises(ConfigError, match=r"manifest.json is not a medfunc model-versions"):
+    with pytest.raises(ConfigError, match=r"manifest.json is not a model-versions manifest"):
         record_version(weights)
     assert not list(tmp_path.glob("model.v*"))
