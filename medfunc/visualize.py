@@ -1,9 +1,10 @@
 """Pictures of the model's predictions during training: ``visualize_every_steps`` and
 ``visualize_fn(batch, outputs, global_step, output_dir)``.
 
-Every ``visualize_every_steps`` optimizer steps the Trainer (on rank 0) runs the model on the
-step's last micro-batch in eval mode without gradients (:func:`medfunc.eval_step`), copies the
-batch and the outputs to the host and calls ``visualize_fn`` with them. This is the only host
+Every ``visualize_every_steps`` optimizer steps the Trainer runs the model on the step's last
+micro-batch in eval mode without gradients (:func:`medfunc.eval_step`; on every rank, since a
+sharded model gathers its parameters collectively) and rank 0 copies the batch and the outputs
+to the host and calls ``visualize_fn`` with them. This is the only host
 work of that step; steps in between are untouched. Without a ``visualize_fn``,
 :func:`default_visualize` writes ``{output_dir}/visualizations/step{N}.png``:
 
@@ -183,8 +184,8 @@ class Visualizer:
         self.main = main
 
     def due(self, global_step: int) -> bool:
-        """Whether step ``global_step`` is drawn."""
-        return bool(self.every) and self.main and global_step % self.every == 0
+        """Whether step ``global_step`` is drawn (on rank 0; every rank runs the forward)."""
+        return bool(self.every) and global_step % self.every == 0
 
     def after_step(self, state: Any, batch: Any, global_step: int, output_dir: Path) -> None:
         """Draw ``batch`` with the model of ``state`` if ``global_step`` is due.
@@ -199,5 +200,8 @@ class Visualizer:
             return
         from medfunc.step import eval_step
 
+        # Every rank runs the forward: a sharded (FSDP/DeepSpeed) model gathers its parameters
+        # collectively. Only rank 0 copies to the host and draws.
         outputs = eval_step(state, batch)["outputs"]
-        self.fn(to_device(batch, "cpu"), to_device(outputs, "cpu"), global_step, output_dir)
+        if self.main:
+            self.fn(to_device(batch, "cpu"), to_device(outputs, "cpu"), global_step, output_dir)
