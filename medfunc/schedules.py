@@ -286,7 +286,8 @@ def one_cycle(
     with ``anneal_strategy="linear"`` can be negative - and raises after it).
 
     ``OneCycleLR`` also cycles momentum by default; that is the separate schedule
-    :func:`one_cycle_momentum`.
+    :func:`one_cycle_momentum`, which the optimizers take as ``betas=(momentum, beta2)``
+    (``adamw``, ``adam``) or ``momentum=momentum`` (``sgd``).
 
     Args:
         max_lr: The peak learning rate, a finite number >= 0.
