@@ -87,7 +87,16 @@ class ScheduleLR(torch.optim.lr_scheduler.LRScheduler):
         return self.spec.lr_at(self.last_epoch)
 
     def get_lr(self) -> list[float]:
-        """The group LRs at the current step (torch's scheduler API)."""
+        """The group LRs at the current step (torch's scheduler API).
+
+        A ``beta1`` / momentum schedule of the spec is set on the groups here too, as
+        ``OneCycleLR`` sets its momentum.
+        """
+        if self.spec.momentum_schedule is not None:
+            value = self.spec.hyperparameters(self.last_epoch)
+            for group in self.optimizer.param_groups:
+                key = "betas" if "betas" in group else "momentum"
+                group[key] = value[key]
         base = self.base_lr()
         return [base * m if m != 1.0 else base for m in self.multipliers]
 

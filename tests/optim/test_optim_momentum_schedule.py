@@ -157,3 +157,21 @@ def test_invalid_momentum_values_are_config_errors():
         adamw(0.1, betas=(lambda step: step, 1.5))
     with pytest.raises(ConfigError, match="nesterov=True needs"):
         sgd(0.1, momentum=mf.schedules.one_cycle_momentum(10), nesterov=True, dampening=0.1)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_the_deepspeed_lr_scheduler_sets_the_momentum_as_one_cycle_lr(name):
+    from medfunc.distributed.deepspeed import ScheduleLR
+
+    tx = _medfunc_tx(name)
+    model = _Loss(make_model())
+    opt = torch_optimizer(tx, OrderedDict(model.named_parameters()))
+    sched = ScheduleLR(opt, tx.spec)
+    _, momenta = _torch_run(name, **({"momentum": 0.9} if name == "sgd" else {}))
+    seen = []
+    for _ in range(TOTAL):
+        group = opt.param_groups[0]
+        seen.append(group["betas"][0] if name != "sgd" else group["momentum"])
+        opt.step()
+        sched.step()
+    assert seen == momenta
