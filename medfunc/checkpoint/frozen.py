@@ -10,8 +10,7 @@ weights, another trainable/frozen split) is refused with both checksums named.
 
 Example:
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-    >>> model[0].requires_grad_(False)
-    Sequential(...)
+    >>> _ = model[0].requires_grad_(False)
     >>> record = frozen_base_record(mf.init_state(model, mf.optim.sgd(0.1)))
     >>> record["parameters"], record["elements"], len(record["sha256"])
     (2, 20, 64)
