@@ -18,7 +18,7 @@ from medfunc.recipes import drug_reviews as dr
 
 def test_registry_lists_the_recipes():
     assert DEFAULT_RECIPE == "breast_cancer"
-    assert set(RECIPES) == {"breast_cancer", "drug_reviews"}
+    assert set(RECIPES) == {"breast_cancer", "drug_reviews", "drug_reviews_lora"}
     for name, recipe in RECIPES.items():
         assert recipe.name == name
         assert get_recipe(name) is recipe
@@ -47,29 +47,40 @@ def test_labels_mark_malignant_as_positive(sklearn_data):
 
 @pytest.mark.parametrize("seed", [0, 1, 7])
 def test_split_is_stratified_and_disjoint(seed):
-    splits = bc.make_splits(eval_fraction=0.2, seed=seed)
+    splits = bc.make_splits(eval_fraction=0.2, seed=seed, test_fraction=0.2)
     _, labels = bc.load_raw()
     overall = labels.float().mean().item()
-    assert abs(splits.y_train.float().mean().item() - overall) < 0.02
-    assert abs(splits.y_eval.float().mean().item() - overall) < 0.02
-    train, held_out = set(splits.train_index.tolist()), set(splits.eval_index.tolist())
-    assert not train & held_out
-    assert train | held_out == set(range(569))
-    assert len(held_out) == pytest.approx(0.2 * 569, abs=1)
+    for part in (splits.y_train, splits.y_eval, splits.y_test):
+        assert abs(part.float().mean().item() - overall) < 0.02
+    train = set(splits.train_index.tolist())
+    validation, test = set(splits.eval_index.tolist()), set(splits.test_index.tolist())
+    assert not train & validation and not train & test and not validation & test
+    assert train | validation | test == set(range(569))
+    assert len(validation) == pytest.approx(0.2 * 569, abs=1)
+    assert len(test) == pytest.approx(0.2 * 569, abs=1)
     assert torch.equal(splits.y_train, labels[splits.train_index])
+    assert torch.equal(splits.y_test, labels[splits.test_index])
+
+
+def test_split_fractions_that_leave_no_training_rows_are_refused():
+    with pytest.raises(ConfigError, match=r"eval_fraction \(0.5\) and test_fraction \(0.5\)"):
+        bc.make_splits(eval_fraction=0.5, test_fraction=0.5)
 
 
 def test_split_depends_on_seed_only():
     a, b, c = bc.make_splits(seed=3), bc.make_splits(seed=3), bc.make_splits(seed=4)
-    assert torch.equal(a.eval_index, b.eval_index)
+    assert torch.equal(a.eval_index, b.eval_index) and torch.equal(a.test_index, b.test_index)
     assert torch.equal(a.x_train, b.x_train)
     assert not torch.equal(a.eval_index, c.eval_index)
+    assert not torch.equal(a.test_index, c.test_index)
 
 
 def test_no_feature_row_is_shared_between_splits():
     splits = bc.make_splits(seed=0)
-    distances = torch.cdist(splits.x_eval.double(), splits.x_train.double())
-    assert distances.min().item() > 1e-6
+    for held_out in (splits.x_eval, splits.x_test):
+        distances = torch.cdist(held_out.double(), splits.x_train.double())
+        assert distances.min().item() > 1e-6
+    assert torch.cdist(splits.x_eval.double(), splits.x_test.double()).min().item() > 1e-6
 
 
 def test_scaler_is_fitted_on_the_train_split_only(sklearn_data):
@@ -80,6 +91,8 @@ def test_scaler_is_fitted_on_the_train_split_only(sklearn_data):
     expected_eval = scaler.transform(raw[splits.eval_index.numpy()])
     torch.testing.assert_close(splits.x_train, torch.as_tensor(expected_train).float())
     torch.testing.assert_close(splits.x_eval, torch.as_tensor(expected_eval).float())
+    expected_test = scaler.transform(raw[splits.test_index.numpy()])
+    torch.testing.assert_close(splits.x_test, torch.as_tensor(expected_test).float())
     full = StandardScaler().fit(raw)
     assert not torch.allclose(splits.mean, torch.as_tensor(full.mean_))
 
@@ -90,7 +103,9 @@ def test_breast_cancer_parts_and_model_contract():
     assert parts.positive_label == "malignant"
     assert parts.config["eval_metric"] == "auroc"
     assert parts.config["eval_metric_mode"] == "max"
-    assert len(parts.train_dataset) + len(parts.eval_dataset) == 569
+    sizes = [len(parts.train_dataset), len(parts.eval_dataset), len(parts.test_dataset)]
+    assert sizes == [342, 114, 113]
+    assert parts.test_dataset[0].keys() == parts.train_dataset[0].keys()
     batch = collate([parts.train_dataset[i] for i in range(8)])
     assert batch["features"].shape == (8, 30)
     assert batch["features"].dtype == torch.float32
@@ -122,7 +137,7 @@ def test_breast_cancer_unknown_option():
 
 @pytest.mark.slow
 def test_breast_cancer_config_reaches_target_auroc_with_torch_optim():
-    """The recipe's own config, run by a plain torch.optim loop, clears AUROC 0.97."""
+    """The recipe's own config, run by a plain torch.optim loop, clears test AUROC 0.97."""
     parts = get_recipe("breast_cancer").build(seed=0)
     config, model = parts.config, parts.model
     assert config["optimizer"] == "adamw" and config["scheduler"] == "linear_warmup"
@@ -151,7 +166,7 @@ def test_breast_cancer_config_reaches_target_auroc_with_torch_optim():
             optimizer.step()
             scheduler.step()
     model.eval()
-    held_out = parts.eval_dataset.tensors
+    held_out = parts.test_dataset.tensors
     with torch.no_grad():
         probs = model(features=held_out["features"])["logits"].softmax(-1)[:, 1]
     assert roc_auc_score(held_out["labels"].numpy(), probs.numpy()) >= 0.97
@@ -190,6 +205,19 @@ def test_load_reviews_rejects_unknown_split():
         dr.load_reviews("dev")
 
 
+def test_validation_reviews_come_from_the_train_file_stratified():
+    reviews = dr.load_reviews("train")
+    train, validation = dr.split_validation(reviews, 0.2, seed=0)
+    assert (len(train.texts), len(validation.texts)) == (480, 120)
+    assert sorted(train.texts + validation.texts) == sorted(reviews.texts)
+    assert not set(train.texts) & set(validation.texts)
+    assert int(validation.labels.sum()) == round(117 * 0.2)
+    for part in (train, validation):
+        for condition, label in zip(part.conditions, part.labels):
+            assert label == (condition == "Birth Control")
+    assert dr.split_validation(reviews, 0.2, seed=1)[1].texts != validation.texts
+
+
 def test_subsample_is_seeded_and_a_subset():
     reviews = dr.load_reviews("train")
     a, b = dr.subsample(reviews, 50, seed=1), dr.subsample(reviews, 50, seed=1)
@@ -216,8 +244,12 @@ def test_tokenised_shapes():
 
 @pytest.mark.slow
 def test_drug_reviews_model_is_the_pretrained_encoder():
-    parts = get_recipe("drug_reviews").build(max_train=32, max_eval=16, max_length=48)
+    parts = get_recipe("drug_reviews").build(max_train=32, max_eval=16, max_test=24, max_length=48)
     assert len(parts.train_dataset) == 32 and len(parts.eval_dataset) == 16
+    assert len(parts.test_dataset) == 24
+    test_file = dr.tokenize(dr.load_reviews("test"), dr.load_tokenizer(), max_length=48)
+    test_ids = {tuple(row.tolist()) for row in test_file.tensors["input_ids"]}
+    assert {tuple(parts.test_dataset[i]["input_ids"].tolist()) for i in range(24)} <= test_ids
     pretrained = load_file(str(dr.model_path() / "model.safetensors"))
     params = dict(parts.model.encoder.named_parameters())
     assert len(params) > 90 and set(params) <= set(pretrained)

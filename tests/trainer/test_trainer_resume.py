@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
-from conftest import TinyClassifier
+from conftest import TinyClassifier, make_batches
 
+import medfunc as mf
 from medfunc.checkpoint import read_checkpoint
 from medfunc.errors import BatchError
 from medfunc.recipes.base import TensorDictDataset
 from medfunc.trainer import MedicalModelTrainer, TrainerConfig
+from medfunc.trainer_build import build_optimizer, build_schedule
 
 N, BATCH = 40, 8  # 5 optimizer steps per epoch
 
@@ -170,3 +173,105 @@ def test_fp16_resume_restores_the_loss_scale_and_matches_bitwise(tmp_path):
     )
     for name, value in full.state.params.items():
         assert torch.equal(resumed.state.params[name], value), name
+
+
+def _one_epoch(folder, **options) -> tuple[MedicalModelTrainer, object]:
+    config = _config(
+        num_epochs=1,
+        save_every_steps=None,
+        eval_every_steps=None,
+        load_best_model_at_end=False,
+        **options,
+    )
+    trainer = MedicalModelTrainer(_model(0), config)
+    data = TensorDictDataset(_tensors())
+    return trainer, trainer.train(data, TensorDictDataset(_tensors()), output_dir=folder)
+
+
+def test_a_resume_with_nothing_left_says_so_evaluates_and_keeps_the_weights(tmp_path, capsys):
+    _, first = _one_epoch(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    written = (weights.read_bytes(), weights.stat().st_mtime_ns)
+    checkpoint = tmp_path / "checkpoint-epoch1.pt"
+    capsys.readouterr()
+    again = MedicalModelTrainer(
+        _model(7),
+        _config(
+            num_epochs=1,
+            save_every_steps=None,
+            eval_every_steps=None,
+            load_best_model_at_end=False,
+            resume_from=str(checkpoint),
+        ),
+    )
+    result = again.train(TensorDictDataset(_tensors()), TensorDictDataset(_tensors()))
+    out = capsys.readouterr().out
+    assert f"resumed from {checkpoint} at epoch 1, batch 0, step 5" in out
+    assert "nothing left to train" in out and "num_epochs=1" in out
+    assert result.global_step == 5 and result.output_dir == tmp_path
+    assert result.eval_metrics == first.eval_metrics and "accuracy" in result.eval_metrics
+    assert f"final model eval: loss={first.eval_metrics['loss']:.4f}" in out
+    assert (weights.read_bytes(), weights.stat().st_mtime_ns) == written
+    assert result.weights_path == weights
+
+
+def test_a_resume_with_changed_settings_warns_naming_each(tmp_path, caplog):
+    _one_epoch(tmp_path / "run")
+    checkpoint = str(tmp_path / "run" / "checkpoint-epoch1.pt")
+    same = _config(num_epochs=1, resume_from=checkpoint, save_every_steps=None)
+    with caplog.at_level(logging.WARNING, logger="medfunc.trainer"):
+        MedicalModelTrainer(_model(0), same).train(
+            TensorDictDataset(_tensors()), output_dir=tmp_path / "same"
+        )
+    assert "differ from the checkpoint" not in caplog.text
+    changed = _config(
+        num_epochs=2,
+        learning_rate=5e-3,
+        batch_size=4,
+        optimizer="adam",
+        weight_decay=0.0,
+        resume_from=checkpoint,
+        save_every_steps=None,
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medfunc.trainer"):
+        MedicalModelTrainer(_model(0), changed).train(
+            TensorDictDataset(_tensors()), output_dir=tmp_path / "changed"
+        )
+    (warning,) = [
+        r.getMessage() for r in caplog.records if "differ from the checkpoint" in r.message
+    ]
+    for difference in (
+        "optimizer adamw -> adam",
+        "learning_rate 0.01 -> 0.005",
+        "weight_decay 0.01 -> 0.0",
+        "batch_size 8 -> 4",
+        "num_epochs 1 -> 2",
+        "schedule length (optimizer steps) 5 -> 20",
+    ):
+        assert difference in warning, difference
+    assert "warmup_steps" not in warning and "scheduler" not in warning
+
+
+def test_a_plain_save_state_checkpoint_resumes_with_an_account(tmp_path, capsys):
+    options = dict(num_epochs=1, save_every_steps=None, eval_every_steps=None)
+    config = _config(**options)
+    schedule = build_schedule(config, total_steps=N // BATCH)
+    state = mf.init_state(_model(0), build_optimizer(config, schedule), seed=config.seed)
+    for batch in make_batches(3, batch_size=BATCH):
+        state, _ = mf.train_step(state, batch)
+    path = mf.save_state(state, tmp_path / "plain.pt")
+    capsys.readouterr()
+    # learning_rate=0 leaves the restored weights as they are: they must be the checkpoint's
+    resumed = _config(learning_rate=0.0, resume_from=str(path), **options)
+    trainer = MedicalModelTrainer(_model(9), resumed)
+    result = trainer.train(TensorDictDataset(_tensors()), output_dir=tmp_path / "resumed")
+    out = capsys.readouterr().out
+    assert f"resumed from {path}, a checkpoint written by mf.save_state, not by the Trainer" in out
+    assert "restored the weights, the optimizer state, the step counter (step 3" in out
+    assert "not restored: the data position (training starts at the first batch of epoch 1)" in out
+    assert result.global_step == int(trainer.state.step) == 3 + N // BATCH
+    assert sorted(_lrs(tmp_path / "resumed")) == list(range(4, 9))
+    for name, value in state.params.items():
+        assert torch.equal(trainer.state.params[name], value), name
+    assert torch.equal(trainer.state.rng[0], state.rng[0])
