@@ -412,10 +412,10 @@ class EvalAccumulator:
             maps = segmentation_maps(logits.detach(), labels.detach())
         if maps is not None:
             self.segmentation.add(*maps)
-        elif labels is not None and (logits is not None or self.keep_outputs):
+        if labels is not None and (self.keep_outputs or (logits is not None and maps is None)):
             self.labels.append(labels.detach())
-            if logits is not None:
-                self.logits.append(logits.detach().float())
+        if logits is not None and labels is not None and maps is None:
+            self.logits.append(logits.detach().float())
         if self.keep_outputs:
             self.outputs.append(to_device(outputs, "cpu"))
 

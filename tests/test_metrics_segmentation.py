@@ -149,3 +149,17 @@ def test_evaluate_batches_reports_segmentation_metrics_of_the_whole_set():
     assert got["loss"] == pytest.approx(float(out["loss"]), rel=1e-6)
     for key in want:
         assert got[key] == pytest.approx(want[key], abs=TOL), key
+
+
+def test_a_whole_set_metric_function_gets_the_segmentation_labels():
+    torch.manual_seed(0)
+    state = mf.init_state(TinySegmenter(), mf.optim.chain())
+    targets = _blobs(5, 3, seed=12)
+    images = torch.randn(5, 2, 12, 12, generator=torch.Generator().manual_seed(13))
+    batches = [{"image": images[i : i + 2], "labels": targets[i : i + 2]} for i in range(0, 5, 2)]
+    seen = []
+    got = evaluate_batches(
+        state, batches, lambda outputs, labels: seen.append(labels) or {"pixels": labels.numel()}
+    )
+    assert torch.equal(seen[0], targets) and got["pixels"] == targets.numel()
+    assert {"dice", "iou", "hausdorff"} <= set(got)
