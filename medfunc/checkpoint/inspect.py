@@ -40,10 +40,17 @@ def _model_lines(payload: dict) -> list[str]:
         dtypes[key] = dtypes.get(key, 0) + 1
     numel = sum(t.numel() for t in tensors)
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    return [
+    lines = [
         f"model_state: {len(tensors)} tensors, {numel:,} values, {_size(nbytes)}",
         "dtypes: " + ", ".join(f"{k} ({n})" for k, n in sorted(dtypes.items())),
     ]
+    frozen = payload.get("medfunc_state", {}).get("frozen_base")
+    if frozen is not None:
+        lines.append(
+            f"trainable only: {frozen['parameters']} frozen parameters ({frozen['elements']:,} "
+            f"values) not stored, base sha256 {frozen['sha256']}"
+        )
+    return lines
 
 
 def _optimizer_lines(payload: dict) -> list[str]:

@@ -73,3 +73,13 @@ def test_the_checksum_covers_names_dtypes_and_shapes():
     assert base_checksum({"v": w}) != reference
     assert base_checksum({"w": w.double()}) != reference
     assert base_checksum({"w": w.reshape(3, 2)}) != reference
+
+
+def test_inspect_says_what_was_left_out(tmp_path):
+    state = _state()
+    path = mf.save_state(state, tmp_path / "ckpt.pt", trainable_only=True)
+    sha = base_checksum({n: state.params[n] for n in ("fc1.weight", "fc1.bias")})
+    expected = f"trainable only: 2 frozen parameters (112 values) not stored, base sha256 {sha}"
+    assert expected in mf.inspect_checkpoint(path)
+    full = mf.save_state(state, tmp_path / "full.pt")
+    assert "trainable only" not in mf.inspect_checkpoint(full)
