@@ -4,6 +4,7 @@ runs, and the PNG plot."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import struct
@@ -228,3 +229,35 @@ def test_logging_guide_example_runs():
     events = EventAccumulator(str(run_dir / "tb_logs"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/lr")] == [10, 20, 30]
+
+
+def test_without_a_terminal_progress_lines_show_step_loss_lr_and_rate(tmp_path, capsys):
+    with create_logger(tmp_path, total_steps=30) as logger:
+        logger.progress_start(10)  # a resumed run: its first 10 steps are not part of the rate
+        for _ in range(10):
+            logger.progress_update(1)
+        logger.progress_update(0, loss=torch.tensor(0.123456), lr=1e-3)
+        logger.progress_update(5)
+        logger.progress_update(0, lr=2e-4)  # no loss: not a log point, no line
+    captured = capsys.readouterr()
+    (line,) = captured.out.splitlines()
+    match = re.fullmatch(r"step 20/30 loss=0\.1235 lr=0\.001 ([0-9.]+) steps/s", line)
+    assert match and float(match.group(1)) > 0
+    assert captured.err == ""
+
+
+def test_console_lines_are_records_when_logging_shows_them(tmp_path, capsys, caplog):
+    with create_logger(tmp_path, progress=False) as logger:
+        logger.info("printed")
+        with caplog.at_level(logging.INFO, logger="medfunc.trainer"):
+            logger.info("recorded")
+            logger.warning("a warning")
+    quiet = create_logger(tmp_path / "quiet", progress=False, log_level="error")
+    quiet.info("hidden")
+    quiet.warning("hidden too")
+    quiet.close()
+    assert capsys.readouterr().out == "printed\n"
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "recorded"),
+        ("WARNING", "a warning"),
+    ]
