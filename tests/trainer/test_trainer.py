@@ -459,7 +459,6 @@ REGISTRY_CASES = {
             anneal_strategy="linear",
             div_factor=10.0,
             final_div_factor=100.0,
-            cycle_momentum=False,
         ),
     ),
 }
