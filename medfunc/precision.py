@@ -34,7 +34,10 @@ class Policy:
         name: "fp32", "bf16" or "fp16".
         compute_dtype: autocast dtype, or None for full precision.
         loss_scaling: whether the loss is scaled (fp16 only).
-        init_scale, growth_factor, backoff_factor, growth_interval: as ``torch.amp.GradScaler``.
+        init_scale: the first loss scale (as ``torch.amp.GradScaler``).
+        growth_factor: the scale's factor after ``growth_interval`` finite steps.
+        backoff_factor: the scale's factor after a step with non-finite gradients.
+        growth_interval: finite steps between two growths.
     """
 
     name: str

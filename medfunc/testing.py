@@ -64,7 +64,7 @@ def assert_trees_equal(actual: Any, expected: Any) -> None:
         expected: the reference tree.
 
     Raises:
-        AssertionError naming the first differing leaf, its max difference and dtype.
+        AssertionError: naming the first differing leaf, its max difference and dtype.
 
     Example:
         >>> model = torch.nn.Linear(4, 1)
@@ -94,7 +94,7 @@ def assert_trees_close(
         atol: absolute tolerance.
 
     Raises:
-        AssertionError naming the first differing leaf, its max difference and dtype.
+        AssertionError: naming the first differing leaf, its max difference and dtype.
 
     Example:
         >>> params = {"weight": torch.tensor([1.0, 2.0])}
@@ -121,7 +121,7 @@ def check_step_pure(state: Any, batch: Any, step_fn: Any = None) -> None:
         step_fn: the step (default :func:`medfunc.train_step`), called as ``step_fn(state, batch)``.
 
     Raises:
-        AssertionError naming the first leaf the step changed.
+        AssertionError: naming the first leaf the step changed.
     """
     from medfunc.step import train_step
 
@@ -145,7 +145,7 @@ def check_step_deterministic(state: Any, batch: Any, step_fn: Any = None) -> Non
         step_fn: the step (default :func:`medfunc.train_step`).
 
     Raises:
-        AssertionError naming the first differing leaf.
+        AssertionError: naming the first differing leaf.
     """
     from medfunc.step import train_step
 

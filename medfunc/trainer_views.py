@@ -52,10 +52,12 @@ class EvalResult(Mapping[str, float]):
 
     @property
     def loss(self) -> float | None:
+        """The example-weighted mean loss, or None when the model gave none."""
         return self._values.get("loss")
 
     @property
     def metrics(self) -> dict[str, float]:
+        """Every metric but the loss, name -> value."""
         return {k: v for k, v in self._values.items() if k != "loss"}
 
     def __getitem__(self, key: str) -> float:

@@ -377,8 +377,13 @@ def restore_state(
     Args:
         path_or_payload: a checkpoint file, or a payload from :func:`read_checkpoint`.
         like: the state to restore into (e.g. the fresh ``init_state`` of the same model).
-        model, tx, loss_fn, precision, accumulate_steps, device: build the state instead of
-            ``like`` (see :func:`medfunc.init_state`).
+        model: build the state instead of ``like``, from this model (see
+            :func:`medfunc.init_state`).
+        tx: the gradient transformation of the built state.
+        loss_fn: the built state's ``loss_fn``.
+        precision: the built state's precision (default: the checkpoint's).
+        accumulate_steps: the built state's accumulation (default: the checkpoint's).
+        device: where the built state lives (default: the model's device).
 
     Returns:
         The restored state.
@@ -386,7 +391,9 @@ def restore_state(
     Raises:
         CheckpointMismatchError: the checkpoint does not fit (the message names the key).
         ConfigError: neither ``like`` nor ``model`` and ``tx`` were given, or both were.
-        CheckpointNotFoundError, CheckpointCorruptError, UnsafeCheckpointError,
+        CheckpointNotFoundError: see :func:`read_checkpoint`.
+        CheckpointCorruptError: see :func:`read_checkpoint`.
+        UnsafeCheckpointError: see :func:`read_checkpoint`.
         CheckpointVersionError: see :func:`read_checkpoint`.
 
     Example:
