@@ -375,6 +375,11 @@ def init_state(
                 f"mf.ensemble.init_state takes no {key!r}: each member's seed comes from seeds=, "
                 "and the ensemble step does not accumulate gradients"
             )
+    if init_state_kwargs.get("ema_decay") is not None:
+        raise ConfigError(
+            "mf.ensemble.init_state takes no ema_decay: the ensemble step keeps no moving "
+            "average of the members' weights; average the unstacked states' weights yourself"
+        )
     stacked_tx = ensemble_tx(tx, seeds)
     states = [init_member(model, tx, seed=s, **init_state_kwargs) for s in seeds]
     first = states[0]

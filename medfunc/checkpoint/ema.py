@@ -6,6 +6,12 @@ Restoring checks every tensor against the state restored into. A checkpoint with
 restored into a state that keeps one starts the average afresh from the restored parameters
 (count 0, as a new ``AveragedModel``); an EMA in the checkpoint of a state without one is left
 out, as the optimizer state is for ``save_optimizer=False``.
+
+Example:
+    >>> state = mf.init_state(torch.nn.Linear(4, 2), mf.optim.sgd(0.1), ema_decay=0.99)
+    >>> entry = mf.read_checkpoint(mf.save_state(state, "ema.pt"))["medfunc_state"]["ema"]
+    >>> list(entry["params"]), entry["count"], entry["decay"]
+    (['weight', 'bias'], 0, 0.99)
 """
 
 from __future__ import annotations
