@@ -314,3 +314,39 @@ def test_cuda_graph_captures_the_average_update_bitwise_eager(precision):
         assert_trees_equal(graphed.ema, eager.ema)
     assert fast.stats.replays == len(batches) and fast.stats.captures >= 1
     assert int(graphed.ema.count) == int(eager.ema.count) < len(batches)
+
+
+def test_trainer_resume_continues_the_average_bitwise(tmp_path):
+    def config(**options) -> TrainerConfig:
+        return TrainerConfig(
+            device="cpu",
+            progress_bar=False,
+            batch_size=8,
+            learning_rate=0.05,
+            optimizer="adamw",
+            scheduler="constant",
+            num_workers=0,
+            ema_decay=DECAY,
+            eval_with_ema=True,
+            save_every_epochs=1,
+            load_best_model_at_end=False,
+            **options,
+        )
+
+    straight = MedicalModelTrainer(_model(), config(num_epochs=3))
+    straight.train(_dataset(), _dataset(24), output_dir=tmp_path / "straight")
+    first = MedicalModelTrainer(_model(), config(num_epochs=1))
+    first.train(_dataset(), _dataset(24), output_dir=tmp_path / "first")
+    resumed = MedicalModelTrainer(
+        _model(), config(num_epochs=3, resume_from=str(tmp_path / "first" / "checkpoint-epoch1.pt"))
+    )
+    result = resumed.train(_dataset(), _dataset(24), output_dir=tmp_path / "resumed")
+    want = read_checkpoint(tmp_path / "straight" / "checkpoint-epoch3.pt")["medfunc_state"]["ema"]
+    got = read_checkpoint(tmp_path / "resumed" / "checkpoint-epoch3.pt")["medfunc_state"]["ema"]
+    assert got["count"] == want["count"] == 18
+    assert_trees_equal(got["params"], want["params"])
+    assert_trees_equal(
+        load_file(result.weights_path),
+        dict(want["params"])
+        | {n: t for n, t in load_file(result.weights_path).items() if n not in want["params"]},
+    )
