@@ -345,8 +345,6 @@ def test_trainer_resume_continues_the_average_bitwise(tmp_path):
     got = read_checkpoint(tmp_path / "resumed" / "checkpoint-epoch3.pt")["medfunc_state"]["ema"]
     assert got["count"] == want["count"] == 18
     assert_trees_equal(got["params"], want["params"])
-    assert_trees_equal(
-        load_file(result.weights_path),
-        dict(want["params"])
-        | {n: t for n, t in load_file(result.weights_path).items() if n not in want["params"]},
-    )
+    weights = load_file(result.weights_path)  # eval_with_ema: the run ends with the average
+    for name, value in want["params"].items():
+        assert torch.equal(weights[name], value), name
