@@ -124,3 +124,12 @@ def test_resume_refuses_a_different_frozen_base(tmp_path):
     message = str(caught.value)
     assert saved in message and other_sum in message and saved != other_sum
     assert "save_trainable_only=False" in message
+
+
+def test_overwriting_a_peft_run_folder_removes_its_adapter_first(tmp_path):
+    MedicalModelTrainer(_lora(), _config(num_epochs=1)).train(_tokens(), output_dir=tmp_path)
+    first = (tmp_path / "adapter_model.safetensors").read_bytes()
+    config = _config(num_epochs=1, learning_rate=1e-1, overwrite_output_dir=True)
+    MedicalModelTrainer(_lora(), config).train(_tokens(), output_dir=tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == ["checkpoint-epoch1.pt"]
