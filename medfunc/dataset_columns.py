@@ -41,6 +41,12 @@ _RENAMED_LABELS = ("label", "label_ids")
 def is_hf_dataset(data: Any) -> bool:
     """Whether ``data`` is a ``datasets.Dataset`` (False whenever ``datasets`` is not imported).
 
+    Args:
+        data: the Trainer's data.
+
+    Returns:
+        True for a ``datasets.Dataset``.
+
     Example:
         >>> is_hf_dataset([{"x": 1}])
         False
