@@ -92,15 +92,18 @@ def test_whole_set_dice_is_not_the_mean_of_batch_dice():
     assert abs(sum(per_batch) / len(per_batch) - want) > 1e-3
 
 
-def test_binary_sigmoid_masks_with_channel_dimension_and_ignored_pixels():
+@pytest.mark.parametrize("channel", [True, False])
+def test_binary_sigmoid_masks_with_or_without_channel_dimension_and_ignored_pixels(channel):
     targets = _blobs(5, 2, seed=5)
     logits = _noisy_logits(targets, 2, seed=6)
     binary_logits = (logits[:, 1] - logits[:, 0]).unsqueeze(1)  # (N, 1, H, W)
-    labels = targets.float().unsqueeze(1)  # float 0/1 masks, (N, 1, H, W)
-    labels[:, :, :, :2] = -100
+    labels = targets.float()  # float 0/1 masks, (N, H, W)
+    labels[:, :, :2] = -100
+    if channel:
+        labels = labels.unsqueeze(1)  # (N, 1, H, W)
     stats = SegmentationStats()
     stats.add(*segmentation_maps(binary_logits, labels))
-    want = _reference((binary_logits[:, 0] > 0).long(), labels[:, 0].long(), 2)
+    want = _reference((binary_logits[:, 0] > 0).long(), labels.reshape(5, 12, 12).long(), 2)
     got = stats.compute()
     for key in want:
         assert got[key] == pytest.approx(want[key], abs=TOL), key
