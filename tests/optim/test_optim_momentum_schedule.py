@@ -13,7 +13,14 @@ from torch import nn
 
 import medfunc as mf
 from medfunc.errors import ConfigError
-from medfunc.optim import adam, adamw, sgd, to_torch_state_dict, torch_optimizer
+from medfunc.optim import (
+    UpdateContext,
+    adam,
+    adamw,
+    sgd,
+    to_torch_state_dict,
+    torch_optimizer,
+)
 from medfunc.optim.kernels import resolve_kernel
 
 TOTAL = 14
@@ -175,3 +182,26 @@ def test_the_deepspeed_lr_scheduler_sets_the_momentum_as_one_cycle_lr(name):
         opt.step()
         sched.step()
     assert seen == momenta
+
+
+def test_a_beta1_schedule_traces_as_one_graph_without_host_reads():
+    """fullgraph=True fails on any host read of a tensor (a sync on accelerators): the beta1
+    schedule stays a graph tensor (torch's capturable kernel, as on accelerators)."""
+    tx = _medfunc_tx("adamw")
+    params = OrderedDict((n, p.detach().clone()) for n, p in make_model().named_parameters())
+    compiled_params = OrderedDict((n, p.clone()) for n, p in params.items())
+    g = torch.Generator().manual_seed(4)
+    grads = OrderedDict((n, torch.randn(p.shape, generator=g)) for n, p in params.items())
+    eager_state, compiled_state = tx.init(params), tx.init(compiled_params)
+
+    def update(params, state, step):
+        return tx.update(grads, state, params, UpdateContext(step=step))
+
+    compiled = torch.compile(update, backend="eager", fullgraph=True)
+    for k in range(5):
+        update(params, eager_state, torch.tensor(k))
+        compiled(compiled_params, compiled_state, torch.tensor(k))
+    # the capturable kernel computes the bias corrections on tensors: equal within rounding
+    for name, value in params.items():
+        torch.testing.assert_close(compiled_params[name], value, rtol=0, atol=5e-6)
+    assert not torch.equal(compiled_params["fc1.weight"], make_model().fc1.weight)
