@@ -392,15 +392,15 @@ def legacy_weights_file(path: str | os.PathLike) -> Path:
                 files.append((int(match["n"]), path / Path(str(name)).name))
         if not files:
             raise ConfigError(
-                f"{manifest} lists no pytorch_model.v{{N}}.bin file; pass the weights file "
-                "itself instead of the folder"
+                f"{manifest} lists no pytorch_model.v{{N}}.bin file of the original trainer; "
+                "pass a checkpoint file (checkpoint-*.pt) or a weights file, not the folder"
             )
         return max(files)[1]
     if (path / "pytorch_model.bin").is_file():
         return path / "pytorch_model.bin"
     raise ConfigError(
-        f"{path} holds neither a manifest.json nor pytorch_model.bin; pass a weights or "
-        "checkpoint file"
+        f"{path} is a folder holding neither the original trainer's manifest.json nor "
+        "pytorch_model.bin; pass a checkpoint file (checkpoint-*.pt) or a weights file"
     )
 
 
