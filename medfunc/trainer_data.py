@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -277,6 +278,16 @@ class _EpochBatches(Sampler):
         return max(0, math.ceil(len(self.order(self.epoch)) / self.batch_size) - self.start)
 
 
+def _epoch_order(
+    sampler: DistributedSampler | None, size: int, epoch: int, *, rank: int, world: int
+) -> list[int]:
+    """The example indices of ``epoch`` on this rank, in visiting order."""
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+        return list(sampler)
+    return list(range(rank, size, world))
+
+
 def _as_is(batch: Any) -> Any:
     return batch
 
@@ -361,7 +372,11 @@ class DatasetBatches:
             self.sampler = DistributedSampler(
                 data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
             )
-        self._batches = _EpochBatches(self._order, batch_size)
+        # no reference back to self: a cycle would leave the loader's workers to the garbage
+        # collector, which may then run in a forked worker of another loader
+        size = len(data) if map_style else 0
+        order = functools.partial(_epoch_order, self.sampler, size, rank=rank, world=world)
+        self._batches = _EpochBatches(order, batch_size)
         self._generator = torch.Generator()
         self._loader = (
             DataLoader(
@@ -395,13 +410,6 @@ class DatasetBatches:
             return math.ceil(n / self.batch_size)
         length = len(self.data)
         return len(range(self.rank, length, self.world)) if self._split_batches else length
-
-    def _order(self, epoch: int) -> list[int]:
-        """The example indices of ``epoch`` on this rank, in visiting order."""
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
-            return list(self.sampler)
-        return list(range(self.rank, len(self.data), self.world))
 
     @property
     def has_length(self) -> bool:

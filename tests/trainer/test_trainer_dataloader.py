@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import weakref
 
 import pytest
 import torch
@@ -69,6 +71,25 @@ def test_workers_read_the_batches_in_the_seeded_order():
         assert torch.equal(torch.cat([b["index"] for b in read]), order)
     resumed = list(batches.epoch(1, start=3))
     assert torch.equal(torch.cat([b["index"] for b in resumed]), order[24:])
+
+
+def test_batches_with_workers_are_freed_without_the_garbage_collector():
+    # a reference cycle would leave the workers' shutdown to the cyclic collector, which can run
+    # inside a worker forked later by another loader ("can only test a child process")
+    config = TrainerConfig(batch_size=8, num_workers=2)
+    gc.disable()
+    try:
+        batches = training_batches(WhoReads(16), config, rank=0, world=1)
+        assert len(list(batches.epoch(0))) == 2
+        workers = batches._loader._iterator._workers
+        alive = weakref.ref(batches)
+        del batches
+        assert alive() is None
+        for worker in workers:
+            worker.join(timeout=30)
+        assert not any(worker.is_alive() for worker in workers)
+    finally:
+        gc.enable()
 
 
 def test_evaluation_batches_with_workers_keep_the_data_order():
