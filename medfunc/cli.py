@@ -84,7 +84,7 @@ def _run_options(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 
 def _final_metrics(trainer: Any, result: Any, eval_dataset: Any) -> dict[str, float]:
-    if result.loaded_best or result.eval_metrics and not result.history:
+    if result.loaded_best or (result.eval_metrics and not result.history):  # best or idle run
         return result.eval_metrics
     if result.history and result.history[-1]["step"] == result.global_step:
         return {k: v for k, v in result.history[-1].items() if k not in ("epoch", "step")}
@@ -380,8 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Example:
         >>> main(["recipes"])
-        breast_cancer  MLP on the Wisconsin diagnostic breast cancer data ... (default)
-        drug_reviews   fine-tune MiniLM on drugs.com reviews (birth control vs other condition)
+        breast_cancer      MLP on the Wisconsin diagnostic breast cancer data ... (default)
+        drug_reviews       fine-tune MiniLM on drugs.com reviews (birth control vs other condition)
+        drug_reviews_lora  LoRA r=8 adapters on a frozen MiniLM, drugs.com reviews (peft)
         0
         >>> main(["inspect", "missing.pt"])  # "medfunc: error: ..." on stderr
         2
@@ -392,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = ConsoleHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     medfunc_log = logging.getLogger("medfunc")
+    level = medfunc_log.level  # restored on return: main() may run inside a larger program
     medfunc_log.addHandler(handler)
     medfunc_log.setLevel(logging.INFO)
     try:
@@ -409,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     finally:
         medfunc_log.removeHandler(handler)
+        medfunc_log.setLevel(level)
 
 
 if __name__ == "__main__":

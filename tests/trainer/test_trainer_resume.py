@@ -61,6 +61,7 @@ def _config(**options) -> TrainerConfig:
         eval_metric="accuracy",
         load_best_model_at_end=False,  # the cadence alone (best checkpoints: test_checkpoints)
         progress_bar=False,
+        num_workers=0,  # _CrashingDataset counts its reads in this process
     )
     base.update(options)
     return TrainerConfig(**base)
