@@ -12,10 +12,18 @@ background):
   region of each image and foreground class, averaged over every (image, class) pair of the set
   where both regions are non-empty (the distance is undefined when one is empty).
 
-The counts come from ``torchmetrics``' ``multiclass_stat_scores`` and the distances from its
-``hausdorff_distance``; :class:`SegmentationStats` adds them up batch by batch on the device, and
-its sums are added over the ranks under torchrun. A value that is undefined for the whole set (no
-foreground anywhere, no image with both regions) is NaN, with a warning.
+The counts come from ``torchmetrics``' ``multiclass_stat_scores``; :class:`SegmentationStats` adds
+them up batch by batch on the device, and its sums are added over the ranks under torchrun. A value
+that is undefined for the whole set (no foreground anywhere, no image with both regions) is NaN,
+with a warning.
+
+The Hausdorff distance comes from exact Euclidean distance transforms
+(``scipy.ndimage.distance_transform_edt``, linear in the pixels, any number of spatial
+dimensions): ``max(max over predicted pixels of the distance to the nearest true pixel, and the
+converse)``. torchmetrics 1.9's ``hausdorff_distance`` gives the same values but compares every
+pair of pixels and takes 2-D maps only: measured on one CPU thread for one noisy map, 1.3 s at
+64x64 and 5.0 s at 96x96 (0.7 ms and 1.4 ms here), so an early, noisy model's evaluation on
+512x512 images would take hours.
 
 Example:
     >>> logits = torch.zeros(1, 2, 4, 4)
@@ -30,14 +38,14 @@ Example:
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["SegmentationStats", "segmentation_maps"]
+__all__ = ["SegmentationStats", "hausdorff", "segmentation_maps"]
 
 IGNORE_INDEX = -100
 
@@ -92,13 +100,47 @@ def segmentation_maps(
     return predictions, labels.long(), classes
 
 
+def hausdorff(predicted: np.ndarray, true: np.ndarray) -> float:
+    """The symmetric Hausdorff distance, in pixels, between two non-empty boolean masks.
+
+    Args:
+        predicted: a boolean mask (any number of dimensions).
+        true: a boolean mask of the same shape.
+
+    Returns:
+        The largest distance from a pixel of one mask to the nearest pixel of the other.
+
+    Example:
+        >>> a = np.zeros((5, 5), dtype=bool); a[0, 0] = True
+        >>> b = np.zeros((5, 5), dtype=bool); b[3, 4] = True; b[0, 1] = True
+        >>> hausdorff(a, b)
+        5.0
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    to_true = distance_transform_edt(~true)
+    to_predicted = distance_transform_edt(~predicted)
+    return float(max(to_true[predicted].max(), to_predicted[true].max()))
+
+
+def _hausdorff_sums(predictions: np.ndarray, targets: np.ndarray, classes: int) -> list[float]:
+    """``[sum of distances, pairs]`` over the (image, foreground class) pairs with both regions."""
+    total, pairs = 0.0, 0
+    for predicted_map, true_map in zip(predictions, targets):
+        for c in range(1, classes):
+            predicted, true = predicted_map == c, true_map == c
+            if predicted.any() and true.any():
+                total += hausdorff(predicted, true)
+                pairs += 1
+    return [total, float(pairs)]
+
+
 class SegmentationStats:
     """Whole-set Dice, IoU and Hausdorff sums of a segmentation evaluation.
 
-    Per batch (:meth:`add`) the per-class TP/FP/FN counts and the per-image Hausdorff distances
-    are added to device tensors (the distances need the images where both regions are
-    non-empty, one host read per class and batch); :meth:`compute` adds the sums of every rank and
-    computes the metrics once.
+    Per batch (:meth:`add`) the per-class TP/FP/FN counts are added on the device and the
+    per-image Hausdorff distances on the CPU (one copy of the batch's class maps);
+    :meth:`compute` adds the sums of every rank and computes the metrics once.
 
     Example:
         >>> stats = SegmentationStats()
@@ -119,7 +161,6 @@ class SegmentationStats:
             ValueError: the batch has another number of classes than the earlier ones.
         """
         from torchmetrics.functional.classification import multiclass_stat_scores
-        from torchmetrics.functional.segmentation import hausdorff_distance
 
         if self.classes is not None and classes != self.classes:
             raise ValueError(
@@ -140,17 +181,11 @@ class SegmentationStats:
         ignored = targets == IGNORE_INDEX
         predictions = predictions.masked_fill(ignored, 0)
         targets = targets.masked_fill(ignored, 0)
-        spatial = tuple(range(1, targets.dim()))
-        total = torch.zeros(2, dtype=torch.float64, device=targets.device)
-        for c in range(1, classes):
-            pred_c, true_c = predictions == c, targets == c
-            both = (pred_c.any(dim=spatial) & true_c.any(dim=spatial)).nonzero().reshape(-1)
-            if both.numel():
-                distances = hausdorff_distance(
-                    pred_c[both].long(), true_c[both].long(), num_classes=2, input_format="index"
-                )
-                total[0] += distances.double().sum()
-                total[1] += both.numel()
+        total = torch.tensor(
+            _hausdorff_sums(predictions.cpu().numpy(), targets.cpu().numpy(), classes),
+            dtype=torch.float64,
+            device=targets.device,
+        )
         self.distance = total if self.distance is None else self.distance + total
 
     def sums(self) -> dict[str, Any] | None:
@@ -201,6 +236,4 @@ class SegmentationStats:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        if math.isinf(out["hausdorff"]):
-            out["hausdorff"] = float("nan")
         return out

@@ -166,3 +166,23 @@ def test_a_whole_set_metric_function_gets_the_segmentation_labels():
     )
     assert torch.equal(seen[0], targets) and got["pixels"] == targets.numel()
     assert {"dice", "iou", "hausdorff"} <= set(got)
+
+
+def test_volumes_get_the_three_dimensional_hausdorff_distance():
+    g = torch.Generator().manual_seed(14)
+    targets = torch.zeros(3, 6, 9, 9, dtype=torch.long)
+    targets[0, 1:4, 2:6, 3:7] = 1
+    targets[1, 2:5, 1:4, 1:8] = 1
+    targets[2, 0:2, 5:9, 0:3] = 1
+    logits = 2.0 * nn.functional.one_hot(targets, 2).permute(0, 4, 1, 2, 3).float()
+    logits += 1.2 * torch.randn(logits.shape, generator=g)
+    stats = SegmentationStats()
+    stats.add(*segmentation_maps(logits, targets))
+    predictions = logits.argmax(1)
+    distances = [
+        _hausdorff((p == 1).numpy(), (t == 1).numpy())
+        for p, t in zip(predictions, targets)
+        if (p == 1).any() and (t == 1).any()
+    ]
+    assert len(distances) == 3
+    assert stats.compute()["hausdorff"] == pytest.approx(float(np.mean(distances)), abs=TOL)
