@@ -175,11 +175,8 @@ def _lr_arg(lr: float | Tensor, cfg: KernelConfig, what: str = "the LR") -> floa
     )
 
 
-_SYNC_WARNED: set[str] = set()
-
-
 def check_momentum_schedule(cfg: KernelConfig, *, adam: bool, scheduled: Any) -> None:
-    """Say once, at ``init``, when a momentum schedule costs a device sync per update.
+    """Warn at ``init`` when a momentum schedule costs a device sync per update.
 
     torch's SGD kernels (foreach and fused) take the momentum as a Python float only: on the
     CPU reading the schedule's CPU tensor is free, on an accelerator it is one device sync per
@@ -189,16 +186,14 @@ def check_momentum_schedule(cfg: KernelConfig, *, adam: bool, scheduled: Any) ->
     """
     if scheduled is None or adam or cfg.device_type == "cpu":
         return
-    if cfg.device_type not in _SYNC_WARNED:
-        _SYNC_WARNED.add(cfg.device_type)
-        warnings.warn(
-            f"sgd with a momentum schedule on {cfg.device_type}: torch's SGD kernels take the "
-            "momentum as a Python float, so it is read from the device every update (one sync "
-            "per step; no CUDA graph). Set TrainerConfig.cycle_momentum=False or use adamw to "
-            "keep the step sync-free.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    warnings.warn(
+        f"sgd with a momentum schedule on {cfg.device_type}: torch's SGD kernels take the "
+        "momentum as a Python float, so it is read from the device every update (one sync "
+        "per step; no CUDA graph). Set TrainerConfig.cycle_momentum=False or use adamw to "
+        "keep the step sync-free.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _momentum_arg(momentum: float | Tensor) -> float:

@@ -3,6 +3,7 @@ OneCycleLR (which cycles them), through the functional step, torch interop and s
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -21,7 +22,7 @@ from medfunc.optim import (
     to_torch_state_dict,
     torch_optimizer,
 )
-from medfunc.optim.kernels import resolve_kernel
+from medfunc.optim.kernels import KernelConfig, check_momentum_schedule, resolve_kernel
 
 TOTAL = 14
 MAX_LR = 0.05
@@ -205,3 +206,16 @@ def test_a_beta1_schedule_traces_as_one_graph_without_host_reads():
     for name, value in params.items():
         torch.testing.assert_close(compiled_params[name], value, rtol=0, atol=5e-6)
     assert not torch.equal(compiled_params["fc1.weight"], make_model().fc1.weight)
+
+
+def test_an_sgd_momentum_schedule_off_the_cpu_warns_of_the_per_step_read():
+    cuda_path = KernelConfig(fused=True, capturable=False, device_type="cuda")
+    schedule = mf.schedules.one_cycle_momentum(10)
+    with pytest.warns(RuntimeWarning, match="sgd with a momentum schedule on cuda"):
+        check_momentum_schedule(cuda_path, adam=False, scheduled=schedule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_momentum_schedule(cuda_path, adam=True, scheduled=schedule)  # tensor beta1
+        check_momentum_schedule(cuda_path, adam=False, scheduled=None)
+        cpu_path = KernelConfig(fused=False, capturable=False, device_type="cpu")
+        check_momentum_schedule(cpu_path, adam=False, scheduled=schedule)
