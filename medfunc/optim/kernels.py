@@ -200,11 +200,12 @@ def _momentum_arg(momentum: float | Tensor) -> float:
     """SGD's momentum as the Python float torch's kernels take (see check_momentum_schedule)."""
     if not isinstance(momentum, Tensor):
         return momentum
-    if torch.compiler.is_compiling():
+    capturing = momentum.is_cuda and torch.cuda.is_current_stream_capturing()
+    if torch.compiler.is_compiling() or capturing:
         raise ConfigError(
-            "sgd with a momentum schedule cannot be compiled: torch's SGD kernels take the "
-            "momentum as a Python float. Use a constant momentum (cycle_momentum=False), adamw, "
-            "or run the step uncompiled"
+            "sgd with a momentum schedule cannot be compiled or captured in a CUDA graph: "
+            "torch's SGD kernels take the momentum as a Python float. Use a constant momentum "
+            "(TrainerConfig.cycle_momentum=False), adamw, or run the step uncompiled"
         )
     return float(momentum)
 
