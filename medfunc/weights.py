@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from medfunc.atomic import atomic_write
+from medfunc.atomic import atomic_replace, atomic_write
 from medfunc.checkpoint.payload import state_dict_layout
 from medfunc.peft_models import ADAPTER_FILES
 from medfunc.state import TrainState
@@ -104,15 +104,16 @@ def is_pretrained_model(module: torch.nn.Module) -> bool:
 def _save_staged(
     module: torch.nn.Module, folder: Path, keep: tuple[str, ...] | None = None
 ) -> list[Path]:
-    """Run ``module.save_pretrained`` into a temporary folder inside ``folder``, then rename
-    each file (those named in ``keep``, when given) into place, so every file appears whole."""
+    """Run ``module.save_pretrained`` into a temporary folder inside ``folder``, then move each
+    file (those named in ``keep``, when given) into place with :func:`atomic_replace`, so every
+    file appears whole, fsynced, with the permissions of the other outputs (0644)."""
     staging = folder / f".save_pretrained.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         module.save_pretrained(staging, safe_serialization=True)
         written = []
         for item in sorted(staging.iterdir()):
             if keep is None or item.name in keep:
-                os.replace(item, folder / item.name)
+                atomic_replace(item, folder / item.name)
                 written.append(folder / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

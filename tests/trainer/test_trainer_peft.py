@@ -47,7 +47,8 @@ def test_the_adapter_is_saved_and_reloads_with_peft(tmp_path):
     trainer = MedicalModelTrainer(_lora(), _config(num_epochs=2))
     result = trainer.train(_tokens(), output_dir=tmp_path)
     assert result.weights_path == tmp_path / "adapter_model.safetensors"
-    assert (tmp_path / "adapter_config.json").is_file()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
     assert not (tmp_path / "model.safetensors").exists()
     assert not list(tmp_path.glob(".save_pretrained*"))
     reloaded = peft.PeftModel.from_pretrained(tiny_bert(dropout=0.1), tmp_path).eval()
