@@ -19,6 +19,7 @@ import torch
 from conftest import TinyClassifier
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from medfunc.errors import ConfigError
 from medfunc.recipes.base import TensorDictDataset
 from medfunc.trainer import MedicalModelTrainer, TrainerConfig
 
@@ -103,6 +104,7 @@ _SCRIPT = """
 import sys
 import torch
 from conftest import TinyClassifier
+from medfunc.errors import ConfigError
 from medfunc.recipes.base import TensorDictDataset
 from medfunc.trainer import MedicalModelTrainer, TrainerConfig
 
@@ -243,3 +245,9 @@ def test_a_save_cadence_that_never_fires_warns_at_the_start(tmp_path, caplog, ca
         (warning,) = warned
         assert message in warning and "cannot be resumed" in warning
     assert list(tmp_path.glob("checkpoint-*.pt"))  # the checkpoint at the stop is written
+
+
+def test_log_level_is_validated_with_its_choices():
+    assert TrainerConfig(log_level="WARNING").log_level == "warning"
+    with pytest.raises(ConfigError, match=r"TrainerConfig\.log_level must be one of .*'info'"):
+        TrainerConfig(log_level="loud")
