@@ -1,8 +1,9 @@
 """Quick start: fine-tune a small classifier with MedicalModelTrainer.
 
 Trains an MLP to tell malignant from benign tumours on the Wisconsin diagnostic breast cancer data
-that ships with scikit-learn (nothing is downloaded), with a held-out split, AUROC-based early
-stopping, TensorBoard logs, epoch checkpoints and a TorchScript export.
+that ships with scikit-learn (nothing is downloaded). A validation split chooses the model
+(AUROC-based early stopping, the best epoch loaded at the end); a test split that training never
+sees reports it. TensorBoard logs, epoch checkpoints and a TorchScript export.
 
 Run:
     python examples/quickstart.py --output-dir runs/quickstart
@@ -37,20 +38,18 @@ class Classifier(nn.Module):
         return {"logits": logits, "loss": nn.functional.cross_entropy(logits, labels)}
 
 
-def datasets(seed: int = 0) -> tuple[TensorDictDataset, TensorDictDataset]:
-    """A shuffled 80/20 split, standardised with the training statistics; 1 = malignant."""
+def datasets(seed: int = 0) -> tuple[TensorDictDataset, TensorDictDataset, TensorDictDataset]:
+    """A shuffled 60/20/20 train/validation/test split, standardised with the training
+    statistics; 1 = malignant."""
     raw = load_breast_cancer()
     x = torch.tensor(raw.data, dtype=torch.float32)
     y = torch.tensor(1 - raw.target)  # scikit-learn codes malignant as 0
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.8 * len(y))
-    train, held_out = order[:cut], order[cut:]
-    mean, std = x[train].mean(0), x[train].std(0)
+    first, second = int(0.6 * len(y)), int(0.8 * len(y))
+    parts = order[:first], order[first:second], order[second:]
+    mean, std = x[parts[0]].mean(0), x[parts[0]].std(0)
     x = (x - mean) / std
-    return (
-        TensorDictDataset({"features": x[train], "labels": y[train]}),
-        TensorDictDataset({"features": x[held_out], "labels": y[held_out]}),
-    )
+    return tuple(TensorDictDataset({"features": x[p], "labels": y[p]}) for p in parts)
 
 
 def main() -> None:
@@ -59,7 +58,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
 
-    train_ds, eval_ds = datasets()
+    train_ds, val_ds, test_ds = datasets()
     torch.manual_seed(0)
     model = Classifier()
     config = TrainerConfig(
@@ -75,21 +74,21 @@ def main() -> None:
         log_every=10,
         enable_tensorboard=True,
         export_torchscript=True,
-        export_input_example={"features": eval_ds.tensors["features"][:1]},
+        export_input_example={"features": val_ds.tensors["features"][:1]},
     )
     trainer = MedicalModelTrainer(model, config)
-    result = trainer.train(train_ds, eval_ds, output_dir=args.output_dir)
+    result = trainer.train(train_ds, val_ds, output_dir=args.output_dir)
 
-    metrics = trainer.evaluate(eval_ds)
-    print(f"held-out AUROC {metrics['auroc']:.4f}, accuracy {metrics['accuracy']:.4f}")
+    metrics = trainer.evaluate(test_ds)  # the best model (by validation AUROC) on unseen cases
+    print(f"test AUROC {metrics['auroc']:.4f}, accuracy {metrics['accuracy']:.4f}")
     stopped = ", stopped early" if result.stopped_early else ""
     print(
         f"{result.global_step} optimizer steps{stopped}; checkpoints: "
         f"{[p.name for p in result.checkpoints]}"
     )
     print(f"weights: {result.weights_path}; exports: {result.exports}")
-    malignant = trainer.predict(eval_ds).softmax(dim=-1)[:, 1]
-    print(f"predicted P(malignant) of the first 5 held-out cases: {malignant[:5].tolist()}")
+    malignant = trainer.predict(test_ds).softmax(dim=-1)[:, 1]
+    print(f"predicted P(malignant) of the first 5 test cases: {malignant[:5].tolist()}")
 
 
 if __name__ == "__main__":
