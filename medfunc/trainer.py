@@ -321,7 +321,9 @@ class MedicalModelTrainer(OriginalTrainerSurface):
             },
             "save_optimizer": cfg.save_optimizer,
             "save_scheduler": cfg.save_scheduler,
-            "trainable_only": trainable_only(cfg.save_trainable_only, self.model),
+            "trainable_only": trainable_only(
+                cfg.save_trainable_only, self.model, sharded=self._sharded()
+            ),
         }
         if self._sharded():
             distributed.save_full(state, path, **options)
@@ -400,7 +402,11 @@ class MedicalModelTrainer(OriginalTrainerSurface):
             #  'auroc': 0.995}
         """
         state = self._inference_state()
-        return EvalResult(self._run_eval(state, self._eval_batches(eval_dataset)))
+        batches = self._eval_batches(eval_dataset)
+        try:
+            return EvalResult(self._run_eval(state, batches))
+        finally:
+            batches.close()
 
     def predict(self, dataset: Any) -> torch.Tensor | list[Any]:
         """Run the model (eval mode, no gradients) over ``dataset`` in order.
@@ -422,7 +428,10 @@ class MedicalModelTrainer(OriginalTrainerSurface):
         batches = evaluation_batches(
             dataset, self.config, rank=0, world=1, role="dataset", loading=self._loading()
         )
-        outputs = [apply_model(state, self._move_to_device(b)) for b in batches.epoch(0)]
+        try:
+            outputs = [apply_model(state, self._move_to_device(b)) for b in batches.epoch(0)]
+        finally:
+            batches.close()
         tensors = [o if isinstance(o, torch.Tensor) else find_logits(o) for o in outputs]
         if tensors and all(t is not None for t in tensors):
             return torch.cat([t.detach().cpu() for t in tensors])
@@ -520,6 +529,9 @@ class MedicalModelTrainer(OriginalTrainerSurface):
                 write_final_outputs(self.state, result, cfg, sharded=self._sharded())
         finally:
             self._run = None
+            for data in (batches, evals):
+                if data is not None:
+                    data.close()
             logger.close()
         return result
 

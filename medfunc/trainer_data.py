@@ -447,6 +447,20 @@ class DatasetBatches:
                 check_ready_batch(batch, self.role, kind, self.batch_size)
             yield batch
 
+    def close(self) -> None:
+        """End the loader's worker processes now.
+
+        Persistent workers otherwise live until the loader is garbage-collected, which an
+        exception's traceback (a reference cycle) can delay until a collection that may even
+        run inside another loader's forked worker. Iterating again starts new workers.
+        """
+        # DataLoader keeps its persistent iterator in a private attribute and offers no public
+        # way to end its workers; this is the one place that reaches for it
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
+            self._loader._iterator = None
+
     def windows(self, epoch: int, start: int, size: int) -> Iterator[list[Any]]:
         """Yield the micro-batches of ``epoch`` in groups of ``size`` (one optimizer step each).
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing
 import os
 import weakref
 
@@ -90,6 +91,28 @@ def test_batches_with_workers_are_freed_without_the_garbage_collector():
         assert not any(worker.is_alive() for worker in workers)
     finally:
         gc.enable()
+
+
+def test_train_evaluate_and_predict_end_their_workers(tmp_path):
+    before = set(multiprocessing.active_children())
+    trainer = _trainer(num_epochs=1, save_every_steps=None)
+    trainer.train(_examples(), _examples(16), output_dir=tmp_path / "run")
+    trainer.evaluate(_examples(16))
+    trainer.predict(_examples(16))
+    assert set(multiprocessing.active_children()) == before
+
+    calls = []
+
+    def failing_loss(outputs, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the third batch fails")
+        return outputs["loss"]
+
+    failing = MedicalModelTrainer(TinyClassifier(), trainer.config, loss_fn=failing_loss)
+    with pytest.raises(RuntimeError, match="the third batch fails"):
+        failing.train(_examples(), output_dir=tmp_path / "failed")
+    assert set(multiprocessing.active_children()) == before  # also when training fails
 
 
 def test_evaluation_batches_with_workers_keep_the_data_order():
