@@ -40,17 +40,22 @@ def is_peft_model(module: torch.nn.Module) -> bool:
     return peft is not None and isinstance(module, peft.PeftModel)
 
 
-def trainable_only(flag: bool | None, module: torch.nn.Module) -> bool:
+def trainable_only(flag: bool | None, module: torch.nn.Module, *, sharded: bool = False) -> bool:
     """``TrainerConfig.save_trainable_only`` resolved: ``None`` means on for PEFT models.
 
     Args:
         flag: the configured value (``True``, ``False`` or ``None`` for the default).
         module: the model being trained.
+        sharded: the run is FSDP/DeepSpeed-sharded: the default is then off (its checkpoints
+            are restored into a sharded template, whose frozen base cannot be checksummed;
+            ``TrainerConfig`` refuses ``True`` there).
 
     Returns:
         Whether checkpoints leave out the frozen parameters.
     """
-    return is_peft_model(module) if flag is None else flag
+    if flag is None:
+        return is_peft_model(module) and not sharded
+    return flag
 
 
 def forward_module(module: torch.nn.Module) -> torch.nn.Module:

@@ -711,6 +711,12 @@ def _check_combinations(config: TrainerConfig) -> None:
         raise ConfigError(
             "TrainerConfig.fsdp and TrainerConfig.deepspeed are both true; choose one"
         )
+    if config.save_trainable_only and (config.fsdp or config.deepspeed):
+        raise ConfigError(
+            "TrainerConfig.save_trainable_only=True is not available with fsdp/deepspeed "
+            "(their checkpoints are restored into a sharded template whose frozen base cannot "
+            "be checked); set save_trainable_only=False"
+        )
     custom = config.eval_compute_metrics is not None or config.eval_set_metrics is not None
     metric_names.check_eval_metric(config.eval_metric, custom=custom)
     _check_ema(config)

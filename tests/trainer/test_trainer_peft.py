@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_bert
 
 from medfunc.checkpoint.frozen import base_checksum
-from medfunc.errors import CheckpointMismatchError
+from medfunc.errors import CheckpointMismatchError, ConfigError
+from medfunc.peft_models import trainable_only
 from medfunc.recipes.base import TensorDictDataset
 from medfunc.trainer import MedicalModelTrainer, TrainerConfig
 
@@ -134,3 +135,10 @@ def test_overwriting_a_peft_run_folder_removes_its_adapter_first(tmp_path):
     MedicalModelTrainer(_lora(), config).train(_tokens(), output_dir=tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() != first
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == ["checkpoint-epoch1.pt"]
+
+
+def test_sharded_runs_keep_full_checkpoints():
+    with pytest.raises(ConfigError, match="save_trainable_only=True is not available with fsdp"):
+        TrainerConfig(save_trainable_only=True, fsdp=True)
+    model = _lora()
+    assert trainable_only(None, model) and not trainable_only(None, model, sharded=True)
