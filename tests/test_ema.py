@@ -239,6 +239,8 @@ def test_bad_ema_options_are_config_errors():
         TrainerConfig(ema_decay=-0.1)
     with pytest.raises(ConfigError, match="fsdp=True or deepspeed=True"):
         TrainerConfig(ema_decay=0.99, fsdp=True)
+    with pytest.raises(ConfigError, match="keeps no EMA of the sharded weights"):
+        mf.distributed.fully_shard_state(_model(), mf.optim.sgd(0.1), ema_decay=0.9)
     with pytest.raises(ConfigError, match="takes no ema_decay"):
         mf.ensemble.init_state(TinyClassifier, mf.optim.sgd(0.1), members=2, ema_decay=0.9)
 

@@ -173,6 +173,11 @@ def fully_shard_state(
         raise ConfigError(
             "fully_shard_state places the model on DistInfo.device; do not pass device="
         )
+    if init_state_kwargs.get("ema_decay") is not None:
+        raise ConfigError(
+            "fully_shard_state keeps no EMA of the sharded weights; drop ema_decay (or train "
+            "with mf.distributed.data_parallel, which keeps one)"
+        )
     info = get_info()
     if not is_distributed():
         return init_state(model, tx, device=info.device, **init_state_kwargs)
