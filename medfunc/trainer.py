@@ -71,7 +71,7 @@ from medfunc.skipped_steps import EpochUpdates, LossScaleWatch, check_epoch_upda
 from medfunc.state import TrainState, ema_params, init_state
 from medfunc.step import apply_model
 from medfunc.tracking import LoopPosition, StepMetricSums, TrainResult, check_skipped_run
-from medfunc.trainer_build import build_optimizer, build_schedule
+from medfunc.trainer_build import build_optimizer, build_schedule  # noqa: F401 - re-exported
 from medfunc.trainer_config import TrainerConfig
 from medfunc.trainer_data import (
     DatasetBatches,
@@ -88,11 +88,8 @@ from medfunc.visualize import Visualizer
 from medfunc.weights import save_weights
 
 __all__ = [
-    "DataLoader",
     "EvalResult",
     "MedicalModelTrainer",
-    "build_optimizer",
-    "build_schedule",
     "TrainResult",
     "TrainerConfig",
     "resolve_device",

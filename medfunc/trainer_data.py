@@ -34,6 +34,7 @@ import functools
 import itertools
 import logging
 import math
+import signal
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -292,6 +293,18 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM and SIGINT: the training process stops the run.
+
+    A signal sent to the whole process group (Ctrl-C, a scheduler's SIGTERM to every process of
+    a job) would otherwise end the workers and fail the next batch instead of letting the
+    Trainer checkpoint the step boundary (see :mod:`medfunc.preemption`). The workers end when
+    the Trainer closes the loader, or by themselves when the training process is gone.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _inner_sampler(data: Any) -> Any:
     if isinstance(data, DataLoader):
         batch_sampler = getattr(data, "batch_sampler", None)
@@ -385,6 +398,7 @@ class DatasetBatches:
                 sampler=self._batches,
                 collate_fn=_as_is,
                 generator=self._generator,
+                worker_init_fn=_leave_stop_signals_to_the_trainer,
                 **loading.worker_kwargs(),
             )
             if map_style

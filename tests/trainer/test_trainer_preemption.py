@@ -47,6 +47,8 @@ class _SignallingDataset(TensorDictDataset):
 
 
 def _train(out: Path, data=None, **options) -> MedicalModelTrainer:
+    if isinstance(data, _SignallingDataset):  # it signals the process reading it: this one
+        options.setdefault("num_workers", 0)
     trainer = MedicalModelTrainer(worker.make_model(), worker.make_config(**options))
     trainer.train(worker.make_data() if data is None else data, output_dir=out)
     return trainer
@@ -226,6 +228,33 @@ def test_a_signalled_process_exits_with_its_code_and_resumes_bitwise(
     assert not list(out.glob(".*tmp*"))
     step = read_checkpoint(checkpoint)["trainer_state"]["global_step"]
     assert 1 <= step < worker.EPOCHS * worker.EXAMPLES // worker.BATCH
+    _assert_bitwise(_resume(checkpoint, out), uninterrupted)
+
+
+def test_a_sigterm_to_the_whole_process_group_leaves_the_loader_workers_running(
+    tmp_path, uninterrupted
+):
+    # as a scheduler signals every process of a job: the DataLoader workers (num_workers=2)
+    # ignore it and the trainer stops at the step boundary
+    out, marker = tmp_path / "run", tmp_path / "started"
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), str(out), "--sleep", "0.3", "--marker", str(marker)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    _wait_for(marker, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "DataLoader worker" not in stderr
+    checkpoint = _checkpoint_named_in(stderr)
     _assert_bitwise(_resume(checkpoint, out), uninterrupted)
 
 
