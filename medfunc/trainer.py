@@ -238,13 +238,21 @@ class MedicalModelTrainer(OriginalTrainerSurface):
         return self.model
 
     def _init_kwargs(self) -> dict[str, Any]:
-        return {
+        kwargs = {
             "loss_fn": self.loss_fn,
-            "apply_fn": self.apply_fn,
             "precision": self.config.precision,
             "seed": self.config.seed,
             "accumulate_steps": self.config.gradient_accumulation_steps,
         }
+        if self.apply_fn is not None:
+            if self.config.deepspeed:
+                raise ConfigError(
+                    "apply_fn is not available with deepspeed=True (DeepSpeed's engine calls "
+                    "the model itself); give the model a forward that takes the batch, or "
+                    "train without deepspeed"
+                )
+            kwargs["apply_fn"] = self.apply_fn
+        return kwargs
 
     def _loading(self) -> LoaderOptions:
         """The DataLoader options, built with this module's ``DataLoader`` (replaceable)."""
@@ -389,7 +397,7 @@ class MedicalModelTrainer(OriginalTrainerSurface):
             eval_dataset: a map-style Dataset, a DataLoader or an iterable of dict batches.
 
         Returns:
-            An :class:`EvalResult`: a mapping metric name -> float (``"loss"`` included), with
+            An :class:`EvalResult`: a dict metric name -> float (``"loss"`` included), with
             ``.loss`` and ``.metrics`` (the others) as in the original trainer.
 
         Example::

@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,46 +31,27 @@ from medfunc.state import TrainState
 __all__ = ["EvalResult", "ScalerView", "SchedulerView", "optimizer_view"]
 
 
-class EvalResult(Mapping[str, float]):
-    """The metrics of one evaluation: a mapping of every metric, with ``.loss`` and ``.metrics``.
+class EvalResult(dict):
+    """The metrics of one evaluation: a dict of every metric, with ``.loss`` and ``.metrics``.
 
-    Args:
-        values: metric name -> float, ``"loss"`` included.
-
-    Attributes:
-        loss: the example-weighted mean loss (None when the evaluation had none).
-        metrics: every metric other than ``loss``.
+    A plain ``dict`` (``"loss"`` included) for code that treats the result as one (indexing,
+    ``json.dumps``), with the original trainer's two attributes.
 
     Example:
         >>> result = EvalResult({"loss": 0.25, "f1": 0.9})
-        >>> result.loss, result["f1"], dict(result)
-        (0.25, 0.9, {'loss': 0.25, 'f1': 0.9})
+        >>> result.loss, result.metrics, result["f1"]
+        (0.25, {'f1': 0.9}, 0.9)
     """
-
-    def __init__(self, values: Mapping[str, float]) -> None:
-        self._values = dict(values)
 
     @property
     def loss(self) -> float | None:
-        """The example-weighted mean loss, or None when the model gave none."""
-        return self._values.get("loss")
+        """The evaluation loss (None when the evaluation had none)."""
+        return self.get("loss")
 
     @property
     def metrics(self) -> dict[str, float]:
-        """Every metric but the loss, name -> value."""
-        return {k: v for k, v in self._values.items() if k != "loss"}
-
-    def __getitem__(self, key: str) -> float:
-        return self._values[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def __repr__(self) -> str:
-        return f"EvalResult({self._values!r})"
+        """Every metric other than ``loss``."""
+        return {k: v for k, v in self.items() if k != "loss"}
 
 
 def _trainable(state: TrainState) -> OrderedDict:

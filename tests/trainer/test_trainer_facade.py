@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import pytest
@@ -115,6 +116,7 @@ def test_evaluate_returns_an_eval_result_that_is_also_a_mapping(tmp_path):
     assert isinstance(result, EvalResult) and isinstance(result, Mapping)
     assert result.loss == result["loss"] and "loss" not in result.metrics
     assert result.metrics["accuracy"] == result["accuracy"]
+    assert json.loads(json.dumps(result)) == dict(result)
     batch = torch.stack([e["x"] for e in _examples(16)])
     labels = torch.stack([e["labels"] for e in _examples(16)])
     with torch.no_grad():
@@ -185,3 +187,11 @@ def test_without_apply_fn_a_tuple_batch_that_does_not_fit_names_apply_fn(tmp_pat
     )
     with pytest.raises(Exception, match="apply_fn"):
         trainer.train(data, output_dir=tmp_path)
+
+
+def test_apply_fn_with_deepspeed_is_refused_before_the_engine_is_built():
+    trainer = MedicalModelTrainer(
+        _sequential(), _config(deepspeed=True), apply_fn=lambda model, batch: model(batch[0])
+    )
+    with pytest.raises(ConfigError, match="apply_fn is not available with deepspeed=True"):
+        trainer.prepare_for_training(total_steps=5)
