@@ -310,3 +310,24 @@ def test_forward_loss_is_the_current_models_loss(caplog):
     with caplog.at_level(logging.INFO, logger="medfunc.trainer"):
         trainer._log({"custom/value": 1.5})
     assert "custom/value=1.5" in caplog.text
+
+
+def test_factories_monkeypatched_on_the_class_or_the_instance_are_used(tmp_path, monkeypatch):
+    def sgd_factory(self, param_groups):
+        return torch.optim.SGD(param_groups, lr=0.05, momentum=0.5)
+
+    monkeypatch.setattr(MedicalModelTrainer, "_optimizer_factory", sgd_factory)
+    trainer = MedicalModelTrainer(_model(), _config())
+    trainer._scheduler_factory = lambda optimizer, total_steps: (
+        torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.9)
+    )
+    examples = _examples()
+    trainer.train(examples, output_dir=tmp_path)
+    reference, _, scheduler = _torch_run(
+        examples,
+        2,
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.5),
+        lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9),
+    )
+    _assert_params_equal(trainer, reference)
+    assert set(trainer.scheduler.get_last_lr()) == set(scheduler.get_last_lr())
