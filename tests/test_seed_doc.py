@@ -103,8 +103,10 @@ def test_quick_start_then_resume_from_the_epoch_checkpoint(namespace, tmp_path):
     folder = tmp_path / "fine_tuned_model"
     assert sorted(p.name for p in folder.iterdir()) == [
         "checkpoint-epoch1.pt",
+        "manifest.json",  # model_versioning=True, the original's default
         "metrics.jsonl",
         "model.safetensors",
+        "model.v1.safetensors",
     ]
     saved = read_checkpoint(folder / "checkpoint-epoch1.pt")
     assert saved["trainer_state"]["epoch"] == 1 and saved["trainer_state"]["global_step"] == 12
