@@ -68,7 +68,7 @@ from medfunc.run_folder import (
 )
 from medfunc.run_report import SETTINGS_KEY, announce_start, current_weights, run_settings
 from medfunc.skipped_steps import EpochUpdates, LossScaleWatch, check_epoch_updates
-from medfunc.state import TrainState, ema_params, init_state
+from medfunc.state import TrainState, bind_module, ema_params, init_state
 from medfunc.step import apply_model
 from medfunc.tracking import LoopPosition, StepMetricSums, TrainResult, check_skipped_run
 from medfunc.trainer_build import build_optimizer, build_schedule  # noqa: F401 - re-exported
@@ -532,6 +532,8 @@ class MedicalModelTrainer(OriginalTrainerSurface):
             )
             if result.weights_path is None:  # an unchanged model.safetensors is kept as it is
                 write_final_outputs(self.state, result, cfg, sharded=self._sharded())
+            elif not self._sharded():  # the model holds the final weights, as after any run
+                bind_module(self.state)
         finally:
             self._run = None
             for data in (batches, evals):
