@@ -245,12 +245,6 @@ class MedicalModelTrainer(OriginalTrainerSurface):
             "accumulate_steps": self.config.gradient_accumulation_steps,
         }
         if self.apply_fn is not None:
-            if self.config.deepspeed:
-                raise ConfigError(
-                    "apply_fn is not available with deepspeed=True (DeepSpeed's engine calls "
-                    "the model itself); give the model a forward that takes the batch, or "
-                    "train without deepspeed"
-                )
             kwargs["apply_fn"] = self.apply_fn
         return kwargs
 

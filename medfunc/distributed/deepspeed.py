@@ -358,6 +358,7 @@ def _fallback_state(
     model: torch.nn.Module,
     tx: GradientTransformation | None,
     loss_fn: Any,
+    apply_fn: Any,
     policy: Any,
     seed: int,
     accumulate_steps: int,
@@ -379,6 +380,7 @@ def _fallback_state(
         model,
         tx,
         loss_fn=loss_fn,
+        apply_fn=apply_fn,
         precision=policy,
         seed=seed,
         accumulate_steps=accumulate_steps,
@@ -423,6 +425,7 @@ def deepspeed_state(
     max_grad_norm: float | None = None,
     micro_batch_size: int | None = None,
     loss_fn: Any = None,
+    apply_fn: Any = None,
     precision: str = "fp32",
     seed: int = 0,
     accumulate_steps: int = 1,
@@ -445,6 +448,8 @@ def deepspeed_state(
             DeepSpeed; pass its threshold here).
         micro_batch_size: per-rank examples per micro-batch, for DeepSpeed's bookkeeping.
         loss_fn: optional ``loss_fn(outputs, batch) -> loss``.
+        apply_fn: optional ``apply_fn(model, batch) -> outputs``, how to call the model; it
+            receives the DeepSpeed engine as ``model`` (calling it runs the module's forward).
         precision: "fp32", "bf16" or "fp16" (DeepSpeed's own mixed-precision modes).
         seed: the state's RNG key.
         accumulate_steps: micro-batches per optimizer update.
@@ -474,7 +479,7 @@ def deepspeed_state(
         ),
     )
     if not deepspeed_available():
-        return _fallback_state(model, tx, loss_fn, policy, seed, accumulate_steps)
+        return _fallback_state(model, tx, loss_fn, apply_fn, policy, seed, accumulate_steps)
     if (
         tx is not None
         and len(tx.children) > 1
@@ -490,7 +495,9 @@ def deepspeed_state(
         )
     engine = _initialize(model, tx, config)
     module = engine.module
-    state = init_state(module, chain(), loss_fn=loss_fn, precision=policy, seed=seed)
+    state = init_state(
+        module, chain(), loss_fn=loss_fn, apply_fn=apply_fn, precision=policy, seed=seed
+    )
     device = state.device
     return state.replace(
         tx=tx,

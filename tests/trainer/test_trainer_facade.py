@@ -189,9 +189,28 @@ def test_without_apply_fn_a_tuple_batch_that_does_not_fit_names_apply_fn(tmp_pat
         trainer.train(data, output_dir=tmp_path)
 
 
-def test_apply_fn_with_deepspeed_is_refused_before_the_engine_is_built():
+def test_apply_fn_trains_under_deepspeed_equal_to_the_torch_loop(tmp_path):
+    """A single-process DeepSpeed run (CPU accelerator, ZeRO-2) calls the engine through
+    apply_fn; SGD with momentum in fp32 gives the torch loop's weights bitwise."""
+    pytest.importorskip("deepspeed")
+    x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(3)), torch.arange(16) % 3
+    data = TensorDataset(x, y)
+    config = _config(
+        deepspeed=True, num_epochs=1, shuffle=False, optimizer="sgd", learning_rate=0.1,
+        scheduler="none", grad_clip_mode="none", num_workers=0,
+    )  # fmt: skip
     trainer = MedicalModelTrainer(
-        _sequential(), _config(deepspeed=True), apply_fn=lambda model, batch: model(batch[0])
+        _sequential(),
+        config,
+        apply_fn=lambda model, batch: model(batch[0]),
+        loss_fn=lambda outputs, batch: F.cross_entropy(outputs, batch[1]),
     )
-    with pytest.raises(ConfigError, match="apply_fn is not available with deepspeed=True"):
-        trainer.prepare_for_training(total_steps=5)
+    trainer.train(data, output_dir=tmp_path)
+    reference = _sequential()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)  # the default
+    for xb, yb in DataLoader(data, batch_size=8):
+        optimizer.zero_grad()
+        F.cross_entropy(reference(xb), yb).backward()
+        optimizer.step()
+    for name, value in reference.named_parameters():
+        torch.testing.assert_close(trainer.model.get_parameter(name), value, rtol=0, atol=0)
