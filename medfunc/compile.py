@@ -36,9 +36,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
+import optree
 import torch
 
 from medfunc.accumulation import next_window, window_grads, window_of, window_position
@@ -52,6 +53,7 @@ from medfunc.state import TrainState
 from medfunc.step import (
     StepStatic,
     StepTrees,
+    apply_model,
     apply_update,
     finish_step,
     forward_backward,
@@ -229,6 +231,22 @@ def _uses_fused_kernels(static: StepStatic) -> bool:
     return bool(spec.kernel_config(static.device).fused)
 
 
+def _load_inductor() -> None:
+    """Import inductor's compiler ahead of the first compile, without the deprecation it emits.
+
+    Importing ``torch._inductor.compile_fx`` loads ``torch.utils.mkldnn``, whose module body
+    uses ``torch.jit.script_method`` and so warns (``DeprecationWarning``, torch >= 2.10) the
+    first time any ``torch.compile`` backend runs: a warning about torch's own code that no
+    caller can act on, and an error under ``-W error``. Loaded here, under a filter for that one
+    message, a compiled step emits no warning.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*torch.jit.script_method", category=DeprecationWarning
+        )
+        import torch._inductor.compile_fx  # noqa: F401
+
+
 class _Inductor:
     """The step core under ``torch.compile``: one whole-step graph, or a compiled
     forward/backward plus the eager update when the optimizer cannot be traced."""
@@ -244,6 +262,7 @@ class _Inductor:
     ) -> None:
         import torch._dynamo  # noqa: F401 - loaded only by the compiling modes
 
+        _load_inductor()
         self.static = static
         self.stats = stats
         self.dynamic = dynamic
@@ -335,6 +354,49 @@ class _Inductor:
         return self._split(trees, batch, apply, window)
 
 
+def _probe_key(batch: Any) -> Hashable:
+    """What a model's first forward may specialise on: the batch's structure, each tensor's
+    dtype, rank and device, and its constants (hashable ones by value, others by type); not
+    the sizes, so a new length of the same kind of batch does not probe again."""
+    if isinstance(batch, Mapping):
+        batch = dict(batch)
+    leaves, treedef = optree.tree_flatten(batch)
+    parts: list[Hashable] = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            parts.append((leaf.dtype, leaf.dim(), leaf.device))
+            continue
+        try:
+            hash(leaf)
+        except TypeError:
+            parts.append(type(leaf))
+        else:
+            parts.append((type(leaf), leaf))
+    return treedef, tuple(parts)
+
+
+def _settle_model(state: TrainState, batch: Any) -> None:
+    """Run the model's forward once on the host so that what it sets on its first call is set
+    before torch.compile traces it.
+
+    Some models write Python attributes in their forward the first time they see a batch
+    (Hugging Face classifiers set ``config.problem_type`` from the labels). Traced first, the
+    graph would guard on the unset value and the second call would compile the step again.
+    The forward runs as :func:`medfunc.apply_model` runs it (eval mode, ``torch.no_grad()``,
+    the state's tensors and autocast), inside ``torch.random.fork_rng`` so that neither the
+    global generators nor the state's RNG move: the compiled step draws the numbers it drew
+    without this call.
+    """
+    device = state.device
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        forked = torch.random.fork_rng(devices=[index], device_type="cuda")
+    else:
+        forked = torch.random.fork_rng(devices=[])
+    with forked:
+        apply_model(state, batch)
+
+
 class CompiledStep:
     """``train_step`` compiled and/or captured; call it like ``train_step``.
 
@@ -363,6 +425,7 @@ class CompiledStep:
         self._static: StepStatic | None = None
         self._inductor: _Inductor | None = None
         self._graphs: GraphCache | None = None
+        self._settled: set[Hashable] = set()
 
     def __repr__(self) -> str:
         return f"CompiledStep(mode={self.mode!r}, stats={self.stats})"
@@ -435,6 +498,11 @@ class CompiledStep:
         static = self._bind(state)
         check_batch(static.module, static.apply_fn, batch)
         check_devices(batch, static.device)
+        if self._inductor is not None:
+            key = _probe_key(batch)
+            if key not in self._settled:
+                _settle_model(state, batch)
+                self._settled.add(key)
         count, apply = window_position(state)
         window = window_of(state, count)
         with module_mode(static.module, True):
@@ -461,6 +529,7 @@ class CompiledStep:
         self._static = None
         self._inductor = None
         self._graphs = None
+        self._settled = set()
 
 
 def compile_step(
