@@ -19,7 +19,7 @@ import logging
 
 import pytest
 import torch
-from conftest import TinyClassifier, make_batches
+from conftest import TinyClassifier, make_batches, tiny_bert
 
 import medfunc as mf
 from medfunc.compile import MODES, compile_step, default_mode, resolve_mode
@@ -226,6 +226,144 @@ class _PrintingClassifier(TinyClassifier):
     def forward(self, x, labels=None):
         _MODEL_LOG.error("forward called")
         return super().forward(x, labels)
+
+
+class _FirstCallClassifier(TinyClassifier):
+    """Picks its loss on its first forward and keeps the choice on itself, as Hugging Face
+    classifiers keep ``config.problem_type``; draws noise in every forward, train or eval."""
+
+    def __init__(self) -> None:
+        super().__init__(dropout=0.3)
+        self.loss_kind = None
+
+    def forward(self, x, labels=None):
+        if self.loss_kind is None and labels is not None:
+            self.loss_kind = "smoothed" if labels.dtype == torch.long else "plain"
+        out = super().forward(x + 1e-3 * torch.randn_like(x))
+        if labels is not None:
+            smoothing = 0.1 if self.loss_kind == "smoothed" else 0.0
+            out["loss"] = torch.nn.functional.cross_entropy(
+                out["logits"], labels, label_smoothing=smoothing
+            )
+        return out
+
+
+def _first_call_state():
+    torch.manual_seed(0)
+    tx = mf.optim.chain(mf.optim.clip_by_global_norm(1.0), mf.optim.adamw(1e-2))
+    return mf.init_state(_FirstCallClassifier(), tx, seed=3)
+
+
+def _compare_with_eager(runs):
+    """Step, RNG and LR exactly; loss (same dropout masks) and params within inductor's
+    rounding (see the module docstring)."""
+    for (eager, me), (compiled, mc) in zip(runs["eager"], runs["compiled"]):
+        assert_trees_equal(
+            {"step": compiled["step"], "rng": compiled["rng"], "lr": mc["lr"]},
+            {"step": eager["step"], "rng": eager["rng"], "lr": me["lr"]},
+        )
+        assert_trees_close(mc["loss"], me["loss"], rtol=1e-5, atol=1e-6)
+        assert_trees_close(compiled["params"], eager["params"], rtol=1e-4, atol=1e-5)
+
+
+def _run_compiled_once_each(make_state, batches):
+    """Eager and compiled runs from twin states; every compiled call after the first runs with
+    recompiles forbidden (``error_on_recompile``)."""
+    fast = compile_step(mf.train_step, mode="inductor")
+    eager, compiled = make_state(), make_state()
+    runs = {"eager": [], "compiled": []}
+    for i, batch in enumerate(batches):
+        eager, metrics = mf.train_step(eager, batch)
+        runs["eager"].append((_leaves(eager), metrics))
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            compiled, metrics = fast(compiled, batch)
+        runs["compiled"].append((mf.tree_map(torch.clone, _leaves(compiled)), metrics))
+    return fast, runs, compiled
+
+
+@pytest.mark.filterwarnings("error")
+def test_a_forward_that_sets_an_attribute_on_its_first_call_compiles_the_step_once():
+    """The model's first forward runs on the host before the trace, so the graph sees the
+    attribute already set and the second call does not compile again."""
+    fast, runs, compiled = _run_compiled_once_each(_first_call_state, make_batches(5, 16))
+    assert fast.stats.compiles == 1
+    assert fast.stats.whole_step_compiled is True
+    assert compiled.module.loss_kind == "smoothed"
+    _compare_with_eager(runs)
+
+
+def test_the_host_forward_moves_no_generator_and_runs_once_per_kind_of_batch():
+    """The first-call forward draws its noise inside a forked RNG: the global generator and the
+    state's RNG stay where the eager step leaves them and the steps stay bitwise equal. It runs
+    once per batch structure and dtypes, not per batch size."""
+    fast = compile_step(mf.train_step, mode="inductor")
+    eager, compiled = _first_call_state(), _first_call_state()
+    forwards = {"eager": 0, "compiled": 0}
+    for name, state in (("eager", eager), ("compiled", compiled)):
+        state.module.register_forward_hook(
+            lambda *_, name=name: forwards.update({name: forwards[name] + 1})
+        )
+    batches = [*make_batches(2, 16), *make_batches(2, 8)]
+    with torch.compiler.set_stance("force_eager"):
+        for batch in batches:
+            before = torch.get_rng_state()
+            eager, me = mf.train_step(eager, batch)
+            compiled, mc = fast(compiled, batch)
+            assert torch.equal(torch.get_rng_state(), before)
+            assert_trees_equal(mc, me)
+            assert_trees_equal(_leaves(compiled), _leaves(eager))
+        assert forwards == {"eager": 4, "compiled": 5}
+        soft = torch.nn.functional.one_hot(batches[0]["labels"], 3).float()
+        compiled, _ = fast(compiled, {**batches[0], "labels": soft})
+    assert forwards == {"eager": 4, "compiled": 7}
+
+
+def _tiny_gpt2():
+    """A tiny Hugging Face ``GPT2ForSequenceClassification`` built from a config (no download)."""
+    import transformers
+
+    config = transformers.GPT2Config(
+        vocab_size=40,
+        n_positions=16,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        num_labels=3,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2ForSequenceClassification(config)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("build", [tiny_bert, _tiny_gpt2], ids=["bert", "gpt2"])
+def test_hugging_face_classifiers_compile_the_step_once(build):
+    """Hugging Face classifiers set ``config.problem_type`` in their first forward; the step
+    still compiles once for five calls of one shape, with dropout, and matches eager."""
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {
+            "input_ids": torch.randint(1, 40, (4, 8), generator=g),
+            "labels": torch.randint(0, 3, (4,), generator=g),
+        }
+        for _ in range(5)
+    ]
+
+    def make_state():
+        tx = mf.optim.chain(
+            mf.optim.clip_by_global_norm(1.0),
+            mf.optim.adamw(mf.schedules.linear_warmup(1e-2, 2, 10), weight_decay=0.01),
+        )
+        return mf.init_state(build(), tx, seed=1)
+
+    fast, runs, compiled = _run_compiled_once_each(make_state, batches)
+    assert compiled.module.config.problem_type == "single_label_classification"
+    assert fast.stats.compiles == 1
+    assert fast.stats.whole_step_compiled is True
+    _compare_with_eager(runs)
 
 
 def test_graph_modes_need_cuda_and_bad_arguments_are_config_errors():
