@@ -15,6 +15,11 @@ The host-side parts of a step stay outside the compiled/captured region: the liv
 batch validation, train mode, seeding the RNG from ``state.rng``, and the ``[key, counter]``
 and accumulation counters (CPU tensors). See ``docs/performance.md`` for when to use which mode.
 
+The compiling modes run the model's forward once on the host (eval mode, no gradients, the
+generators forked) before the first trace of each kind of batch, so that what a model sets on
+its first call (Hugging Face's ``config.problem_type``) is set before torch.compile guards on
+it: one compile per model and batch shape, not two.
+
 Which parameters get a gradient is part of what a graph is specialised on. A compiled graph
 finds it while tracing (None gradients are Python facts) and torch.compile's guards on the
 forward's Python control flow (a batch constant, a module attribute) compile another graph when
