@@ -361,8 +361,9 @@ class _Inductor:
 
 def _probe_key(batch: Any) -> Hashable:
     """What a model's first forward may specialise on: the batch's structure, each tensor's
-    dtype, rank and device, and its constants (hashable ones by value, others by type); not
-    the sizes, so a new length of the same kind of batch does not probe again."""
+    dtype, rank and device, and its constants (strings, flags and other hashable ones by
+    value; numbers and unhashable ones by type). Not the sizes, nor a number that may change
+    every step (a temperature, a step index), so such batches do not run the forward again."""
     if isinstance(batch, Mapping):
         batch = dict(batch)
     leaves, treedef = optree.tree_flatten(batch)
@@ -375,8 +376,9 @@ def _probe_key(batch: Any) -> Hashable:
             hash(leaf)
         except TypeError:
             parts.append(type(leaf))
-        else:
-            parts.append((type(leaf), leaf))
+            continue
+        numeric = isinstance(leaf, (int, float, complex)) and not isinstance(leaf, bool)
+        parts.append(type(leaf) if numeric else (type(leaf), leaf))
     return treedef, tuple(parts)
 
 

@@ -236,10 +236,10 @@ class _FirstCallClassifier(TinyClassifier):
         super().__init__(dropout=0.3)
         self.loss_kind = None
 
-    def forward(self, x, labels=None):
+    def forward(self, x, labels=None, noise=1e-3):
         if self.loss_kind is None and labels is not None:
             self.loss_kind = "smoothed" if labels.dtype == torch.long else "plain"
-        out = super().forward(x + 1e-3 * torch.randn_like(x))
+        out = super().forward(x + noise * torch.randn_like(x))
         if labels is not None:
             smoothing = 0.1 if self.loss_kind == "smoothed" else 0.0
             out["loss"] = torch.nn.functional.cross_entropy(
@@ -295,7 +295,7 @@ def test_a_forward_that_sets_an_attribute_on_its_first_call_compiles_the_step_on
 def test_the_host_forward_moves_no_generator_and_runs_once_per_kind_of_batch():
     """The first-call forward draws its noise inside a forked RNG: the global generator and the
     state's RNG stay where the eager step leaves them and the steps stay bitwise equal. It runs
-    once per batch structure and dtypes, not per batch size."""
+    once per batch structure and dtypes, not per batch size or per value of a number."""
     fast = compile_step(mf.train_step, mode="inductor")
     eager, compiled = _first_call_state(), _first_call_state()
     forwards = {"eager": 0, "compiled": 0}
@@ -303,7 +303,8 @@ def test_the_host_forward_moves_no_generator_and_runs_once_per_kind_of_batch():
         state.module.register_forward_hook(
             lambda *_, name=name: forwards.update({name: forwards[name] + 1})
         )
-    batches = [*make_batches(2, 16), *make_batches(2, 8)]
+    sizes = [*make_batches(2, 16), *make_batches(2, 8)]
+    batches = [{**batch, "noise": 1e-3 * (i + 1)} for i, batch in enumerate(sizes)]
     with torch.compiler.set_stance("force_eager"):
         for batch in batches:
             before = torch.get_rng_state()
