@@ -313,6 +313,8 @@ class _Inductor:
             self.grads_part = self._compile(grads_part, fullgraph=self.fullgraph)
         try:
             grads, loss, present = self.grads_part(trees, batch)
+        except torch._dynamo.exc.RecompileError:
+            raise
         except torch._dynamo.exc.TorchDynamoException as e:
             raise ConfigError(
                 "torch.compile could not capture the model's forward/backward as one graph "
@@ -345,6 +347,8 @@ class _Inductor:
         if self.fullgraph and self.stats.whole_step_compiled is not False:
             try:
                 out = self._whole(apply, window)(trees, batch)
+            except torch._dynamo.exc.RecompileError:
+                raise  # the user asked for an error on recompiles (error_on_recompile)
             except torch._dynamo.exc.TorchDynamoException as e:
                 self.stats.whole_step_compiled = False
                 warnings.warn(

@@ -292,6 +292,19 @@ def test_a_forward_that_sets_an_attribute_on_its_first_call_compiles_the_step_on
     _compare_with_eager(runs)
 
 
+@pytest.mark.slow
+def test_error_on_recompile_is_raised_not_turned_into_the_split_fallback():
+    """A user who sets dynamo's ``error_on_recompile`` gets the error at the recompile (a new
+    batch size), not a warning and a quiet switch to the eager optimizer update."""
+    fast = compile_step(mf.train_step, mode="inductor")
+    state = _state()
+    state, _ = fast(state, make_batches(1, 16)[0])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        with pytest.raises(torch._dynamo.exc.RecompileError):
+            fast(state, make_batches(1, 8)[0])
+    assert fast.stats.whole_step_compiled is True
+
+
 def test_the_host_forward_moves_no_generator_and_runs_once_per_kind_of_batch():
     """The first-call forward draws its noise inside a forked RNG: the global generator and the
     state's RNG stay where the eager step leaves them and the steps stay bitwise equal. It runs
