@@ -432,23 +432,49 @@ def test_a_parameter_replaced_on_the_module_is_not_taken_for_the_states_own():
     assert_trees_equal(after.params, expected.params)
 
 
+_RESIDENT_SET_SCRIPT = """
+import sys
+import torch
+from conftest import TinyClassifier, make_batches
+import medfunc as mf
+
+def resident_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+
+torch.manual_seed(0)
+torch.set_num_threads(1)
+tx = mf.optim.chain(mf.optim.clip_by_global_norm(1.0), mf.optim.adamw(1e-3))
+state = mf.init_state(TinyClassifier(dropout=0.1), tx)
+batch = make_batches(1)[0]
+samples = []
+for i in range(1, 6_001):
+    state, metrics = mf.train_step(state, batch, donate=True)
+    if i % 1_000 == 0:
+        samples.append(resident_kib())
+print(int(state.step), *samples)
+"""
+
+
 @pytest.mark.slow
 def test_eager_donated_steps_do_not_grow_memory():
-    """5,000 eager steps keep the resident set flat (a leak of 200 bytes a step would add
-    1 MB). RSS, not tracemalloc: torch frees tensor objects past tracemalloc's hooks, which
-    then reports growth that the process never has."""
+    """Eager donated steps keep the resident set flat: a fresh process (its heap not shaped by
+    other tests) samples its RSS every 1,000 steps; from the first sample on it may not grow
+    by 1 MB over 5,000 steps (a leak of 200 bytes a step would). RSS, not tracemalloc: torch
+    frees tensor objects past tracemalloc's hooks, which then reports growth that the
+    process never has."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    def resident_kib() -> int:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
-
-    tx = mf.optim.chain(mf.optim.clip_by_global_norm(1.0), mf.optim.adamw(1e-3))
-    state = mf.init_state(_model(dropout=0.1), tx)
-    batch = make_batches(1)[0]
-    for _ in range(1_000):
-        state, metrics = mf.train_step(state, batch, donate=True)
-    before = resident_kib()
-    for _ in range(5_000):
-        state, metrics = mf.train_step(state, batch, donate=True)
-    assert int(state.step) == 6_000
-    assert resident_kib() - before < 1024
+    done = subprocess.run(
+        [sys.executable, "-c", _RESIDENT_SET_SCRIPT],
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    step, *samples = (int(v) for v in done.stdout.split())
+    assert step == 6_000 and len(samples) == 6
+    assert samples[-1] - samples[0] < 1024, samples
