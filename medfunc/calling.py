@@ -181,7 +181,8 @@ def extract_loss(outputs: Any, batch: Any, loss_fn: Any = None) -> torch.Tensor:
         )
     if not loss.is_floating_point():
         raise LossError(f"{source} must be floating point, got dtype {loss.dtype}")
-    return loss.reshape(())
+    # a 0-d loss is returned as is: a reshape would add a view (and its backward node) per step
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 class _Applied(torch.nn.Module):

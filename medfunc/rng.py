@@ -19,6 +19,8 @@ from collections.abc import Iterator
 import torch
 
 _MASK64 = (1 << 64) - 1
+# Added to ``[key, counter]`` to advance the counter: one tensor op instead of a host round trip.
+_NEXT = torch.tensor([0, 1], dtype=torch.int64)
 
 
 def step_seed(rng: torch.Tensor) -> int:
@@ -39,17 +41,28 @@ def step_seed(rng: torch.Tensor) -> int:
 
 @contextlib.contextmanager
 def seeded_rng(rng: torch.Tensor, device: torch.device) -> Iterator[None]:
-    """Run the block with the CPU (and ``device``'s) RNG seeded from ``rng``; restore it after."""
-    devices = [device.index or 0] if device.type == "cuda" else []
+    """Run the block with the CPU (and ``device``'s) RNG seeded from ``rng``; restore it after.
+
+    What ``torch.random.fork_rng`` does for these generators, without its per-call checks:
+    each generator's state is saved with ``get_state`` and put back with ``set_state`` (the
+    same state tensors ``fork_rng`` saves and restores), so the caller's RNG and the block's
+    random numbers are bitwise those of the forked version.
+    """
+    generators = [torch.default_generator]
+    if device.type == "cuda":
+        torch.cuda.init()  # a no-op once CUDA is up; fills ``default_generators``
+        generators.append(torch.cuda.default_generators[device.index or 0])
     seed = step_seed(rng)
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        torch.default_generator.manual_seed(seed)
-        for index in devices:
-            torch.cuda.default_generators[index].manual_seed(seed)
+    saved = [g.get_state() for g in generators]
+    try:
+        for g in generators:
+            g.manual_seed(seed)
         yield
+    finally:
+        for g, state in zip(generators, saved):
+            g.set_state(state)
 
 
 def next_rng(rng: torch.Tensor) -> torch.Tensor:
     """The state RNG after one step: ``[key, counter + 1]`` (a CPU int64 tensor)."""
-    key, counter = (int(v) for v in rng.tolist())
-    return torch.tensor([key, counter + 1], dtype=torch.int64)
+    return rng + _NEXT

@@ -152,7 +152,11 @@ class TrainState:
     )
 
     def __post_init__(self) -> None:
-        _LIVE_STATES.setdefault(self.module, weakref.WeakSet()).add(self)
+        module = object.__getattribute__(self, "module")
+        live = _LIVE_STATES.get(module)
+        if live is None:
+            live = _LIVE_STATES[module] = weakref.WeakSet()
+        live.add(self)
 
     def __getattribute__(self, name: str) -> Any:
         if name in LEAF_FIELDS and object.__getattribute__(self, "_liveness").consumed:
@@ -186,7 +190,18 @@ class TrainState:
             5
         """
         self.check_alive()
-        return dataclasses.replace(self, **changes)
+        if not changes.keys() <= _INIT_FIELDS:
+            return dataclasses.replace(self, **changes)  # raises its error for the unknown name
+        # What dataclasses.replace does (every init field from self or ``changes``, a fresh
+        # liveness flag, __post_init__), without its per-call field walk and frozen __init__: a
+        # step builds one state per call.
+        new = object.__new__(type(self))
+        values = new.__dict__
+        values.update(vars(self))
+        values.update(changes)
+        values["_liveness"] = _Liveness()
+        new.__post_init__()
+        return new
 
     @property
     def trainable(self) -> tuple[str, ...]:
@@ -200,6 +215,33 @@ class TrainState:
     def device(self) -> torch.device:
         """The device of the state's step counter (and of its parameters)."""
         return self.step.device
+
+
+_INIT_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainState) if f.init)
+
+
+def fields_of(state: TrainState) -> dict[str, Any]:
+    """The state's fields by name after one liveness check (read-only use).
+
+    Each attribute read of a state checks that it was not donated; a step reads many fields
+    and checks once here instead.
+
+    Args:
+        state: the state.
+
+    Returns:
+        The state's own field dict (do not modify it).
+
+    Raises:
+        ConsumedStateError: the state was donated to a step.
+
+    Example:
+        >>> state = init_state(torch.nn.Linear(4, 2), mf.optim.sgd(0.1))
+        >>> fields_of(state)["accumulate_steps"]
+        1
+    """
+    state.check_alive()
+    return vars(state)
 
 
 def _flatten(state: TrainState) -> tuple[tuple, tuple, tuple[str, ...]]:

@@ -50,7 +50,7 @@ from medfunc.errors import ConfigError, LossError
 from medfunc.optim import UpdateContext
 from medfunc.precision import autocast, unscale_and_check, update_scale
 from medfunc.rng import next_rng, seeded_rng
-from medfunc.state import AccumState, GradPath, TrainState, tree_map
+from medfunc.state import AccumState, GradPath, TrainState, fields_of, tree_map
 
 
 class StepStatic(NamedTuple):
@@ -83,37 +83,40 @@ class StepTrees(NamedTuple):
 
 def static_of(state: TrainState) -> StepStatic:
     """The static half of ``state`` (what a compiled step is specialised on)."""
+    f = fields_of(state)
+    names = f["trainable_names"]
     return StepStatic(
-        state.module,
-        state.tx,
-        state.loss_fn,
-        state.policy,
-        state.accumulate_steps,
-        state.grad_path,
-        state.trainable,
-        state.device,
-        state.apply_fn,
-        state.ema_decay,
+        f["module"],
+        f["tx"],
+        f["loss_fn"],
+        f["policy"],
+        f["accumulate_steps"],
+        f["grad_path"],
+        names if names is not None else state.trainable,
+        f["step"].device,
+        f["apply_fn"],
+        f["ema_decay"],
     )
 
 
 def trees_of(state: TrainState, *, copy: bool) -> StepTrees:
     """The state's device tensors; with ``copy`` every tensor a step writes is cloned first."""
     own = (lambda tree: tree_map(torch.clone, tree)) if copy else (lambda tree: tree)
-    params = OrderedDict(state.params)
+    f = fields_of(state)
+    params = OrderedDict(f["params"])
     if copy:
         with torch.no_grad():
-            params.update((n, state.params[n].clone()) for n in state.trainable)
-    accum = state.accum
+            params.update((n, f["params"][n].clone()) for n in state.trainable)
+    accum = f["accum"]
     return StepTrees(
         params=params,
-        buffers=own(state.buffers),
-        opt_state=own(state.opt_state),
-        loss_scale=own(state.loss_scale),
-        step=state.step,
+        buffers=own(f["buffers"]),
+        opt_state=own(f["opt_state"]),
+        loss_scale=own(f["loss_scale"]),
+        step=f["step"],
         accum_grads=OrderedDict(own(accum.grads)) if accum else (),
         loss_sum=own(accum.loss_sum) if accum else (),
-        ema=own(state.ema),
+        ema=own(f["ema"]),
     )
 
 
@@ -182,6 +185,8 @@ def _own_parameters(static: StepStatic, trees: StepTrees) -> list[torch.Tensor] 
             return None
         for name, value in values.items():
             tensor = own.get(name)
+            if tensor is value:
+                continue  # the module's own tensor (what a donated step hands back)
             if tensor is None or tensor.data_ptr() != value.data_ptr():
                 return None
             if tensor.shape != value.shape:
@@ -343,8 +348,14 @@ def apply_update(
         found_inf = unscale_and_check(grads, loss_scale)
     present = [g for g in grads if g is not None]
     grad_norm = _total_norm(present) if present else torch.zeros((), device=device)
-    if not loss_scale:
-        found_inf = (~torch.isfinite(grad_norm)).float()
+    if loss_scale:
+        applied, skipped = found_inf == 0, found_inf > 0
+    else:
+        # ``x - x`` is exactly 0 for a finite x and NaN for inf or NaN: two ops where isfinite
+        # takes five (abs, compares, mul); the flags equal ``found_inf == 0`` / ``> 0``
+        applied = (grad_norm - grad_norm) == 0
+        skipped = ~applied
+        found_inf = skipped.float()
     ctx = UpdateContext(step=trees.step, found_inf=found_inf, grad_norm=grad_norm, metrics={})
     trainable = OrderedDict((n, trees.params[n]) for n in names)
     with torch.no_grad():
@@ -353,7 +364,7 @@ def apply_update(
         )
     params = OrderedDict(trees.params)
     params.update(trainable)
-    step = trees.step + (found_inf == 0)  # int64 + bool stays int64
+    step = trees.step + applied  # int64 + bool stays int64
     if trees.ema:
         update_ema(trees.ema, params, found_inf, static.ema_decay)
     if loss_scale:
@@ -365,7 +376,7 @@ def apply_update(
         "loss": loss,
         "grad_norm": grad_norm,
         "lr": _lr_metric(ctx, device),
-        "skipped": found_inf > 0,
+        "skipped": skipped,
         "applied": torch.ones((), dtype=torch.bool, device=device),
     }
     if loss_scale:
@@ -433,7 +444,8 @@ def finish_step(
     """The host-side end of a step: the window's mean loss, the RNG counter, the accumulation
     counter and the window's used names (``window``, see :func:`next_window`), the new state;
     the given state is consumed when donated."""
-    k = state.accumulate_steps
+    f = fields_of(state)
+    k = f["accumulate_steps"]
     accum: AccumState | tuple = ()
     if k > 1:
         metrics["loss"] = metrics["loss"] / (count + 1)
@@ -445,7 +457,7 @@ def finish_step(
         opt_state=trees.opt_state,
         loss_scale=trees.loss_scale,
         step=trees.step,
-        rng=next_rng(state.rng),
+        rng=next_rng(f["rng"]),
         accum=accum,
         ema=trees.ema,
     )

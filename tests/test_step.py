@@ -478,3 +478,44 @@ def test_eager_donated_steps_do_not_grow_memory():
     step, *samples = (int(v) for v in done.stdout.split())
     assert step == 6_000 and len(samples) == 6
     assert samples[-1] - samples[0] < 1024, samples
+
+
+def test_the_step_rng_seeds_from_the_state_and_restores_the_callers_generator_on_error():
+    from medfunc.rng import next_rng, seeded_rng
+
+    rng = torch.tensor([1, 2])
+    expected = torch.rand(3, generator=torch.Generator().manual_seed(step_seed(rng)))
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    with seeded_rng(rng, torch.device("cpu")):
+        assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(torch.get_rng_state(), before)
+    with pytest.raises(RuntimeError, match="boom"):
+        with seeded_rng(rng, torch.device("cpu")):
+            torch.rand(3)
+            raise RuntimeError("boom")
+    assert torch.equal(torch.get_rng_state(), before)
+    advanced = next_rng(rng)
+    assert advanced.tolist() == [1, 3] and rng.tolist() == [1, 2]
+    assert advanced.dtype == torch.int64
+
+
+def test_the_state_a_donated_step_returns_is_live_and_guards_its_storage():
+    model = _model()
+    state = mf.init_state(model, mf.optim.adamw(1e-2))
+    new, _ = mf.train_step(state, make_batches(1)[0], donate=True)
+    assert state.consumed and not new.consumed
+    assert new.params["fc1.weight"].data_ptr() == model.fc1.weight.data_ptr()
+    # the new state is registered as holding the module's storage: a second init_state copies
+    other = mf.init_state(model, mf.optim.adamw(1e-2))
+    assert other.params["fc1.weight"].data_ptr() != model.fc1.weight.data_ptr()
+    with pytest.raises(TypeError, match="no_such_field"):
+        new.replace(no_such_field=1)
+
+
+def test_a_zero_dim_loss_is_differentiated_as_returned():
+    from medfunc.calling import extract_loss
+
+    loss = torch.tensor(0.5, requires_grad=True) * 2
+    assert extract_loss({"loss": loss}, {}) is loss
+    assert extract_loss({"loss": loss.reshape(1)}, {}).shape == ()
