@@ -89,7 +89,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-_ORIGINAL_CONFIG = '''
+_ORIGINAL_CONFIG = """
 import dataclasses
 from typing import Any, Optional
 
@@ -105,7 +105,7 @@ class TrainerConfig:
     activation_recompute_patterns: list = dataclasses.field(
         default_factory=lambda: ["attention", "conv3d"]
     )
-'''
+"""
 
 
 def save_like_the_original(folder, path, payload: dict, **config_fields) -> None:

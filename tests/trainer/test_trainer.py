@@ -284,9 +284,7 @@ def test_final_weights_are_saved_as_safetensors(tmp_path):
         assert torch.equal(saved[name], value), name
 
 
-def test_a_failed_export_is_recorded_and_keeps_the_training_outputs(
-    tmp_path, caplog, monkeypatch
-):
+def test_a_failed_export_is_recorded_and_keeps_the_training_outputs(tmp_path, caplog, monkeypatch):
     def failing_export(*args, **kwargs):
         raise RuntimeError("exporter failed")
 
