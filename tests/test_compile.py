@@ -171,6 +171,23 @@ def test_inductor_fp16_loss_scaling_matches_eager_including_skipped_steps():
     assert fast.stats.compiles == 1
 
 
+def test_inductor_fp32_skips_a_non_finite_step_as_eager_does():
+    """Without loss scaling the skip flag comes from the gradient norm (``norm - norm == 0``);
+    the compiled graph must keep that arithmetic (no algebraic folding to 0) and skip the
+    non-finite step, as the eager step does."""
+    batches = make_batches(5, batch_size=16)
+    batches[2] = _inject_nonfinite(batches[2])
+    fast = compile_step(mf.train_step, mode="inductor")
+    runs, _ = _run_both("fp32", batches, fast)
+    skipped = []
+    for (eager, me), (compiled, mc) in zip(runs["eager"], runs["compiled"]):
+        assert_trees_equal(mc["skipped"], me["skipped"])
+        assert_trees_equal(compiled["step"], eager["step"])
+        assert torch.isfinite(torch.cat([p.flatten() for p in compiled["params"].values()])).all()
+        skipped.append(bool(mc["skipped"]))
+    assert skipped == [i == 2 for i in range(5)]
+
+
 @pytest.mark.parametrize(("precision", "accumulate_steps"), [("fp32", 1), ("fp16", 3)])
 def test_compiled_wrapper_run_eagerly_is_bitwise_train_step(precision, accumulate_steps):
     """The step core compile_step compiles and captures, run without compiling
