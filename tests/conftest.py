@@ -89,6 +89,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun_command(script: str | os.PathLike, *args: str) -> list[str]:
+    """The command line running ``script`` with ``args`` on 2 local ranks under torchrun (on a
+    free port)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(script),
+        *args,
+    ]
+
+
 _ORIGINAL_CONFIG = """
 import dataclasses
 from typing import Any, Optional

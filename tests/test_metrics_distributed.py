@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyClassifier, free_port
+from conftest import TinyClassifier, torchrun_command
 from torch import nn
 
 import medfunc as mf
@@ -67,14 +66,7 @@ def evaluate_share(rank: int, world: int) -> dict:
 
 @pytest.mark.slow
 def test_two_ranks_get_the_metrics_of_the_whole_set(tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(SCRIPT),
-    ]
+    command = torchrun_command(SCRIPT)
     env = dict(os.environ, MEDFUNC_TEST_OUT=str(tmp_path), OMP_NUM_THREADS="1")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import torchrun_command
 from torch import nn
 
 import medfunc as mf
@@ -451,18 +451,9 @@ def _ddp_worker(out: Path) -> None:
 
 @pytest.mark.slow
 def test_ddp_and_fsdp_equal_torch_and_ranks_agree_on_the_set_of_gradients(tmp_path):
-    port = free_port()
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
-        __file__,
-        str(tmp_path),
-    ]
+    command = torchrun_command(__file__, str(tmp_path))
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-4000:]
     initial = _model().never.weight.detach()

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "tests" / "distributed" / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from dist_common import free_port, stop_launch  # noqa: E402
+from dist_common import stop_launch, torchrun_command  # noqa: E402
 
 TIMEOUT_S = 5
 LAUNCH_TIMEOUT_S = 240
@@ -84,14 +84,7 @@ def test_deepspeed_hung_peer_fails_within_the_configured_timeout(tmp_path):
         MEDFUNC_TEST_OUT=str(tmp_path),
         MEDFUNC_DIST_TIMEOUT_S=str(TIMEOUT_S),
     )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(SCRIPTS / "timeout_worker.py"),
-    ]
+    command = torchrun_command(SCRIPTS / "timeout_worker.py")
     launcher = subprocess.Popen(
         command,
         cwd=SCRIPTS,

@@ -34,6 +34,7 @@ from dist_common import (  # noqa: E402
     make_tx,
     reference_run,
     stop_launch,
+    torchrun_command,
 )
 
 # Two ranks on halves of each batch against one process on the whole batch (fp32, CPU): the
@@ -49,15 +50,7 @@ def _env(out: Path, **extra: str) -> dict:
 
 
 def _torchrun(script: str, out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(SCRIPTS / script),
-        *args,
-    ]
+    command = torchrun_command(SCRIPTS / script, *args)
     return subprocess.run(
         command,
         cwd=SCRIPTS,
@@ -351,20 +344,15 @@ def test_failed_rank_makes_the_other_raise_distributed_error(tmp_path, how):
 @pytest.mark.slow
 def test_example_script_trains_under_torchrun_and_writes_a_restorable_checkpoint(tmp_path):
     example = ROOT / "examples" / "distributed_train.py"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(example),
+    command = torchrun_command(
+        example,
         "--mode",
         "ddp",
         "--epochs",
         "2",
         "--out",
         str(tmp_path),
-    ]
+    )
     done = subprocess.run(
         command,
         cwd=tmp_path,

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyClassifier, free_port
+from conftest import TinyClassifier, torchrun_command
 from safetensors.torch import load_file
 
 from medfunc.recipes.base import TensorDictDataset
@@ -92,14 +91,7 @@ def test_two_process_training_writes_once_and_reduces_metrics_over_all_ranks(
     script.write_text(SCRIPT.format(tests=str(ROOT / "tests"), options=options, out=str(out)))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            str(script),
-        ],
+        torchrun_command(script),
         cwd=tmp_path,
         env=env,
         capture_output=True,

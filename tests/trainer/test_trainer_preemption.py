@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import torchrun_command
 
 import medfunc as mf
 from medfunc.checkpoint import read_checkpoint
@@ -280,8 +280,7 @@ def test_the_cli_exits_with_143_on_sigterm_and_names_the_checkpoint(tmp_path):
 
 def _torchrun(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-        + [f"--master_port={free_port()}", str(WORKER), str(out), *extra],
+        torchrun_command(WORKER, str(out), *extra),
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -15,7 +15,7 @@ from torch import nn
 import medfunc as mf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, for conftest
-from conftest import end_worker, free_port  # noqa: E402, F401 - re-exported for workers/tests
+from conftest import end_worker, free_port, torchrun_command  # noqa: E402, F401 - re-exported
 
 STEPS = 10
 BATCH = 8
