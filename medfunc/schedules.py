@@ -11,6 +11,12 @@ host (no ``.item()``, no Python branch on a tensor value), so they run inside ``
 changes. Every schedule reproduces the learning rates of its ``torch.optim.lr_scheduler``
 counterpart (see ``docs/schedules.md``); the test-suite checks this against the real schedulers.
 
+Each schedule here is one formula that runs on two kinds of numbers: float64 tensors (the
+call above) and Python floats (:meth:`HostSchedule.at_host`), with the same IEEE operations in
+the same order, so both give bitwise the same value. An eager step on the CPU reads its
+counter for free and takes the host form (:func:`value_now`): a few float operations instead of
+a dozen tensor ops per step.
+
 Negative steps are treated as step 0.
 """
 
@@ -28,6 +34,7 @@ from medfunc.errors import ConfigError
 
 __all__ = [
     "ANNEAL_STRATEGIES",
+    "HostSchedule",
     "SCHEDULES",
     "SCHEDULE_NAMES",
     "Schedule",
@@ -38,6 +45,7 @@ __all__ = [
     "one_cycle",
     "one_cycle_momentum",
     "step",
+    "value_now",
 ]
 
 Schedule = Callable[[int | torch.Tensor], torch.Tensor]
@@ -69,8 +77,122 @@ def _as_step(step: int | torch.Tensor) -> torch.Tensor:
     return torch.tensor(max(int(step), 0), dtype=torch.int64)
 
 
-def _as_f64(step: int | torch.Tensor) -> torch.Tensor:
-    return _as_step(step).to(torch.float64)
+class _TensorMath:
+    """The operations of a schedule's formula on a (float64 or integer) tensor step."""
+
+    where = staticmethod(torch.where)
+    cos = staticmethod(torch.cos)
+
+    @staticmethod
+    def f64(step: torch.Tensor) -> torch.Tensor:
+        return step.to(torch.float64)
+
+    @staticmethod
+    def full(step: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.full_like(step, value, dtype=torch.float64)
+
+    @staticmethod
+    def clamp(x: torch.Tensor, low: float | None = None, high: float | None = None) -> torch.Tensor:
+        return torch.clamp(x, min=low, max=high)
+
+    @staticmethod
+    def floor_div(step: torch.Tensor, size: int) -> torch.Tensor:
+        return torch.div(step, size, rounding_mode="floor")
+
+    @staticmethod
+    def pow(base: float, exponent: torch.Tensor) -> torch.Tensor:
+        return torch.pow(base, exponent)
+
+
+class _HostMath:
+    """The same operations on a Python int step and Python floats (IEEE float64 alike)."""
+
+    cos = staticmethod(math.cos)
+
+    @staticmethod
+    def where(cond: bool, a: float, b: float) -> float:
+        return a if cond else b
+
+    @staticmethod
+    def f64(step: int) -> float:
+        return float(step)
+
+    @staticmethod
+    def full(step: int, value: float) -> float:
+        return value
+
+    @staticmethod
+    def clamp(x: float, low: float | None = None, high: float | None = None) -> float:
+        if low is not None and x < low:
+            x = low
+        if high is not None and x > high:
+            x = high
+        return x
+
+    @staticmethod
+    def floor_div(step: int, size: int) -> int:
+        return step // size
+
+    @staticmethod
+    def pow(base: float, exponent: float) -> float:
+        return base**exponent
+
+
+class HostSchedule:
+    """A schedule whose formula also runs on the host: ``schedule(step) -> Tensor`` as every
+    schedule, plus :meth:`at_host` (``int -> float``, bitwise the tensor's value).
+
+    Args:
+        formula: ``formula(step, m)`` with ``step`` a non-negative integer tensor or int and
+            ``m`` the math of that kind of number (``where``, ``cos``, ``clamp``, ...).
+        name: the factory's name (for ``repr``).
+
+    Example:
+        >>> sched = linear_warmup(1e-3, warmup_steps=10, total_steps=110)
+        >>> sched.at_host(5) == sched(5).item()
+        True
+    """
+
+    def __init__(self, formula: Callable[[Any, Any], Any], name: str) -> None:
+        self._formula = formula
+        self._name = name
+
+    def __call__(self, step: int | torch.Tensor) -> torch.Tensor:
+        return self._formula(_as_step(step), _TensorMath)
+
+    def at_host(self, step: int) -> float:
+        """The value at a Python int ``step`` as a Python float, without tensor ops."""
+        return self._formula(max(step, 0), _HostMath)
+
+    def __repr__(self) -> str:
+        return f"<medfunc schedule {self._name}>"
+
+
+def value_now(schedule: Callable, step: torch.Tensor) -> float | torch.Tensor:
+    """``schedule`` at the state's ``step`` counter, as cheaply as exactness allows.
+
+    A :class:`HostSchedule` at a CPU counter outside ``torch.compile`` is evaluated on the host
+    (reading a CPU tensor is no device sync) and returns a Python float; anything else returns
+    the schedule's tensor (on accelerators and while tracing nothing is read back).
+
+    Args:
+        schedule: a schedule ``step -> tensor`` (any callable of that kind).
+        step: the 0-d integer step counter.
+
+    Returns:
+        A Python float, or the schedule's tensor (a float64 tensor for a non-tensor result).
+
+    Example:
+        >>> value_now(linear_warmup(1e-3, 10, 110), torch.tensor(5))
+        0.0005
+    """
+    host = getattr(schedule, "at_host", None)
+    if host is not None and step.device.type == "cpu" and not torch.compiler.is_compiling():
+        return host(int(step))
+    out = schedule(step)
+    if not isinstance(out, torch.Tensor):
+        out = torch.tensor(float(out), dtype=torch.float64, device=step.device)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,10 +216,7 @@ def constant(lr: float) -> Schedule:
     """
     value = validation.non_negative_float("lr", lr)
 
-    def schedule(step: int | torch.Tensor) -> torch.Tensor:
-        return torch.full_like(_as_step(step), value, dtype=torch.float64)
-
-    return schedule
+    return HostSchedule(lambda step, m: m.full(step, value), "constant")
 
 
 def linear_warmup(peak: float, warmup_steps: int, total_steps: int) -> Schedule:
@@ -138,13 +257,13 @@ def linear_warmup(peak: float, warmup_steps: int, total_steps: int) -> Schedule:
     warm_f = float(warmup)
     total_f = float(total)
 
-    def schedule(step: int | torch.Tensor) -> torch.Tensor:
-        s = _as_f64(step)
+    def formula(step: Any, m: Any) -> Any:
+        s = m.f64(step)
         warming = s / warm_div
-        decaying = torch.clamp((total_f - s) / decay_div, min=0.0)
-        return peak_f * torch.where(s < warm_f, warming, decaying)
+        decaying = m.clamp((total_f - s) / decay_div, low=0.0)
+        return peak_f * m.where(s < warm_f, warming, decaying)
 
-    return schedule
+    return HostSchedule(formula, "linear_warmup")
 
 
 def step(lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
@@ -169,11 +288,10 @@ def step(lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
     size = validation.positive_int("step_size", step_size)
     gamma_f = validation.non_negative_float("gamma", gamma)
 
-    def schedule(step: int | torch.Tensor) -> torch.Tensor:
-        k = torch.div(_as_step(step), size, rounding_mode="floor").to(torch.float64)
-        return lr_f * torch.pow(gamma_f, k)
+    def formula(step: Any, m: Any) -> Any:
+        return lr_f * m.pow(gamma_f, m.f64(m.floor_div(step, size)))
 
-    return schedule
+    return HostSchedule(formula, "step")
 
 
 def cosine(lr: float, t_max: int, eta_min: float = 0.0) -> Schedule:
@@ -201,11 +319,10 @@ def cosine(lr: float, t_max: int, eta_min: float = 0.0) -> Schedule:
     t = validation.positive_int("t_max", t_max)
     eta = validation.non_negative_float("eta_min", eta_min)
 
-    def schedule(step: int | torch.Tensor) -> torch.Tensor:
-        s = _as_f64(step)
-        return eta + (lr_f - eta) * (1 + torch.cos(math.pi * s / t)) / 2
+    def formula(step: Any, m: Any) -> Any:
+        return eta + (lr_f - eta) * (1 + m.cos(math.pi * m.f64(step) / t)) / 2
 
-    return schedule
+    return HostSchedule(formula, "cosine")
 
 
 def _one_cycle_phases(
@@ -240,29 +357,29 @@ def _one_cycle(
     last = float(total_steps - 1)
     cos = anneal_strategy == "cos"
 
-    def anneal(s: torch.Tensor, phase: tuple[float, float, float], ends: tuple[float, float]):
+    def anneal(s: Any, m: Any, phase: tuple[float, float, float], ends: tuple[float, float]):
         start_step, _, denom = phase
         begin, finish = ends
         if denom == 0:
             # A phase of zero length (e.g. pct_start * total_steps == 1): OneCycleLR divides by
             # zero there; the phase is over, so its end value applies.
-            pct = torch.ones_like(s)
+            pct = m.full(s, 1.0)
         else:
             pct = (s - start_step) / denom
         if cos:
-            return finish + (begin - finish) / 2.0 * (torch.cos(math.pi * pct) + 1)
+            return finish + (begin - finish) / 2.0 * (m.cos(math.pi * pct) + 1)
         return (finish - begin) * pct + begin
 
-    def schedule(step: int | torch.Tensor) -> torch.Tensor:
+    def formula(step: Any, m: Any) -> Any:
         # Steps 0 .. total_steps - 1 are those an optimizer uses in a total_steps-long run; later
         # steps keep the final value (OneCycleLR extrapolates one more step, then raises).
-        s = torch.clamp(_as_f64(step), max=last)
-        out = anneal(s, phases[-1], values[-1])
+        s = m.clamp(m.f64(step), high=last)
+        out = anneal(s, m, phases[-1], values[-1])
         for i in range(len(phases) - 2, -1, -1):
-            out = torch.where(s <= phases[i][1], anneal(s, phases[i], values[i]), out)
+            out = m.where(s <= phases[i][1], anneal(s, m, phases[i], values[i]), out)
         return out
 
-    return schedule
+    return HostSchedule(formula, "one_cycle")
 
 
 def one_cycle(

@@ -406,3 +406,58 @@ def test_validation_errors(factory: Callable, kwargs: dict, text: str) -> None:
 def test_get_schedule_validates_values() -> None:
     with pytest.raises(ConfigError, match=re.escape("-0.5")):
         schedules.get_schedule("one_cycle", max_lr=-0.5, total_steps=10)
+
+
+# --------------------------------------------------------------------------------------------
+# the host form: the same formula on Python floats, bitwise the tensor's value
+# --------------------------------------------------------------------------------------------
+
+HOST_CASES = {
+    **ALL_SCHEDULES,
+    "linear_warmup_no_warmup": schedules.linear_warmup(3e-4, 0, 7),
+    "step_gamma": schedules.step(0.3, 3, 0.7),
+    "cosine_no_floor": schedules.cosine(1.0, 7),
+    "one_cycle_linear": schedules.one_cycle(0.1, 50, anneal_strategy="linear"),
+    "one_cycle_three_phase": schedules.one_cycle(0.1, 57, three_phase=True),
+    "one_cycle_zero_phase": schedules.one_cycle(0.5, 10, pct_start=0.1),
+    "one_cycle_momentum_linear_three": schedules.one_cycle_momentum(
+        33, three_phase=True, anneal_strategy="linear"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOST_CASES))
+def test_host_form_is_bitwise_the_tensor_value(name: str) -> None:
+    sched = HOST_CASES[name]
+    for n in range(-2, 130):
+        host = sched.at_host(n)
+        assert isinstance(host, float)
+        tensor = sched(torch.tensor(n)).item()
+        assert host.hex() == tensor.hex(), (n, host, tensor)
+
+
+def test_value_now_reads_a_cpu_counter_on_the_host() -> None:
+    sched = schedules.cosine(0.1, 20, 1e-4)
+    got = schedules.value_now(sched, torch.tensor(7))
+    assert isinstance(got, float) and got == sched(7).item()
+
+
+def test_value_now_keeps_tensors_off_the_cpu_and_for_plain_callables() -> None:
+    sched = schedules.cosine(0.1, 20, 1e-4)
+    meta = schedules.value_now(sched, torch.tensor(7, device="meta"))
+    assert isinstance(meta, torch.Tensor) and meta.device.type == "meta"
+    plain = schedules.value_now(lambda step: step * 0.5, torch.tensor(4))
+    assert isinstance(plain, torch.Tensor) and plain.item() == 2.0
+    number = schedules.value_now(lambda step: 0.25, torch.tensor(4))
+    assert number.dtype == torch.float64 and number.item() == 0.25
+
+
+def test_value_now_keeps_the_tensor_form_while_compiling() -> None:
+    sched = schedules.linear_warmup(1e-3, 10, 110)
+
+    def lr(step: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(schedules.value_now(sched, step)) * 2
+
+    compiled = torch.compile(lr, backend="eager", fullgraph=True)
+    for n in (0, 5, 60):
+        assert compiled(torch.tensor(n)).item() == sched(n).item() * 2

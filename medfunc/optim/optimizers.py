@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from medfunc import validation
+from medfunc import schedules, validation
 from medfunc.errors import ConfigError
 from medfunc.optim import kernels
 from medfunc.optim.base import GradientTransformation, Grads, Params, UpdateContext
@@ -228,22 +228,18 @@ def _checked_lr(lr: Any) -> LearningRate:
 
 def _base_lr(spec: OptimizerSpec, step: Tensor) -> tuple[float | Tensor, Tensor]:
     """The base LR for the kernels (float or tensor) and its 0-d tensor for metrics."""
-    if not callable(spec.lr):
-        return spec.lr, torch.full((), spec.lr, dtype=torch.float64, device=step.device)
-    lr = spec.lr(step)
-    if not isinstance(lr, Tensor):
-        lr = torch.tensor(float(lr), dtype=torch.float64, device=step.device)
-    return lr, lr
+    lr = _now(spec.lr, step)
+    if isinstance(lr, Tensor):
+        return lr, lr
+    return lr, torch.full((), lr, dtype=torch.float64, device=step.device)
 
 
-def _momentum_now(value: Momentum, step: Tensor) -> float | Tensor:
-    """A constant momentum / beta1, or its schedule at ``step`` (a 0-d tensor, no host read)."""
+def _now(value: Momentum, step: Tensor) -> float | Tensor:
+    """A constant (an LR, momentum or beta1), or its schedule at ``step``: a Python float when
+    reading it costs nothing (:func:`~medfunc.schedules.value_now`), else a 0-d tensor."""
     if not callable(value):
         return value
-    out = value(step)
-    if not isinstance(out, Tensor):
-        out = torch.tensor(float(out), dtype=torch.float64, device=step.device)
-    return out
+    return schedules.value_now(value, step)
 
 
 def _group_lr(base: float | Tensor, mult: float) -> float | Tensor:
@@ -434,7 +430,7 @@ def _adam_family(
     def update(
         grads: Grads, state: AdamState, params: Params, ctx: UpdateContext
     ) -> tuple[Grads, Params, AdamState]:
-        beta1, beta2 = _momentum_now(spec.betas[0], ctx.step), spec.betas[1]
+        beta1, beta2 = _now(spec.betas[0], ctx.step), spec.betas[1]
 
         for names, ps, gs, group in _groups_with_grads(spec, grads, params, state.exp_avg, ctx):
             kernels.adam_step(
@@ -602,7 +598,7 @@ def sgd(
         grads: Grads, state: SGDState, params: Params, ctx: UpdateContext
     ) -> tuple[Grads, Params, SGDState]:
         position = {n: i for i, n in enumerate(params)}
-        momentum = _momentum_now(spec.momentum, ctx.step)
+        momentum = _now(spec.momentum, ctx.step)
 
         state_keys = state.momentum_buffer if spec.momentum else params
         for names, ps, gs, group in _groups_with_grads(spec, grads, params, state_keys, ctx):
