@@ -18,8 +18,9 @@ import warnings
 import zipfile
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -36,7 +37,14 @@ from medfunc.errors import (
     UnsafeCheckpointError,
 )
 
-__all__ = ["load_verified", "read_checkpoint", "read_payload", "validate_payload"]
+__all__ = [
+    "DeferredRecords",
+    "deferred_payload",
+    "load_verified",
+    "read_checkpoint",
+    "read_payload",
+    "validate_payload",
+]
 
 _REQUIRED = ("format_version", "model_state", "trainer_state")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -50,6 +58,9 @@ _TENSOR_RECORD = re.compile(r"[^/]+/data/[^/]+")
 # Storages read but not yet checksummed: a bound on the host memory held back for the check
 # when the tensors go to another device (on the CPU the storages are the result anyway).
 _PENDING_BYTES = 1 << 28
+# The checking pass of a deferred read (:func:`deferred_payload`) reads through this many
+# buffers of ``_READ_CHUNK`` bytes in turn, so reading and checksumming overlap.
+_CHECK_BUFFERS = 4
 
 
 def _corrupt(path: Path, reason: str) -> CheckpointCorruptError:
@@ -180,15 +191,25 @@ class _TensorReader:
     A mismatch raises :class:`_DamagedTensorData` (at the latest from :meth:`check`, which
     the reader calls before it returns anything).
 
+    With ``defer`` a mapped storage is kept untouched (none of its pages is read) and noted in
+    :attr:`deferred`; :meth:`check_deferred` then checks those records' bytes through a few
+    small buffers, and :class:`DeferredRecords` reads them wherever the caller wants them.
+
     Args:
         handle: the open checkpoint file.
         records: :func:`_tensor_records` of it.
         device: where the storages go.
         copy: read into fresh storages rather than keep the mapped ones.
+        defer: keep the mapped storages unread, to be checked by :meth:`check_deferred`.
     """
 
     def __init__(
-        self, handle: BinaryIO, records: dict[int, _Record], device: torch.device, copy: bool
+        self,
+        handle: BinaryIO,
+        records: dict[int, _Record],
+        device: torch.device,
+        copy: bool,
+        defer: bool = False,
     ) -> None:
         self.fd = handle.fileno()
         self.file = os.fstat(self.fd)
@@ -200,9 +221,14 @@ class _TensorReader:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-crc32")
         self.pending: deque[tuple[int, Future]] = deque()
         self.pending_bytes = 0
+        self.defer = defer
+        self.deferred: dict[int, tuple[int, _Record]] = {}
 
     def __call__(self, storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage:
         found = self._record_of(storage)
+        if found is not None and self.defer:
+            self.deferred[storage.data_ptr()] = found
+            return storage
         if found is not None and self.copy:
             storage = torch.UntypedStorage(found[1].size)
             self._read_into(_as_bytes(storage), *found)
@@ -252,6 +278,29 @@ class _TensorReader:
         """Wait for every checksum; raise :class:`_DamagedTensorData` at the first mismatch."""
         while self.pending:
             self._settle()
+
+    def check_deferred(self) -> None:
+        """Check the CRC-32 of every deferred record, reading it through :data:`_CHECK_BUFFERS`
+        buffers in turn (the checksum of one runs while the next is read); raise
+        :class:`_DamagedTensorData` at the first mismatch or short record."""
+        buffers = [memoryview(bytearray(_READ_CHUNK)) for _ in range(_CHECK_BUFFERS)]
+        in_flight: deque[Future] = deque()
+        used = 0
+        for offset, record in sorted(set(self.deferred.values())):
+            crc = _RunningCrc(record.size, record, self.unmatched)
+            for begin in range(0, record.size, _READ_CHUNK):
+                # The pool runs in order: once at most _CHECK_BUFFERS - 1 tasks are left, the
+                # buffer used _CHECK_BUFFERS reads ago is no longer being checksummed.
+                while len(in_flight) >= _CHECK_BUFFERS:
+                    in_flight.popleft().result()
+                chunk = buffers[used % _CHECK_BUFFERS][: min(_READ_CHUNK, record.size - begin)]
+                used += 1
+                if os.preadv(self.fd, [chunk], offset + begin) != len(chunk):
+                    raise _DamagedTensorData(f"record {record.name} ends before its stated size")
+                in_flight.append(self.pool.submit(crc.update, chunk))
+            in_flight.append(self.pool.submit(crc.finish))
+        while in_flight:
+            in_flight.popleft().result()
 
     def close(self) -> None:
         """Stop the background thread (checksums still queued are dropped)."""
@@ -375,8 +424,8 @@ def _load_source(handle: BinaryIO) -> tuple[BinaryIO | str, bool]:
     return handle, False
 
 
-def _torch_load(path: Path, map_location: torch.device, mmap: bool) -> Any:
-    """Check, verify and load the file at ``path`` through one open handle.
+def _open_verified(path: Path) -> BinaryIO:
+    """The file at ``path``, open, its magic and every record but the tensors' bytes checked.
 
     A checkpoint is often replaced (renamed over) while another process reads it; opening the
     path once for the magic check, the CRC-32 checks and the load makes all of them see one file.
@@ -386,25 +435,148 @@ def _torch_load(path: Path, map_location: torch.device, mmap: bool) -> Any:
     except (FileNotFoundError, IsADirectoryError):
         _check_exists(path)
         raise
-    with handle:
+    try:
         _check_magic(handle, path)
         _verify_archive(handle, path)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def _load_checked(handle: BinaryIO, path: Path, reader: _TensorReader) -> Any:
+    """``torch.load`` of the open file through ``reader``, every checksum awaited (the deferred
+    records' included); any failure raised as a medfunc error."""
+    source, use_mmap = _load_source(handle)
+    try:
+        payload = torch.load(source, map_location=reader, weights_only=True, mmap=use_mmap)
+        reader.check()
+        reader.check_deferred()
+    except _DamagedTensorData as error:
+        raise _corrupt(path, f"its tensor data fails the CRC-32 check ({error})") from error
+    except pickle.UnpicklingError as error:
+        raise _unsafe(path, error, _unsafe_globals(handle)) from error
+    except Exception as error:  # noqa: BLE001 - anything else in an intact archive is damage
+        raise _corrupt(path, f"its records are inconsistent ({type(error).__name__})") from error
+    finally:
+        reader.close()
+    return payload
+
+
+def _torch_load(path: Path, map_location: torch.device, mmap: bool) -> Any:
+    """Check, verify and load the file at ``path`` through one open handle."""
+    with _open_verified(path) as handle:
         reader = _TensorReader(handle, _tensor_records(handle, path), map_location, not mmap)
-        source, use_mmap = _load_source(handle)
-        try:
-            payload = torch.load(source, map_location=reader, weights_only=True, mmap=use_mmap)
-            reader.check()
-        except _DamagedTensorData as error:
-            raise _corrupt(path, f"its tensor data fails the CRC-32 check ({error})") from error
-        except pickle.UnpicklingError as error:
-            raise _unsafe(path, error, _unsafe_globals(handle)) from error
-        except Exception as error:  # noqa: BLE001 - anything else in an intact archive is damage
-            raise _corrupt(
-                path, f"its records are inconsistent ({type(error).__name__})"
-            ) from error
-        finally:
-            reader.close()
-        return payload
+        return _load_checked(handle, path, reader)
+
+
+class DeferredRecords:
+    """The tensors of a payload from :func:`deferred_payload` whose bytes are still in the file
+    (checked, not read), and the reads that put them where the caller wants them.
+
+    Args:
+        fd: the open checkpoint's descriptor (kept open by :func:`deferred_payload`).
+        records: storage address -> (file offset, record) of every deferred storage.
+        path: the file, for messages.
+    """
+
+    def __init__(self, fd: int, records: dict[int, tuple[int, _Record]], path: Path) -> None:
+        self.fd = fd
+        self.records = records
+        self.path = path
+
+    def holds(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is a payload tensor whose bytes were not read yet."""
+        return tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in self.records
+
+    def fill(self, target: Tensor, source: Tensor) -> None:
+        """Write the values of ``source`` (a deferred payload tensor) into ``target``.
+
+        A contiguous CPU ``target`` that is its whole storage, for a ``source`` that is its
+        whole record, gets the record's bytes read straight into its memory; any other target
+        gets them through a fresh CPU storage of one record and ``copy_``.
+
+        Args:
+            target: a tensor of the source's shape and dtype (any device).
+            source: a tensor :meth:`holds`.
+        """
+        offset, record = self.records[source.untyped_storage().data_ptr()]
+        if _is_whole(source, record.size) and _is_whole(target, record.size):
+            self._read(_as_bytes(target.untyped_storage()), offset, record)
+            return
+        with torch.no_grad():
+            target.copy_(self.materialize(source))
+
+    def materialize(self, source: Tensor) -> Tensor:
+        """``source`` (a deferred payload tensor) read into fresh CPU memory.
+
+        Args:
+            source: a tensor :meth:`holds`.
+
+        Returns:
+            A tensor of the same shape, strides and values that owns its storage.
+        """
+        offset, record = self.records[source.untyped_storage().data_ptr()]
+        storage = torch.UntypedStorage(record.size)
+        self._read(_as_bytes(storage), offset, record)
+        view = torch.empty(0, dtype=source.dtype)
+        return view.set_(storage, source.storage_offset(), source.size(), source.stride())
+
+    def _read(self, target: memoryview, offset: int, record: _Record) -> None:
+        for begin in range(0, record.size, _READ_CHUNK):
+            chunk = target[begin : begin + _READ_CHUNK]
+            if os.preadv(self.fd, [chunk], offset + begin) != len(chunk):
+                raise _corrupt(
+                    self.path,
+                    f"record {record.name} ended before its stated size while it was read, "
+                    "after it had been checked: the file was changed meanwhile",
+                )
+
+
+def _is_whole(tensor: Tensor, nbytes: int) -> bool:
+    """Whether ``tensor`` is a contiguous CPU tensor covering its whole storage of ``nbytes``."""
+    return (
+        tensor.device.type == "cpu"
+        and tensor.is_contiguous()
+        and tensor.storage_offset() == 0
+        and tensor.untyped_storage().nbytes() == nbytes
+        and tensor.numel() * tensor.element_size() == nbytes
+    )
+
+
+@contextmanager
+def deferred_payload(path: str | os.PathLike) -> Iterator[tuple[dict, DeferredRecords]]:
+    """A checkpoint's validated payload whose tensors' bytes are checked but not yet read.
+
+    The file is memory-mapped by ``torch.load`` and its tensor records are checked (CRC-32)
+    through a few small buffers, so nothing of the size of the state is allocated; the payload's
+    tensors are views of the mapping, to be put in place with :class:`DeferredRecords` (or read
+    through, which makes their pages resident) while the context is open. Every check
+    :func:`read_checkpoint` makes is made before the payload is handed out.
+
+    Args:
+        path: the checkpoint file.
+
+    Yields:
+        The payload and the reader of its deferred tensors.
+
+    Raises:
+        CheckpointNotFoundError, CheckpointCorruptError, UnsafeCheckpointError,
+        CheckpointVersionError: as :func:`read_checkpoint`.
+
+    Example::
+
+        with deferred_payload("step-100.pt") as (payload, records):
+            weight = payload["model_state"]["weight"]
+            records.fill(target, weight)  # target: a tensor of weight's shape and dtype
+    """
+    path = Path(path)
+    _check_exists(path)
+    with _open_verified(path) as handle:
+        device = torch.device("cpu")
+        reader = _TensorReader(handle, _tensor_records(handle, path), device, True, defer=True)
+        payload = validate_payload(_load_checked(handle, path, reader), path)
+        yield payload, DeferredRecords(handle.fileno(), reader.deferred, path)
 
 
 def _check_int(value: Any, where: str, path: Path) -> int:

@@ -2,6 +2,11 @@
 
 Keys, shapes and dtypes are compared with a ``like`` state (given, or built with
 :func:`medfunc.init_state`); a difference raises :class:`CheckpointMismatchError` naming the key.
+
+With ``donate=True`` the checkpoint is written into ``like``'s own tensors: everything is checked
+first (the file's CRC-32 included, through a few small buffers, and every tensor against its
+``like`` tensor), then the tensor records are read straight into ``like``'s storage, so a resume
+holds one copy of the state.
 """
 
 from __future__ import annotations
@@ -21,7 +26,12 @@ from medfunc.accumulation import WindowGrads
 from medfunc.checkpoint.ema import restore_ema, saved_ema_decay
 from medfunc.checkpoint.frozen import fill_frozen_base
 from medfunc.checkpoint.payload import opt_rest, optimizer_path, state_dict_layout
-from medfunc.checkpoint.reading import read_payload, validate_payload
+from medfunc.checkpoint.reading import (
+    DeferredRecords,
+    deferred_payload,
+    read_payload,
+    validate_payload,
+)
 from medfunc.errors import CheckpointCorruptError, CheckpointMismatchError, ConfigError
 from medfunc.optim import from_torch_state_dict
 from medfunc.optim.base import get_substate, replace_substate
@@ -81,6 +91,20 @@ class _Taker:
         with torch.no_grad():
             expected.copy_(found)
         return expected
+
+
+class _Checking(_Taker):
+    """Takes every checked checkpoint tensor as it is (no copy, no move): the restored state
+    only pairs each one with its ``like`` tensor, which :func:`_donate` then fills."""
+
+    def __init__(self) -> None:
+        super().__init__(owned=True)
+
+    def __call__(self, found: Tensor, expected: Tensor) -> Tensor:
+        return found
+
+    def model_value(self, found: Tensor, expected: Tensor) -> Tensor:
+        return found
 
 
 def _restore_model(
@@ -347,10 +371,78 @@ def _fresh_like(payload: dict, builder: Mapping[str, Any]) -> TrainState:
     )
 
 
+_LEAF_FIELDS = ("params", "buffers", "opt_state", "loss_scale", "step", "rng", "accum", "ema")
+
+
+def _pairs(restored: Any, like: Any) -> list[tuple[Tensor, Tensor]] | None:
+    """``(restored leaf, like leaf)`` of one field in leaf order, or None where the two do not
+    pair up leaf for leaf (count, shape, dtype)."""
+    found, _ = tree_flatten(restored)
+    expected, _ = tree_flatten(like)
+    if len(found) != len(expected):
+        return None
+    for r, e in zip(found, expected):
+        if not (isinstance(r, Tensor) and isinstance(e, Tensor)):
+            return None
+        if r.shape != e.shape or r.dtype != e.dtype:
+            return None
+    return list(zip(found, expected))
+
+
+def _fill(pairs: list[tuple[Tensor, Tensor]], records: DeferredRecords | None) -> None:
+    """Write every restored leaf's values into its ``like`` leaf."""
+    with torch.no_grad():
+        for found, target in pairs:
+            if found is target:
+                continue
+            if records is not None and records.holds(found):
+                records.fill(target, found)
+            else:
+                target.copy_(found)
+
+
+def _donate(
+    payload: dict, like: TrainState, records: DeferredRecords | None, source: str
+) -> TrainState:
+    """The checked restore of ``payload`` with ``like``'s tensors as its own (see
+    :func:`restore_state`, ``donate``); ``like`` is consumed.
+
+    Nothing is written into ``like`` until every check passed. A leaf that does not pair with a
+    ``like`` leaf (a field whose structure the checkpoint changes) is read into memory of its own.
+    """
+    restored = _restore_into(payload, like, _Checking(), source)
+    fields: dict[str, Any] = {}
+    fills: list[tuple[Tensor, Tensor]] = []
+    for name in _LEAF_FIELDS:
+        value = getattr(restored, name)
+        pairs = _pairs(value, getattr(like, name))
+        leaves, treedef = tree_flatten(value)
+        if pairs is None:
+            if records is not None:
+                leaves = [records.materialize(x) if records.holds(x) else x for x in leaves]
+        else:
+            fills.extend(pairs)
+            leaves = [target for _, target in pairs]
+        fields[name] = optree.tree_unflatten(treedef, leaves)
+    try:
+        _fill(fills, records)
+    except BaseException as error:
+        like.mark_consumed()
+        raise CheckpointCorruptError(
+            f"restoring checkpoint {source} into like= failed while its tensors were being "
+            f"written ({error}); like was partly overwritten and is consumed: build a fresh "
+            "state and restore again"
+        ) from error
+    result = restored.replace(**fields)
+    like.mark_consumed()
+    return result
+
+
 def restore_state(
     path_or_payload: str | os.PathLike | Mapping[str, Any],
     like: TrainState | None = None,
     *,
+    donate: bool = False,
     model: torch.nn.Module | None = None,
     tx: Any = None,
     loss_fn: Callable | None = None,
@@ -365,6 +457,15 @@ def restore_state(
     loss_fn, policy). Its tensors are new: ``like`` and its module are not changed; call
     :func:`medfunc.bind_module` to write the restored values into the module.
 
+    With ``like`` and ``donate=True``: the result's tensors are ``like``'s own (parameters,
+    buffers, optimizer state, loss scale, EMA, accumulation sums), filled from the checkpoint,
+    so a resume holds one copy of the state and ``like``'s module holds the checkpoint's
+    weights. ``like`` is consumed (using it raises :class:`ConsumedStateError`, as after a
+    donating step). Everything is checked before the first byte is written into ``like``
+    (for a file: every record's CRC-32, read through a few 4 MiB buffers, then the tensor
+    records are read straight into ``like``'s CPU storage); a check that fails leaves ``like``
+    as it was and usable.
+
     Without ``like``: the state is built with ``init_state(model, tx, ...)`` (precision,
     accumulate_steps and ema_decay default to the checkpoint's) and, as ``init_state`` does,
     shares storage with ``model``, which then holds the checkpoint's values.
@@ -377,6 +478,8 @@ def restore_state(
     Args:
         path_or_payload: a checkpoint file, or a payload from :func:`read_checkpoint`.
         like: the state to restore into (e.g. the fresh ``init_state`` of the same model).
+        donate: write the checkpoint into ``like``'s tensors and consume ``like`` (only with
+            ``like``).
         model: build the state instead of ``like``, from this model (see
             :func:`medfunc.init_state`).
         tx: the gradient transformation of the built state.
@@ -390,7 +493,8 @@ def restore_state(
 
     Raises:
         CheckpointMismatchError: the checkpoint does not fit (the message names the key).
-        ConfigError: neither ``like`` nor ``model`` and ``tx`` were given, or both were.
+        ConfigError: neither ``like`` nor ``model`` and ``tx`` were given, or both were, or
+            ``donate`` without ``like``.
         CheckpointNotFoundError: see :func:`read_checkpoint`.
         CheckpointCorruptError: see :func:`read_checkpoint`.
         UnsafeCheckpointError: see :func:`read_checkpoint`.
@@ -413,6 +517,17 @@ def restore_state(
         "device": device,
     }
     _check_builder(like, builder)
+    if donate and like is None:
+        raise ConfigError(
+            "restore_state(donate=True) writes into like=state; pass like=, or drop donate (a "
+            "state built from model= already shares the model's storage)"
+        )
+    if donate:
+        if isinstance(path_or_payload, Mapping):
+            payload = validate_payload(dict(path_or_payload), Path("<payload>"))
+            return _donate(payload, like, None, "payload")
+        with deferred_payload(path_or_payload) as (payload, records):
+            return _donate(payload, like, records, str(path_or_payload))
     if like is not None:
         payload, owned, source = _load(path_or_payload, like.device)
         return _restore_into(payload, like, _Taker(owned), source)
