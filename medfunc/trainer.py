@@ -355,7 +355,9 @@ class MedicalModelTrainer(OriginalTrainerSurface):
         if self._sharded():
             state = distributed.load_full(path, like=state)
         else:
-            state = restore_state(payload, like=state)
+            # the state was built only to restore into: the checkpoint goes into its (and the
+            # model's) storage, with no second copy of the state
+            state = self.state = restore_state(payload, like=state, donate=True)
         saved = payload.get("trainer_state", {})
         position = LoopPosition.from_trainer_state(saved, stopping)
         parts = [key for key, value in payload.items() if not isinstance(value, Mapping) or value]

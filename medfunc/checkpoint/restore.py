@@ -390,7 +390,18 @@ def _pairs(restored: Any, like: Any) -> list[tuple[Tensor, Tensor]] | None:
 
 
 def _fill(pairs: list[tuple[Tensor, Tensor]], records: DeferredRecords | None) -> None:
-    """Write every restored leaf's values into its ``like`` leaf."""
+    """Write every restored leaf's values into its ``like`` leaf.
+
+    A value held in the storage of another ``like`` leaf (a payload dict built from ``like``'s
+    own tensors) is copied aside first, so no write overwrites a value still to be read.
+    """
+    targets = {t.untyped_storage().data_ptr() for _, t in pairs if t.numel()}
+    pairs = [
+        (found.clone() if found.untyped_storage().data_ptr() in targets else found, target)
+        if found is not target and found.numel()
+        else (found, target)
+        for found, target in pairs
+    ]
     with torch.no_grad():
         for found, target in pairs:
             if found is target:

@@ -328,3 +328,18 @@ def test_a_cuda_like_is_filled_in_place(tmp_path):
     for name, value in dict(tree_leaves_with_path(trained)).items():
         got = dict(tree_leaves_with_path(restored))[name]
         assert torch.equal(got.cpu(), value.cpu()), name
+
+
+def test_a_payload_holding_likes_own_tensors_is_read_before_like_is_written(tmp_path):
+    _, path = _trained(tmp_path)
+    like = mf.init_state(_model(), _adamw(), precision=worker.FP16)
+    payload = read_checkpoint(path)
+    moments = payload["optimizer_state"]["state"]
+    first = next(iter(moments))
+    # the first moment of fc1.weight is like's own fc1.weight, which the restore overwrites
+    moments[first]["exp_avg"] = like.params["fc1.weight"]
+    expected = restore_state(payload, like=like)  # copies: like is not changed
+
+    restored = restore_state(payload, like=like, donate=True)
+
+    assert_trees_equal(restored, expected)

@@ -276,3 +276,22 @@ def test_a_plain_save_state_checkpoint_resumes_with_an_account(tmp_path, capsys)
     for name, value in state.params.items():
         assert torch.equal(trainer.state.params[name], value), name
     assert torch.equal(trainer.state.rng[0], state.rng[0])
+
+
+def test_a_resume_restores_into_the_models_own_parameters(tmp_path):
+    trained, _ = _one_epoch(tmp_path)
+    model = _model(7)
+    weight = model.fc1.weight
+    again = MedicalModelTrainer(
+        model,
+        _config(
+            num_epochs=1,
+            save_every_steps=None,
+            eval_every_steps=None,
+            resume_from=str(tmp_path / "checkpoint-epoch1.pt"),
+        ),
+    )
+    again.train(TensorDictDataset(_tensors()), TensorDictDataset(_tensors()))
+    # the state built for the run was donated to the restore: one copy of the state, the model's
+    assert again.state.params["fc1.weight"].data_ptr() == weight.data_ptr()
+    assert torch.equal(weight, trained.state.params["fc1.weight"])
