@@ -14,10 +14,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -26,19 +25,31 @@ from torch.func import functional_call
 from medfunc.errors import BatchError, LossError
 
 
-@contextlib.contextmanager
-def module_mode(module: torch.nn.Module, training: bool) -> Iterator[None]:
+class module_mode:  # noqa: N801 - used as a function: ``with module_mode(module, True):``
     """Put ``module`` in train/eval mode for the block, then restore every submodule's own mode
-    (so e.g. a BatchNorm a user froze with ``.eval()`` stays frozen)."""
-    if module.training == training:
-        yield
-        return
-    modes = [(m, m.training) for m in module.modules()]
-    module.train(training)
-    try:
-        yield
-    finally:
-        for m, mode in modes:
+    (so e.g. a BatchNorm a user froze with ``.eval()`` stays frozen). Nothing is walked when the
+    module is already in that mode (a step's usual case). A class rather than a generator
+    function, as a step enters it on every call.
+
+    Args:
+        module: the model.
+        training: the mode for the block.
+    """
+
+    __slots__ = ("module", "training", "modes")
+
+    def __init__(self, module: torch.nn.Module, training: bool) -> None:
+        self.module = module
+        self.training = training
+        self.modes: list[tuple[torch.nn.Module, bool]] = []
+
+    def __enter__(self) -> None:
+        if self.module.training != self.training:
+            self.modes = [(m, m.training) for m in self.module.modules()]
+            self.module.train(self.training)
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in self.modes:
             m.training = mode
 
 
@@ -93,9 +104,10 @@ def check_batch(module: torch.nn.Module, apply_fn: Callable | None, batch: Any) 
     if apply_fn is not None:
         _applied(module, apply_fn)
         return
-    args, _ = split_batch(batch)
     if not isinstance(batch, (tuple, list)):
+        split_batch(batch)  # refuses an empty mapping or a batch of another type
         return
+    args = tuple(batch)
     signature = _SIGNATURES.get(module)
     if signature is None:
         try:

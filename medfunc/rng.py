@@ -13,9 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -39,27 +36,37 @@ def step_seed(rng: torch.Tensor) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-@contextlib.contextmanager
-def seeded_rng(rng: torch.Tensor, device: torch.device) -> Iterator[None]:
+class seeded_rng:  # noqa: N801 - used as a function: ``with seeded_rng(rng, device):``
     """Run the block with the CPU (and ``device``'s) RNG seeded from ``rng``; restore it after.
 
     What ``torch.random.fork_rng`` does for these generators, without its per-call checks:
     each generator's state is saved with ``get_state`` and put back with ``set_state`` (the
     same state tensors ``fork_rng`` saves and restores), so the caller's RNG and the block's
-    random numbers are bitwise those of the forked version.
+    random numbers are bitwise those of the forked version. A class rather than a generator
+    function: a step enters it once per call, and a generator-based context manager costs
+    more than the seeding itself.
+
+    Args:
+        rng: ``state.rng``, a CPU int64 tensor ``[key, counter]``.
+        device: the state's device (its CUDA generator is forked too).
     """
-    generators = [torch.default_generator]
-    if device.type == "cuda":
-        torch.cuda.init()  # a no-op once CUDA is up; fills ``default_generators``
-        generators.append(torch.cuda.default_generators[device.index or 0])
-    seed = step_seed(rng)
-    saved = [g.get_state() for g in generators]
-    try:
-        for g in generators:
-            g.manual_seed(seed)
-        yield
-    finally:
-        for g, state in zip(generators, saved):
+
+    __slots__ = ("generators", "saved", "seed")
+
+    def __init__(self, rng: torch.Tensor, device: torch.device) -> None:
+        self.generators = [torch.default_generator]
+        if device.type == "cuda":
+            torch.cuda.init()  # a no-op once CUDA is up; fills ``default_generators``
+            self.generators.append(torch.cuda.default_generators[device.index or 0])
+        self.seed = step_seed(rng)
+
+    def __enter__(self) -> None:
+        self.saved = [g.get_state() for g in self.generators]
+        for g in self.generators:
+            g.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        for g, state in zip(self.generators, self.saved):
             g.set_state(state)
 
 

@@ -518,9 +518,11 @@ def train_step(
         own = _own_parameters(static, trees) if donate else None
         if own is None:
             trees = grad_leaves(trees, static.names)
+    aliased = trees is not plain
     with seeded_rng(state.rng, static.device), module_mode(static.module, True):
         trees, metrics, present = step_core(static, apply, trees, batch, own, window)
-    trees = without_grad_leaves(trees, plain, static.names)
+    if aliased:
+        trees = without_grad_leaves(trees, plain, static.names)
     window = next_window(static.names, window, present, apply)
     return finish_step(state, trees, metrics, count=count, donate=donate, window=window)
 

@@ -164,7 +164,7 @@ def _lr_arg(lr: float | Tensor, cfg: KernelConfig, what: str = "the LR") -> floa
         return lr
     if torch.compiler.is_compiling():
         return lr  # a graph tensor: torch.optim's compiled path takes tensor LRs
-    if lr.device.type == "cpu" and cfg.host_lr:
+    if lr.is_cpu and cfg.host_lr:
         return float(lr)  # a host op on a CPU tensor: no device sync
     if cfg.fused or cfg.capturable:
         return lr.to(dtype=torch.float32)
@@ -217,7 +217,7 @@ def _host_skip(found_inf: Tensor) -> bool | None:
     copy-and-select of the foreach path. On accelerators (or while compiling) the decision stays
     on the device (None).
     """
-    if found_inf.device.type == "cpu" and not torch.compiler.is_compiling():
+    if found_inf.is_cpu and not torch.compiler.is_compiling():
         return bool(found_inf)
     return None
 
@@ -294,6 +294,57 @@ def _run_skippable(
     _select_(found_inf > 0, olds, state)
 
 
+WeightDecay = float | Sequence[float]
+"""A kernel call's weight decay: one value for every parameter, or one per parameter."""
+
+
+def _per_parameter(weight_decay: WeightDecay, n: int) -> list[float]:
+    if isinstance(weight_decay, (int, float)):
+        return [float(weight_decay)] * n
+    decays = [float(d) for d in weight_decay]
+    if len(decays) != n:
+        raise ConfigError(f"{len(decays)} weight decay values for {n} parameters")
+    return decays
+
+
+def _by_value(decays: list[float]) -> dict[float, list[int]]:
+    """The positions of each distinct weight decay value, values in order of first appearance."""
+    positions: dict[float, list[int]] = {}
+    for i, d in enumerate(decays):
+        positions.setdefault(d, []).append(i)
+    return positions
+
+
+def _pick(items: Sequence[Any], positions: list[int]) -> list[Any]:
+    return [items[i] for i in positions]
+
+
+def _decay_as_torch(
+    params: list[Tensor],
+    grads: list[Tensor],
+    positions: dict[float, list[int]],
+    lr: float,
+    decoupled: bool,
+) -> list[Tensor]:
+    """Apply weight decay as torch's foreach Adam kernel does with ``weight_decay != 0``, one
+    value at a time: decoupled (AdamW) ``params *= 1 - lr * wd`` in place; L2 (Adam) new
+    gradient tensors ``grads + wd * params``. Returns the gradients to hand the kernel, which
+    then runs with ``weight_decay=0``: the same operations on the same tensors as one kernel
+    call per value (the kernel's other work does not read the decay), in one call.
+    """
+    grads = list(grads)
+    for value, where in positions.items():
+        if value == 0:
+            continue
+        ps = _pick(params, where)
+        if decoupled:
+            torch._foreach_mul_(ps, 1 - lr * value)
+        else:
+            for i, g in zip(where, torch._foreach_add(_pick(grads, where), ps, alpha=value)):
+                grads[i] = g
+    return grads
+
+
 def adam_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -307,55 +358,88 @@ def adam_step(
     beta1: float | Tensor,
     beta2: float,
     eps: float,
-    weight_decay: float,
+    weight_decay: WeightDecay,
     amsgrad: bool,
     decoupled_weight_decay: bool,
     found_inf: Tensor | None,
 ) -> None:
-    """One Adam/AdamW update of one param group, in place, via ``torch.optim.adam.adam``.
+    """One Adam/AdamW update of the given parameters, in place, via ``torch.optim.adam.adam``.
+
+    With one weight decay per parameter (the decay and no-decay param groups of one LR), the
+    host foreach path (CPU, outside ``torch.compile``, LR a float) makes one kernel call for
+    all of them, the decay applied first exactly as the kernel applies it
+    (:func:`_decay_as_torch`); the fused and capturable kernels take the decay inside the
+    kernel, so there each value gets its own call, as ``torch.optim`` makes one per group.
 
     Args:
         params, grads, exp_avgs, exp_avg_sqs: per-parameter tensors (same order).
         max_exp_avg_sqs: per-parameter AMSGrad maxima, or ``[]`` without amsgrad.
         steps: per-parameter step counters (0-d float tensors, see :func:`step_device`).
         cfg: the kernel path.
-        lr: the group's LR (float, or a 0-d tensor).
+        lr: the LR (float, or a 0-d tensor).
         beta1: a float, or a 0-d tensor (a schedule's value; see :func:`_lr_arg`).
-        beta2, eps, weight_decay, amsgrad: hyperparameters.
+        beta2, eps, amsgrad: hyperparameters.
+        weight_decay: one value, or one per parameter.
         decoupled_weight_decay: True for AdamW, False for Adam's L2 penalty.
         found_inf: None, or a 0-d float32 flag; 1.0 leaves everything bitwise unchanged.
     """
     if not params:
         return
-    if torch.compiler.is_compiling() and not cfg.fused:
+    compiling = torch.compiler.is_compiling()
+    if compiling and not cfg.fused:
         # torch.optim's own choice under torch.compile: the non-capturable foreach path cannot
         # be traced on the CPU, the capturable one can (same math, counters on the device).
         cfg = cfg._replace(capturable=True)
     lr_arg = _lr_arg(lr, cfg)
     beta1 = _lr_arg(beta1, cfg, "beta1")
-    has_complex = any(torch.is_complex(p) for p in params)
+    has_complex = any(map(torch.is_complex, params))
+    positions = _by_value(_per_parameter(weight_decay, len(params)))
+    merge = len(positions) > 1
+    if merge and (cfg.fused or cfg.capturable or compiling or has_complex):
+        lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+        for value, where in positions.items():
+            adam_step(
+                *(_pick(items, where) if items else [] for items in lists),
+                cfg=cfg,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=value,
+                amsgrad=amsgrad,
+                decoupled_weight_decay=decoupled_weight_decay,
+                found_inf=found_inf,
+            )
+        return
     if cfg.fused:
         grads = _laid_out_like(params, grads)
 
-    run = functools.partial(
-        _torch_adam,
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        steps,
-        capturable=cfg.capturable,
-        differentiable=False,
-        has_complex=has_complex,
-        decoupled_weight_decay=decoupled_weight_decay,
-        amsgrad=amsgrad,
-        beta1=beta1,
-        beta2=beta2,
-        lr=lr_arg,
-        weight_decay=weight_decay,
-        eps=eps,
-    )
+    def run(**flags: Any) -> None:
+        if merge:
+            kernel_grads = _decay_as_torch(params, grads, positions, lr_arg, decoupled_weight_decay)
+            decay = 0.0
+        else:
+            kernel_grads, decay = grads, next(iter(positions))
+        _torch_adam(
+            params,
+            kernel_grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            steps,
+            capturable=cfg.capturable,
+            differentiable=False,
+            has_complex=has_complex,
+            decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad,
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr_arg,
+            weight_decay=decay,
+            eps=eps,
+            **flags,
+        )
+
     _run_skippable(
         run, cfg, found_inf, [*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *steps]
     )
@@ -370,7 +454,7 @@ def sgd_step(
     lr: float | Tensor,
     momentum: float | Tensor,
     dampening: float,
-    weight_decay: float,
+    weight_decay: WeightDecay,
     nesterov: bool,
     found_inf: Tensor | None,
     initialized: list[Tensor] | None,
@@ -384,7 +468,8 @@ def sgd_step(
         cfg: the kernel path.
         lr: the group's LR (float, or a 0-d tensor).
         momentum: a float, or a 0-d tensor (a schedule's value, read on the host).
-        dampening, weight_decay, nesterov: hyperparameters.
+        dampening, nesterov: hyperparameters.
+        weight_decay: one value, or one per parameter (one kernel call per value).
         found_inf: None, or a 0-d float32 flag; 1.0 leaves everything bitwise unchanged.
         initialized: one 0-d flag per parameter, 1.0 once its buffer holds a momentum (only
             read when ``momentum != 0`` and ``dampening != 0``: torch does not dampen a
@@ -392,6 +477,24 @@ def sgd_step(
     """
     if not params:
         return
+    positions = _by_value(_per_parameter(weight_decay, len(params)))
+    if len(positions) > 1:
+        for value, where in positions.items():
+            sgd_step(
+                _pick(params, where),
+                _pick(grads, where),
+                _pick(momentum_buffers, where) if momentum_buffers else [],
+                cfg=cfg,
+                lr=lr,
+                momentum=momentum,
+                dampening=dampening,
+                weight_decay=value,
+                nesterov=nesterov,
+                found_inf=found_inf,
+                initialized=_pick(initialized, where) if initialized is not None else None,
+            )
+        return
+    weight_decay = next(iter(positions))
     lr_arg = _lr_arg(lr, cfg)
     momentum = _momentum_arg(momentum)
     if cfg.fused:

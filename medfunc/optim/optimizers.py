@@ -82,6 +82,20 @@ class SGDState(NamedTuple):
     initialized: Tensor
 
 
+class KernelCall(NamedTuple):
+    """The parameters one optimizer kernel call updates (see :meth:`OptimizerSpec.kernel_calls`).
+
+    Attributes:
+        names: the parameter names, group by group.
+        lr_multiplier: the factor applied to the base LR.
+        weight_decay: each name's weight decay.
+    """
+
+    names: tuple[str, ...]
+    lr_multiplier: float
+    weight_decay: dict[str, float]
+
+
 @dataclass(frozen=True, eq=False)
 class OptimizerSpec:
     """An optimizer's configuration, attached to its transformation as ``tx.spec``.
@@ -162,6 +176,26 @@ class OptimizerSpec:
             groups = group_names(key, self.weight_decay, self.decay_mask, self.lr_multipliers)
             self._groups_cache[key] = groups
         return groups
+
+    def kernel_calls(self, names: Sequence[str]) -> tuple[KernelCall, ...]:
+        """The kernel calls of an update: the parameter groups of one LR multiplier merged,
+        each parameter with its group's weight decay (cached per name tuple; the kernels make
+        one call per weight decay value where the kernel path needs it, see
+        :func:`medfunc.optim.kernels.adam_step`)."""
+        key = ("calls", tuple(names))
+        calls = self._groups_cache.get(key)
+        if calls is None:
+            merged: dict[float, tuple[list[str], list[float]]] = {}
+            for group in self.groups(key[1]):
+                group_of, decays = merged.setdefault(group.lr_multiplier, ([], []))
+                group_of.extend(group.names)
+                decays.extend([group.weight_decay] * len(group.names))
+            calls = tuple(
+                KernelCall(tuple(ns), m, dict(zip(ns, decays)))
+                for m, (ns, decays) in merged.items()
+            )
+            self._groups_cache[key] = calls
+        return calls
 
     def kernel_config(self, device: torch.device) -> kernels.KernelConfig:
         """The kernel path for parameters on ``device`` (a plain dict cache: a traced step reads
@@ -304,6 +338,7 @@ def _init_common(spec: OptimizerSpec, params: Params) -> None:
         )
     names = list(params)
     check_patterns(names, spec.decay_mask, spec.lr_multipliers)
+    spec.kernel_calls(names)  # cached before any update is traced (dynamo guards on the cache)
     for group in spec.groups(names):
         ps = [params[n] for n in group.names]
         cfg = spec.kernel_config(ps[0].device)
@@ -338,18 +373,19 @@ def _make_spec(
     )
 
 
-def _groups_with_grads(
+def _calls_with_grads(
     spec: OptimizerSpec,
     grads: Grads,
     params: Params,
     state_keys: Sequence[str],
     ctx: UpdateContext,
 ) -> Iterator[tuple[list[str], list[Tensor], list[Tensor], dict[str, Any]]]:
-    """Check the keys, log the LR, and yield each parameter group's kernel call.
+    """Check the keys, log the LR, and yield each kernel call (the parameter groups of one LR
+    multiplier, see :meth:`OptimizerSpec.kernel_calls`).
 
-    A parameter whose gradient is None is left out of its group's kernel call, as
-    ``torch.optim`` leaves out a parameter whose ``.grad`` is None: no decay, no moment update,
-    its step count does not advance. A group without any gradient is not yielded.
+    A parameter whose gradient is None is left out of its kernel call, as ``torch.optim``
+    leaves out a parameter whose ``.grad`` is None: no decay, no moment update, its step count
+    does not advance. A call without any gradient is not yielded.
 
     Args:
         spec: the optimizer's configuration.
@@ -359,15 +395,15 @@ def _groups_with_grads(
         ctx: the update context (``step``, ``found_inf``; ``metrics["lr"]`` is set).
 
     Returns:
-        An iterator of ``(names, params, grads, kernel_args)``: the names of the group's
-        parameters that have a gradient, their tensors, and the group's ``cfg``, ``lr``,
-        ``weight_decay`` and ``found_inf`` for the kernel.
+        An iterator of ``(names, params, grads, kernel_args)``: the names of the call's
+        parameters that have a gradient, their tensors, and the call's ``cfg``, ``lr``,
+        per-parameter ``weight_decay`` and ``found_inf`` for the kernel.
     """
     _check_keys(grads, params, state_keys, spec.name)
     base, lr_metric = _base_lr(spec, ctx.step)
     ctx.metrics["lr"] = lr_metric
-    for group in spec.groups(list(params)):
-        names = [n for n in group.names if grads[n] is not None]
+    for call in spec.kernel_calls(list(params)):
+        names = [n for n in call.names if grads[n] is not None]
         if not names:
             continue
         ps = [params[n] for n in names]
@@ -377,8 +413,8 @@ def _groups_with_grads(
             [grads[n] for n in names],
             {
                 "cfg": spec.kernel_config(ps[0].device),
-                "lr": _group_lr(base, group.lr_multiplier),
-                "weight_decay": group.weight_decay,
+                "lr": _group_lr(base, call.lr_multiplier),
+                "weight_decay": [call.weight_decay[n] for n in names],
                 "found_inf": ctx.found_inf,
             },
         )
@@ -432,7 +468,7 @@ def _adam_family(
     ) -> tuple[Grads, Params, AdamState]:
         beta1, beta2 = _now(spec.betas[0], ctx.step), spec.betas[1]
 
-        for names, ps, gs, group in _groups_with_grads(spec, grads, params, state.exp_avg, ctx):
+        for names, ps, gs, group in _calls_with_grads(spec, grads, params, state.exp_avg, ctx):
             kernels.adam_step(
                 ps,
                 gs,
@@ -601,7 +637,7 @@ def sgd(
         momentum = _now(spec.momentum, ctx.step)
 
         state_keys = state.momentum_buffer if spec.momentum else params
-        for names, ps, gs, group in _groups_with_grads(spec, grads, params, state_keys, ctx):
+        for names, ps, gs, group in _calls_with_grads(spec, grads, params, state_keys, ctx):
             kernels.sgd_step(
                 ps,
                 gs,

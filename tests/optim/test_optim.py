@@ -294,3 +294,61 @@ def test_fused_kernels_take_gradients_in_another_memory_layout(make):
         results[kernel] = params["w"]
     torch.testing.assert_close(results["fused"], results["foreach"], rtol=1e-6, atol=1e-6)
     assert not torch.equal(results["fused"], weight)
+
+
+def _decay_groups(m: nn.Module, weight_decay: float) -> list[dict]:
+    """torch param groups of the default mask: weights decayed; biases and the norm not."""
+    no_decay = [m.fc1.bias, m.ln.weight, m.ln.bias, m.fc2.bias]
+    return [
+        {"params": [m.fc1.weight, m.fc2.weight], "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+MERGED_CASES = [
+    ("adamw", lambda k: adamw(LR, weight_decay=0.1, kernel=k), torch.optim.AdamW, {}),
+    (
+        "adamw-amsgrad",
+        lambda k: adamw(LR, weight_decay=0.1, amsgrad=True, kernel=k),
+        torch.optim.AdamW,
+        {"amsgrad": True},
+    ),
+    ("adam-l2", lambda k: adam(LR, weight_decay=0.1, kernel=k), torch.optim.Adam, {}),
+    (
+        "sgd-momentum-wd",
+        lambda k: sgd(0.1, momentum=0.9, weight_decay=0.01, kernel=k),
+        torch.optim.SGD,
+        {"momentum": 0.9},
+    ),
+]
+
+
+@pytest.mark.parametrize("kernel", ["foreach", "fused"])
+@pytest.mark.parametrize("case", MERGED_CASES, ids=[c[0] for c in MERGED_CASES])
+def test_decay_and_no_decay_groups_equal_torch_param_groups(case, kernel):
+    """The decay and no-decay groups of one LR go to one kernel call (per-parameter weight
+    decay, see kernels.adam_step); every number still equals torch's two param groups."""
+    _, make_tx, torch_class, options = case
+    wd = 0.01 if torch_class is torch.optim.SGD else 0.1
+    lr = 0.1 if torch_class is torch.optim.SGD else LR
+
+    def make_opt(m):
+        return torch_class(_decay_groups(m, wd), lr=lr, **options, **{kernel: True})
+
+    compare(*train_pair(make_tx(kernel), make_opt)[:4], exact=True)
+
+
+def test_decay_and_no_decay_groups_make_one_foreach_adam_call():
+    """Both groups of the default mask are updated by one foreach AdamW call (one
+    ``_foreach_lerp_`` of the first moments per update; torch.optim makes one per group)."""
+    tx = adamw(LR, weight_decay=0.1, kernel="foreach")
+    ref = make_model()
+    params = params_of(ref)
+    state = tx.init(params)
+    grads = real_grads(ref)
+    ctx = UpdateContext(step=torch.tensor(0, dtype=torch.int64), found_inf=torch.zeros(()))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        tx.update(grads, state, params, ctx)
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::_foreach_lerp_") == 1
+    assert names.count("aten::_foreach_mul_") == 2  # the weight decay and exp_avg_sq * beta2
