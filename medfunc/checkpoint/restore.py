@@ -439,11 +439,14 @@ def _donate(
         _fill(fills, records)
     except BaseException as error:
         like.mark_consumed()
-        raise CheckpointCorruptError(
-            f"restoring checkpoint {source} into like= failed while its tensors were being "
-            f"written ({error}); like was partly overwritten and is consumed: build a fresh "
-            "state and restore again"
-        ) from error
+        note = (
+            f"like was partly overwritten while checkpoint {source} was written into it, and "
+            "is consumed: build a fresh state and restore again"
+        )
+        if isinstance(error, CheckpointCorruptError):
+            raise CheckpointCorruptError(f"{error}; {note}") from error
+        error.add_note(note)
+        raise
     result = restored.replace(**fields)
     like.mark_consumed()
     return result
