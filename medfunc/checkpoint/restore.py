@@ -92,6 +92,10 @@ class _Taker:
             expected.copy_(found)
         return expected
 
+    def kept(self, tree: Any) -> Any:
+        """``like``'s own values of a part the checkpoint lacks: a copy."""
+        return optree.tree_map(torch.clone, tree, namespace=PYTREE_NAMESPACE)
+
 
 class _Checking(_Taker):
     """Takes every checked checkpoint tensor as it is (no copy, no move): the restored state
@@ -105,6 +109,9 @@ class _Checking(_Taker):
 
     def model_value(self, found: Tensor, expected: Tensor) -> Tensor:
         return found
+
+    def kept(self, tree: Any) -> Any:
+        return tree
 
 
 def _restore_model(
@@ -140,7 +147,7 @@ def _restore_model(
             )
             values["buffers"][name] = take.model_value(found, expected)
         else:
-            values["buffers"][name] = expected if take.into_like else expected.clone()
+            values["buffers"][name] = expected if take.into_like else take.kept(expected)
     for name in like.params:
         if name not in values["params"]:
             raise CheckpointMismatchError(
@@ -158,7 +165,7 @@ def _restore_opt_state(
     rest = payload.get("medfunc_state", {}).get("opt_state")
     has_torch = "optimizer_state" in payload
     if not has_torch and rest is None:
-        return optree.tree_map(torch.clone, like.opt_state, namespace=PYTREE_NAMESPACE)
+        return take.kept(like.opt_state)
     trainable = OrderedDict((n, params[n]) for n in like.trainable)
     path = optimizer_path(like.tx)
     if has_torch:
