@@ -131,6 +131,23 @@ def model_specs(device: torch.device) -> dict[str, ModelSpec]:
 
     specs["mlp"] = ModelSpec("mlp", MLP, mlp_batch, "fp32", 1e-3, "64 x 30, fp32", 64)
 
+    def wide_batch(dev: torch.device) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        return {
+            "x": torch.randn(32, 64, generator=g).to(dev),
+            "labels": torch.randint(0, 4, (32,), generator=g).to(dev),
+        }
+
+    specs["mlp-wide"] = ModelSpec(
+        "mlp-wide",
+        lambda: MLP(features=64, hidden=256, classes=4),
+        wide_batch,
+        "fp32",
+        1e-3,
+        "32 x 64, fp32 (64 -> 256 -> 256 -> 4)",
+        32,
+    )
+
     if cuda:
         bert = {"dim": 768, "layers": 12, "heads": 12, "ffn": 3072}
         bsz, seq, bert_note = 32, 128, []

@@ -187,7 +187,7 @@ def value_now(schedule: Callable, step: torch.Tensor) -> float | torch.Tensor:
         0.0005
     """
     host = getattr(schedule, "at_host", None)
-    if host is not None and step.device.type == "cpu" and not torch.compiler.is_compiling():
+    if host is not None and step.is_cpu and not torch.compiler.is_compiling():
         return host(int(step))
     out = schedule(step)
     if not isinstance(out, torch.Tensor):

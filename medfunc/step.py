@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -293,7 +294,35 @@ def _lr_metric(ctx: UpdateContext, device: torch.device) -> torch.Tensor:
     return lr if lr.dtype == torch.float64 else lr.to(torch.float64)
 
 
-def update_ema(ema: Any, params: OrderedDict, found_inf: torch.Tensor, decay: float) -> None:
+def _finite_check(
+    grad_norm: torch.Tensor, step: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Whether an update without loss scaling is skipped: its gradients' norm is NaN or inf
+    exactly when some gradient element is.
+
+    Args:
+        grad_norm: the gradients' global norm (0-d).
+        step: the step counter before the update.
+
+    Returns:
+        ``(skipped, found_inf, next_step)``: the 0-d bool ``skipped`` metric, the optimizer's
+        skip flag (see :class:`~medfunc.optim.UpdateContext`) and the counter after the
+        update (advanced unless skipped). A CPU norm outside ``torch.compile`` is host memory,
+        read for free: the outcome is then decided on the host and a finite update gets
+        ``found_inf=None`` (nothing for the optimizer to skip). Elsewhere it stays on the device
+        without a sync: ``x - x`` is exactly 0 for a finite x and NaN for inf or NaN (two ops
+        where ``isfinite`` takes five).
+    """
+    if grad_norm.is_cpu and not torch.compiler.is_compiling():
+        if math.isfinite(grad_norm.item()):
+            return torch.zeros((), dtype=torch.bool), None, step + 1
+        return torch.ones((), dtype=torch.bool), torch.ones(()), step.clone()
+    applied = (grad_norm - grad_norm) == 0
+    skipped = ~applied
+    return skipped, skipped.float(), step + applied  # int64 + bool stays int64
+
+
+def update_ema(ema: Any, params: OrderedDict, found_inf: torch.Tensor | None, decay: float) -> None:
     """Advance the parameters' moving average in place after an optimizer update, as
     ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay)).update_parameters(model)``:
     the first update copies the parameters, later ones lerp towards them by ``1 - decay``; an
@@ -307,12 +336,16 @@ def update_ema(ema: Any, params: OrderedDict, found_inf: torch.Tensor, decay: fl
     Args:
         ema: the :class:`~medfunc.state.EmaState` (updated in place).
         params: the parameters after the update, keyed like ``ema.params``.
-        found_inf: the step's non-finite flag (0-d float, nonzero: skipped).
+        found_inf: the step's non-finite flag (0-d float, nonzero: skipped), or None for an
+            update known to be applied.
         decay: the EMA decay.
     """
-    applied = found_inf == 0
     later = torch.full((), 1.0 - decay, dtype=torch.float64, device=ema.count.device)
-    weight = later.masked_fill(ema.count == 0, 1.0) * applied
+    weight = later.masked_fill(ema.count == 0, 1.0)
+    applied: torch.Tensor | int = 1
+    if found_inf is not None:
+        applied = found_inf == 0
+        weight = weight * applied
     by_dtype: dict[torch.dtype, tuple[list, list]] = {}
     for name, average in ema.params.items():
         averages, targets = by_dtype.setdefault(average.dtype, ([], []))
@@ -350,12 +383,9 @@ def apply_update(
     grad_norm = _total_norm(present) if present else torch.zeros((), device=device)
     if loss_scale:
         applied, skipped = found_inf == 0, found_inf > 0
+        step = trees.step + applied  # int64 + bool stays int64
     else:
-        # ``x - x`` is exactly 0 for a finite x and NaN for inf or NaN: two ops where isfinite
-        # takes five (abs, compares, mul); the flags equal ``found_inf == 0`` / ``> 0``
-        applied = (grad_norm - grad_norm) == 0
-        skipped = ~applied
-        found_inf = skipped.float()
+        skipped, found_inf, step = _finite_check(grad_norm, trees.step)
     ctx = UpdateContext(step=trees.step, found_inf=found_inf, grad_norm=grad_norm, metrics={})
     trainable = OrderedDict((n, trees.params[n]) for n in names)
     with torch.no_grad():
@@ -364,7 +394,6 @@ def apply_update(
         )
     params = OrderedDict(trees.params)
     params.update(trainable)
-    step = trees.step + applied  # int64 + bool stays int64
     if trees.ema:
         update_ema(trees.ema, params, found_inf, static.ema_decay)
     if loss_scale:

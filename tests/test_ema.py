@@ -122,14 +122,15 @@ def test_fp16_skipped_steps_do_not_advance_the_average():
         torch.testing.assert_close(value, expected[name].detach(), rtol=0, atol=1e-6)
 
 
-def test_fp16_skip_leaves_the_average_bitwise_unchanged():
-    state = mf.init_state(_model(), mf.optim.adamw(1e-2), precision="fp16", ema_decay=DECAY)
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_skip_leaves_the_average_bitwise_unchanged(precision):
+    state = mf.init_state(_model(), mf.optim.adamw(1e-2), precision=precision, ema_decay=DECAY)
     good, bad = make_batches(2)
     state, _ = mf.train_step(state, good)
     state, _ = mf.train_step(state, good)
     before = mf.tree_map(torch.clone, state.ema)
     state, metrics = mf.train_step(state, _inject_nonfinite(bad))
-    assert bool(metrics["skipped"])
+    assert bool(metrics["skipped"]) and int(state.step) == 2
     assert_trees_equal(state.ema, before)
 
 

@@ -301,7 +301,7 @@ WeightDecay = float | Sequence[float]
 def _per_parameter(weight_decay: WeightDecay, n: int) -> list[float]:
     if isinstance(weight_decay, (int, float)):
         return [float(weight_decay)] * n
-    decays = [float(d) for d in weight_decay]
+    decays = list(weight_decay)
     if len(decays) != n:
         raise ConfigError(f"{len(decays)} weight decay values for {n} parameters")
     return decays
