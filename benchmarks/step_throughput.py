@@ -338,7 +338,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--models",
         default="mlp,bert,gpt2",
-        help="comma-separated: mlp, mlp-wide, bert (= bert-hf and bert-sdpa), bert-hf, bert-sdpa, gpt2",
+        help=(
+            "comma-separated: mlp, mlp-wide, bert (= bert-hf and bert-sdpa), bert-hf, "
+            "bert-sdpa, gpt2"
+        ),
     )
     p.add_argument(
         "--runners",
