@@ -43,6 +43,7 @@ from torch import Tensor
 
 from medfunc.checkpoint.payload import FORMAT_VERSION
 from medfunc.checkpoint.reading import load_verified, read_checkpoint
+from medfunc.checkpoint.restore import restore_donated, restore_state
 from medfunc.errors import (
     CheckpointCorruptError,
     CheckpointMismatchError,
@@ -479,6 +480,34 @@ def read_resume_payload(
         stacklevel=3,
     )
     return payload
+
+
+def resume_into(path: str | os.PathLike, like: TrainState) -> tuple[TrainState, dict[str, Any]]:
+    """Restore ``resume_from`` into ``like``'s own storage (``like`` is consumed).
+
+    A medfunc checkpoint is read straight into ``like`` (one copy of the state in memory; the
+    returned payload's tensors stay in the file: use its other entries only); the original's
+    files are converted by :func:`read_resume_payload` and copied in.
+
+    Args:
+        path: the ``resume_from`` file (or the original's output folder for its weights).
+        like: the state built to restore into.
+
+    Returns:
+        ``(state, payload)``.
+
+    Raises:
+        As :func:`read_resume_payload` and :func:`medfunc.restore_state`.
+    """
+    if not Path(path).is_dir():
+        try:
+            return restore_donated(path, like)
+        except (CheckpointCorruptError, UnsafeCheckpointError):
+            if like.consumed:
+                raise
+            # perhaps the original's file: read_resume_payload tells, or raises this error again
+    payload = read_resume_payload(path, like)
+    return restore_state(payload, like=like, donate=True), payload
 
 
 def _legacy_or_none(path: Path) -> dict[str, Any] | None:

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from medfunc import distributed, optim
 from medfunc.best_model import BestCheckpoint
-from medfunc.checkpoint import restore_state, save_state
+from medfunc.checkpoint import save_state
 from medfunc.compile import compile_step, resolve_mode
 from medfunc.data import to_device
 from medfunc.dataset_columns import select_model_inputs
@@ -55,7 +55,7 @@ from medfunc.final_outputs import (
     check_exports,
     write_final_outputs,
 )
-from medfunc.legacy import read_resume_payload
+from medfunc.legacy import read_resume_payload, resume_into
 from medfunc.logging import MetricLogger, create_logger
 from medfunc.metrics import evaluate_batches, find_logits
 from medfunc.modeling import prepare_model
@@ -351,13 +351,14 @@ class MedicalModelTrainer(OriginalTrainerSurface):
         self, state: TrainState, path: str, stopping: EarlyStopping
     ) -> tuple[TrainState, LoopPosition, dict[str, Any], list[str]]:
         """The state, loop position, ``trainer_state`` and payload entries of ``path``."""
-        payload = read_resume_payload(path, like=state, sharded=self._sharded())
         if self._sharded():
+            payload = read_resume_payload(path, like=state, sharded=True)
             state = distributed.load_full(path, like=state)
         else:
             # the state was built only to restore into: the checkpoint goes into its (and the
             # model's) storage, with no second copy of the state
-            state = self.state = restore_state(payload, like=state, donate=True)
+            state, payload = resume_into(path, like=state)
+            self.state = state
         saved = payload.get("trainer_state", {})
         position = LoopPosition.from_trainer_state(saved, stopping)
         parts = [key for key, value in payload.items() if not isinstance(value, Mapping) or value]

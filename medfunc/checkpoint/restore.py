@@ -419,6 +419,24 @@ def _fill(pairs: list[tuple[Tensor, Tensor]], records: DeferredRecords | None) -
                 target.copy_(found)
 
 
+def restore_donated(path: str | os.PathLike, like: TrainState) -> tuple[TrainState, dict]:
+    """``restore_state(path, like=like, donate=True)``, and the payload it restored.
+
+    For a caller that also needs the checkpoint's other entries (the Trainer's loop position in
+    ``trainer_state``): the payload's tensors are views of the file whose bytes were checked,
+    not read; read nothing but its non-tensor entries.
+
+    Args:
+        path: the checkpoint file.
+        like: the state to restore into (consumed, see :func:`restore_state`).
+
+    Returns:
+        ``(state, payload)``.
+    """
+    with deferred_payload(path) as (payload, records):
+        return _donate(payload, like, records, str(path)), payload
+
+
 def _donate(
     payload: dict, like: TrainState, records: DeferredRecords | None, source: str
 ) -> TrainState:
@@ -547,8 +565,7 @@ def restore_state(
         if isinstance(path_or_payload, Mapping):
             payload = validate_payload(dict(path_or_payload), Path("<payload>"))
             return _donate(payload, like, None, "payload")
-        with deferred_payload(path_or_payload) as (payload, records):
-            return _donate(payload, like, records, str(path_or_payload))
+        return restore_donated(path_or_payload, like)[0]
     if like is not None:
         payload, owned, source = _load(path_or_payload, like.device)
         return _restore_into(payload, like, _Taker(owned), source)
