@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 
+import pytest
 import torch
 from torch import nn
 
@@ -80,6 +81,16 @@ def end_worker(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, as in a resuming worker (CPU reductions depend on the
+    thread count); the count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def free_port() -> int:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from medfunc.checkpoint import save_state
@@ -16,15 +15,6 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 _spec = importlib.util.spec_from_file_location("resume_worker", SCRIPTS / "resume_worker.py")
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread, as in the resuming process (CPU reductions depend on the count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_resume_in_a_fresh_process_is_bitwise_equal_to_the_straight_run(tmp_path, one_thread):

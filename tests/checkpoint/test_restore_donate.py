@@ -43,15 +43,6 @@ KINDS = [
 ]
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread, as the straight run of the resume worker uses."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(**kwargs) -> TinyClassifier:
     torch.manual_seed(0)
     return TinyClassifier(**kwargs)
