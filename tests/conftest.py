@@ -50,6 +50,31 @@ def make_batches(
     ]
 
 
+def gradscaler_step(model: nn.Module, batch: dict, opt, scaler, device: str = "cpu") -> bool:
+    """One step of the imperative fp16 reference: the loss under fp16 autocast on ``device``,
+    ``scaler.scale(loss).backward()``, ``scaler.step``, ``scaler.update``, ``zero_grad``.
+    Returns whether the scaler skipped the update (its scale dropped)."""
+    with torch.autocast(device, dtype=torch.float16):
+        loss = model(**batch)["loss"]
+    scaler.scale(loss).backward()
+    scale_before = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    return scaler.get_scale() < scale_before
+
+
+def make_dataset(n: int, seed: int = 0):
+    """``n`` fixed random examples {"x": 6 features, "labels": 3 classes} as a
+    :class:`~medfunc.recipes.base.TensorDictDataset` (the Trainer tests' data)."""
+    from medfunc.recipes.base import TensorDictDataset
+
+    g = torch.Generator().manual_seed(seed)
+    return TensorDictDataset(
+        {"x": torch.randn(n, 6, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
+    )
+
+
 def tiny_bert(dropout: float = 0.1) -> nn.Module:
     """A tiny Hugging Face ``BertForSequenceClassification`` built from a config (no download)."""
     import transformers

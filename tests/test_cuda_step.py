@@ -11,10 +11,9 @@ import copy
 
 import pytest
 import torch
-from conftest import TinyClassifier, make_batches
+from conftest import TinyClassifier, gradscaler_step, make_batches, make_dataset
 
 import medfunc as mf
-from medfunc.recipes.base import TensorDictDataset
 from medfunc.rng import step_seed
 from medfunc.trainer import MedicalModelTrainer, TrainerConfig
 
@@ -78,12 +77,7 @@ def test_fp16_on_cuda_follows_gradscaler_including_skips():
     skipped = []
     for batch in batches:
         state, metrics = mf.train_step(state, batch)
-        with torch.autocast("cuda", dtype=torch.float16):
-            loss = reference(**batch)["loss"]
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad()
+        gradscaler_step(reference, batch, opt, scaler, "cuda")
         assert float(metrics["loss_scale"]) == scaler.get_scale()
         skipped.append(bool(metrics["skipped"]))
     assert skipped == [i in (3, 7) for i in range(12)]
@@ -91,12 +85,6 @@ def test_fp16_on_cuda_follows_gradscaler_including_skips():
     expected = dict(reference.named_parameters())
     for name, value in state.params.items():
         torch.testing.assert_close(value, expected[name].detach(), rtol=0, atol=1e-6)
-
-
-def _data(n: int) -> TensorDictDataset:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 6, generator=g)
-    return TensorDictDataset({"x": x, "labels": torch.randint(0, 3, (n,), generator=g)})
 
 
 @pytest.mark.parametrize("mode", ["cudagraph", "inductor+cudagraph"])
@@ -114,7 +102,7 @@ def test_trainer_on_cuda_compiled_equals_eager(tmp_path, mode):
             seed=3,
         )
         trainer = MedicalModelTrainer(TinyClassifier(dropout=0.2), config)
-        trainer.train(_data(64), _data(32), output_dir=tmp_path / folder)
+        trainer.train(make_dataset(64), make_dataset(32), output_dir=tmp_path / folder)
         return {n: p.detach().cpu() for n, p in trainer.model.named_parameters()}
 
     eager = run(False, "eager")

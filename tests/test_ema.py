@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from conftest import TinyClassifier, make_batches
+from conftest import TinyClassifier, gradscaler_step, make_batches, make_dataset
 from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -17,7 +17,6 @@ import medfunc as mf
 from medfunc.checkpoint import read_checkpoint
 from medfunc.compile import compile_step
 from medfunc.errors import CheckpointMismatchError, ConfigError
-from medfunc.recipes.base import TensorDictDataset
 from medfunc.testing import assert_trees_close, assert_trees_equal
 from medfunc.trainer import MedicalModelTrainer, TrainerConfig
 
@@ -104,14 +103,7 @@ def test_fp16_skipped_steps_do_not_advance_the_average():
     skipped = []
     for batch in batches:
         state, metrics = mf.train_step(state, batch)
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = reference(**batch)["loss"]
-        scaler.scale(loss).backward()
-        scale_before = scaler.get_scale()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad()
-        if scaler.get_scale() >= scale_before:
+        if not gradscaler_step(reference, batch, opt, scaler):
             averaged.update_parameters(reference)
         skipped.append(bool(metrics["skipped"]))
         assert int(state.ema.count) == int(averaged.n_averaged)
@@ -246,13 +238,6 @@ def test_bad_ema_options_are_config_errors():
         mf.ensemble.init_state(TinyClassifier, mf.optim.sgd(0.1), members=2, ema_decay=0.9)
 
 
-def _dataset(n: int = 48) -> TensorDictDataset:
-    g = torch.Generator().manual_seed(0)
-    return TensorDictDataset(
-        {"x": torch.randn(n, 6, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
-    )
-
-
 @pytest.mark.parametrize("eval_with_ema", [True, False])
 def test_trainer_evaluates_and_saves_the_average_with_eval_with_ema(tmp_path, eval_with_ema):
     config = TrainerConfig(
@@ -271,7 +256,7 @@ def test_trainer_evaluates_and_saves_the_average_with_eval_with_ema(tmp_path, ev
         load_best_model_at_end=False,
     )
     trainer = MedicalModelTrainer(_model(), config)
-    result = trainer.train(_dataset(), _dataset(24), output_dir=tmp_path)
+    result = trainer.train(make_dataset(48), make_dataset(24), output_dir=tmp_path)
     checkpoint = read_checkpoint(sorted(tmp_path.glob("checkpoint*.pt"))[-1])
     averages = checkpoint["medfunc_state"]["ema"]["params"]
     assert checkpoint["medfunc_state"]["ema"]["count"] == 12
@@ -292,7 +277,7 @@ def test_trainer_evaluates_and_saves_the_average_with_eval_with_ema(tmp_path, ev
 
 
 def make_eval_batches() -> list[dict]:
-    data = _dataset(24)
+    data = make_dataset(24)
     return [{k: v[i : i + 8] for k, v in data.tensors.items()} for i in range(0, 24, 8)]
 
 
@@ -337,13 +322,13 @@ def test_trainer_resume_continues_the_average_bitwise(tmp_path):
         )
 
     straight = MedicalModelTrainer(_model(), config(num_epochs=3))
-    straight.train(_dataset(), _dataset(24), output_dir=tmp_path / "straight")
+    straight.train(make_dataset(48), make_dataset(24), output_dir=tmp_path / "straight")
     first = MedicalModelTrainer(_model(), config(num_epochs=1))
-    first.train(_dataset(), _dataset(24), output_dir=tmp_path / "first")
+    first.train(make_dataset(48), make_dataset(24), output_dir=tmp_path / "first")
     resumed = MedicalModelTrainer(
         _model(), config(num_epochs=3, resume_from=str(tmp_path / "first" / "checkpoint-epoch1.pt"))
     )
-    result = resumed.train(_dataset(), _dataset(24), output_dir=tmp_path / "resumed")
+    result = resumed.train(make_dataset(48), make_dataset(24), output_dir=tmp_path / "resumed")
     want = read_checkpoint(tmp_path / "straight" / "checkpoint-epoch3.pt")["medfunc_state"]["ema"]
     got = read_checkpoint(tmp_path / "resumed" / "checkpoint-epoch3.pt")["medfunc_state"]["ema"]
     assert got["count"] == want["count"] == 18

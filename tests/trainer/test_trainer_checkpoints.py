@@ -7,20 +7,12 @@ import json
 
 import pytest
 import torch
-from conftest import TinyClassifier
+from conftest import TinyClassifier, make_dataset
 from safetensors.torch import load_file
 
 import medfunc.trainer
 from medfunc.checkpoint import read_checkpoint
-from medfunc.recipes.base import TensorDictDataset
 from medfunc.trainer import MedicalModelTrainer, TrainerConfig
-
-
-def _data(n: int = 32, seed: int = 0) -> TensorDictDataset:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDictDataset(
-        {"x": torch.randn(n, 6, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
-    )
 
 
 def _trainer(**options) -> MedicalModelTrainer:
@@ -35,7 +27,7 @@ def _names(folder) -> list[str]:
 
 def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path):
     result = _trainer(num_epochs=3, save_every_steps=3, save_total_limit=2).train(
-        _data(), output_dir=tmp_path
+        make_dataset(32), output_dir=tmp_path
     )
     assert [p.name for p in result.checkpoints] == [
         "checkpoint-step3.pt",
@@ -50,9 +42,9 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path):
 
 
 def test_save_total_limit_never_deletes_the_checkpoint_resumed_from(tmp_path):
-    _trainer(num_epochs=2).train(_data(), output_dir=tmp_path)
+    _trainer(num_epochs=2).train(make_dataset(32), output_dir=tmp_path)
     resume = tmp_path / "checkpoint-epoch1.pt"
-    _trainer(num_epochs=4, resume_from=str(resume), save_total_limit=1).train(_data())
+    _trainer(num_epochs=4, resume_from=str(resume), save_total_limit=1).train(make_dataset(32))
     assert _names(tmp_path) == ["checkpoint-epoch1.pt", "checkpoint-epoch4.pt"]
 
 
@@ -67,7 +59,7 @@ def test_old_checkpoints_are_deleted_only_after_the_new_one_is_written(tmp_path,
 
     monkeypatch.setattr(medfunc.trainer, "save_state", failing_third_save)
     with pytest.raises(OSError, match="disk full"):
-        _trainer(num_epochs=3, save_total_limit=2).train(_data(), output_dir=tmp_path)
+        _trainer(num_epochs=3, save_total_limit=2).train(make_dataset(32), output_dir=tmp_path)
     assert _names(tmp_path) == ["checkpoint-epoch1.pt", "checkpoint-epoch2.pt"]
 
 
@@ -94,7 +86,7 @@ def _scored(**options) -> TrainerConfig:
 
 def test_early_stopping_loads_the_best_checkpoint_and_can_be_resumed(tmp_path):
     trainer = _trainer(**_scored())
-    result = trainer.train(_data(), _data(16, seed=1), output_dir=tmp_path)
+    result = trainer.train(make_dataset(32), make_dataset(16, seed=1), output_dir=tmp_path)
     assert result.stopped_early and result.epochs_completed == 6 and result.global_step == 24
     # the best evaluation was checkpointed, the cadence's epoch 5, and the moment training stopped
     assert _names(tmp_path) == [
@@ -128,7 +120,7 @@ def test_early_stopping_loads_the_best_checkpoint_and_can_be_resumed(tmp_path):
 
 def test_the_last_weights_are_kept_when_asked(tmp_path):
     result = _trainer(**_scored(load_best_model_at_end=False)).train(
-        _data(), _data(16, seed=1), output_dir=tmp_path
+        make_dataset(32), make_dataset(16, seed=1), output_dir=tmp_path
     )
     assert not result.loaded_best and result.eval_metrics["score"] == 0.6
     assert (result.best_epoch, result.best_checkpoint) == (3, None)  # no checkpoint holds it
@@ -140,16 +132,20 @@ def test_the_last_weights_are_kept_when_asked(tmp_path):
 
 def test_save_total_limit_never_deletes_the_best_checkpoint(tmp_path):
     _trainer(**_scored(save_every_epochs=1, save_total_limit=1)).train(
-        _data(), _data(16, seed=1), output_dir=tmp_path
+        make_dataset(32), make_dataset(16, seed=1), output_dir=tmp_path
     )
     assert _names(tmp_path) == ["checkpoint-epoch3.pt", "checkpoint-epoch6.pt"]
 
 
 def test_a_resumed_run_loads_the_best_checkpoint_of_its_first_part(tmp_path):
-    first = _trainer(**_scored(num_epochs=5)).train(_data(), _data(16, seed=1), output_dir=tmp_path)
+    first = _trainer(**_scored(num_epochs=5)).train(
+        make_dataset(32), make_dataset(16, seed=1), output_dir=tmp_path
+    )
     assert first.best_epoch == 3 and not first.stopped_early
     resume = str(tmp_path / "checkpoint-epoch5.pt")
-    resumed = _trainer(**_scored(resume_from=resume)).train(_data(), _data(16, seed=1))
+    resumed = _trainer(**_scored(resume_from=resume)).train(
+        make_dataset(32), make_dataset(16, seed=1)
+    )
     # the restored patience (2 evaluations without improvement) runs out after one more epoch
     assert resumed.stopped_early and resumed.epochs_completed == 6
     assert (resumed.best_epoch, resumed.loaded_best) == (3, True)

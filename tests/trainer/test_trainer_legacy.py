@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TinyClassifier, save_like_the_original
+from conftest import TinyClassifier, make_dataset, save_like_the_original
 from safetensors.torch import load_file
 
 import medfunc as mf
@@ -20,13 +20,6 @@ from medfunc.recipes.base import TensorDictDataset
 from medfunc.trainer import MedicalModelTrainer, TrainerConfig
 
 N, BATCH, LR = 32, 8, 1e-2  # 4 optimizer steps per epoch
-
-
-def _data() -> TensorDictDataset:
-    g = torch.Generator().manual_seed(0)
-    return TensorDictDataset(
-        {"x": torch.randn(N, 6, generator=g), "labels": torch.randint(0, 3, (N,), generator=g)}
-    )
 
 
 def _config(**options) -> TrainerConfig:
@@ -81,7 +74,7 @@ class _Original:
 
 
 def test_resuming_the_originals_checkpoint_equals_continuing_its_loop(tmp_path):
-    data, original = _data(), _Original()
+    data, original = make_dataset(N), _Original()
     for _ in range(2):
         original.epoch(data)
     checkpoint = original.save(tmp_path, epoch=2)
@@ -116,7 +109,7 @@ def test_resuming_the_originals_checkpoint_equals_continuing_its_loop(tmp_path):
 
 
 def test_optimizer_moments_and_step_counts_are_carried_over(tmp_path):
-    data, original = _data(), _Original()
+    data, original = make_dataset(N), _Original()
     original.epoch(data)
     checkpoint = original.save(tmp_path, epoch=1)
     # num_epochs=1: the run is complete at the checkpoint, so the state is the restored one
@@ -142,7 +135,7 @@ def test_the_originals_newest_weights_version_starts_a_fresh_run(tmp_path):
     folder = tmp_path / "old"
     folder.mkdir()
     torch.save(original.model.state_dict(), folder / "pytorch_model.v1.bin")
-    original.epoch(_data())
+    original.epoch(make_dataset(N))
     torch.save(original.model.state_dict(), folder / "pytorch_model.v2.bin")
     (folder / "manifest.json").write_text(
         '{"versions": [{"version": 1, "file": "pytorch_model.v1.bin"},'
@@ -151,13 +144,13 @@ def test_the_originals_newest_weights_version_starts_a_fresh_run(tmp_path):
     torch.manual_seed(5)
     trainer = MedicalModelTrainer(TinyClassifier(), _config(num_epochs=1, resume_from=str(folder)))
     with pytest.warns(UserWarning, match="everything but the weights"):
-        result = trainer.train(_data(), output_dir=tmp_path / "run")
+        result = trainer.train(make_dataset(N), output_dir=tmp_path / "run")
     # the reference: the original's loop with a fresh optimizer from version 2's weights
     reference = _Original()
     reference.model.load_state_dict(torch.load(folder / "pytorch_model.v2.bin"))
     reference.opt = torch.optim.AdamW(reference.model.parameters(), lr=LR, weight_decay=0.0)
     reference.sched = torch.optim.lr_scheduler.StepLR(reference.opt, step_size=3, gamma=0.5)
-    reference.epoch(_data())
+    reference.epoch(make_dataset(N))
     assert result.global_step == 4
     for name, want in reference.model.state_dict().items():
         got = trainer.state.params.get(name, trainer.state.buffers.get(name))
@@ -165,7 +158,7 @@ def test_the_originals_newest_weights_version_starts_a_fresh_run(tmp_path):
 
 
 def test_resuming_in_the_originals_folder_keeps_its_files_and_version_list(tmp_path):
-    data, original = _data(), _Original()
+    data, original = make_dataset(N), _Original()
     original.epoch(data)
     checkpoint = original.save(tmp_path, epoch=1)
     torch.save(original.model.state_dict(), tmp_path / "pytorch_model.v1.bin")

@@ -180,6 +180,21 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
+def _started_worker(out: Path, marker: Path, **popen: object) -> subprocess.Popen:
+    """The preemption worker training into ``out``, returned once its first forward pass began
+    (it writes ``marker`` then sleeps 0.3 s in that step)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), str(out), "--sleep", "0.3", "--marker", str(marker)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    _wait_for(marker, proc)
+    return proc
+
+
 def _signal_run(proc: subprocess.Popen, signum: int, repeat: int) -> tuple[int, str]:
     for _ in range(repeat):
         try:
@@ -210,14 +225,7 @@ def test_a_signalled_process_exits_with_its_code_and_resumes_bitwise(
     # the marker is written as a forward pass starts: the burst of signals (within ~60 ms) ends
     # while that step still sleeps, before the handlers are restored
     out, marker = tmp_path / "run", tmp_path / "started"
-    proc = subprocess.Popen(
-        [sys.executable, str(WORKER), str(out), "--sleep", "0.3", "--marker", str(marker)],
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for(marker, proc)
+    proc = _started_worker(out, marker)
     code, stderr = _signal_run(proc, signum, repeat)
 
     assert code == EXIT_CODES[signum], stderr[-3000:]
@@ -237,15 +245,7 @@ def test_a_sigterm_to_the_whole_process_group_leaves_the_loader_workers_running(
     # as a scheduler signals every process of a job: the DataLoader workers (num_workers=2)
     # ignore it and the trainer stops at the step boundary
     out, marker = tmp_path / "run", tmp_path / "started"
-    proc = subprocess.Popen(
-        [sys.executable, str(WORKER), str(out), "--sleep", "0.3", "--marker", str(marker)],
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    _wait_for(marker, proc)
+    proc = _started_worker(out, marker, start_new_session=True)
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         _, stderr = proc.communicate(timeout=120)

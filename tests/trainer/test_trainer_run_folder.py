@@ -7,20 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyClassifier
+from conftest import TinyClassifier, make_dataset
 
 from medfunc.cli import main
 from medfunc.errors import ConfigError
-from medfunc.recipes.base import TensorDictDataset
 from medfunc.run_folder import default_run_dir, is_run_file
 from medfunc.trainer import MedicalModelTrainer, TrainerConfig
-
-
-def _data(n: int = 32) -> TensorDictDataset:
-    g = torch.Generator().manual_seed(0)
-    return TensorDictDataset(
-        {"x": torch.randn(n, 6, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
-    )
 
 
 def _trainer(**options) -> MedicalModelTrainer:
@@ -30,10 +22,10 @@ def _trainer(**options) -> MedicalModelTrainer:
 
 
 def test_a_folder_holding_another_run_is_refused(tmp_path):
-    _trainer(num_epochs=3).train(_data(), output_dir=tmp_path)
+    _trainer(num_epochs=3).train(make_dataset(32), output_dir=tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     with pytest.raises(ConfigError) as caught:
-        _trainer(num_epochs=1).train(_data(), output_dir=tmp_path)
+        _trainer(num_epochs=1).train(make_dataset(32), output_dir=tmp_path)
     message = str(caught.value)
     assert f"output_dir {tmp_path} already holds another run's files" in message
     assert "overwrite_output_dir=True" in message and "resume_from" in message
@@ -41,9 +33,11 @@ def test_a_folder_holding_another_run_is_refused(tmp_path):
 
 
 def test_overwrite_removes_the_previous_run_first(tmp_path):
-    _trainer(num_epochs=3).train(_data(), output_dir=tmp_path)
+    _trainer(num_epochs=3).train(make_dataset(32), output_dir=tmp_path)
     assert (tmp_path / "checkpoint-epoch3.pt").is_file()
-    result = _trainer(num_epochs=1, overwrite_output_dir=True).train(_data(), output_dir=tmp_path)
+    result = _trainer(num_epochs=1, overwrite_output_dir=True).train(
+        make_dataset(32), output_dir=tmp_path
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoint-epoch1.pt",
         "manifest.json",
@@ -56,36 +50,38 @@ def test_overwrite_removes_the_previous_run_first(tmp_path):
 
 
 def test_overwrite_refuses_a_folder_with_files_the_trainer_does_not_write(tmp_path):
-    _trainer(num_epochs=1).train(_data(), output_dir=tmp_path)
+    _trainer(num_epochs=1).train(make_dataset(32), output_dir=tmp_path)
     (tmp_path / "notes.txt").write_text("patient cohort definitions")
     with pytest.raises(ConfigError, match=r"holds files this trainer does not write \(notes.txt\)"):
-        _trainer(overwrite_output_dir=True).train(_data(), output_dir=tmp_path)
+        _trainer(overwrite_output_dir=True).train(make_dataset(32), output_dir=tmp_path)
     assert (tmp_path / "notes.txt").is_file() and (tmp_path / "checkpoint-epoch1.pt").is_file()
     assert is_run_file(tmp_path / ".model.safetensors.tmp-12-0a1b2c3d")
     assert not is_run_file(tmp_path / ".notes.txt.tmp-12-0a1b2c3d")
 
 
 def test_resuming_continues_in_the_checkpoint_folder(tmp_path, monkeypatch):
-    _trainer(num_epochs=1).train(_data(), output_dir=tmp_path / "run")
+    _trainer(num_epochs=1).train(make_dataset(32), output_dir=tmp_path / "run")
     resume = str(tmp_path / "run" / "checkpoint-epoch1.pt")
-    result = _trainer(num_epochs=2, resume_from=resume).train(_data())
+    result = _trainer(num_epochs=2, resume_from=resume).train(make_dataset(32))
     assert result.output_dir == tmp_path / "run" and result.global_step == 8
     assert (tmp_path / "run" / "checkpoint-epoch2.pt").is_file()
     with pytest.raises(ConfigError, match="would delete .* the run being resumed from"):
-        _trainer(num_epochs=3, resume_from=resume, overwrite_output_dir=True).train(_data())
+        _trainer(num_epochs=3, resume_from=resume, overwrite_output_dir=True).train(
+            make_dataset(32)
+        )
     other = tmp_path / "other"
     other.mkdir()
     (other / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError, match="already holds another run's files"):
-        _trainer(num_epochs=3, resume_from=resume).train(_data(), output_dir=other)
+        _trainer(num_epochs=3, resume_from=resume).train(make_dataset(32), output_dir=other)
 
 
 def test_the_default_run_folder_is_new_for_every_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     names = {default_run_dir("recipe") for _ in range(50)}
     assert len(names) == 50
-    first = _trainer().train(_data()).output_dir
-    second = _trainer().train(_data()).output_dir
+    first = _trainer().train(make_dataset(32)).output_dir
+    second = _trainer().train(make_dataset(32)).output_dir
     assert first != second and first.parent == second.parent == Path("runs")
     assert (first / "model.safetensors").is_file() and (second / "model.safetensors").is_file()
 

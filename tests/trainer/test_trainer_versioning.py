@@ -8,20 +8,12 @@ import json
 
 import pytest
 import torch
-from conftest import TinyClassifier
+from conftest import TinyClassifier, make_dataset
 from safetensors.torch import load_file
 
 from medfunc.errors import ConfigError
-from medfunc.recipes.base import TensorDictDataset
 from medfunc.trainer import MedicalModelTrainer, TrainerConfig
 from medfunc.versioning import read_manifest, record_version
-
-
-def _data(n: int = 16) -> TensorDictDataset:
-    g = torch.Generator().manual_seed(0)
-    return TensorDictDataset(
-        {"x": torch.randn(n, 6, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
-    )
 
 
 def _trainer(**options) -> MedicalModelTrainer:
@@ -36,13 +28,13 @@ def _sha256(path) -> str:
 
 def test_each_run_adds_a_version_and_never_overwrites_one(tmp_path):
     assert TrainerConfig().model_versioning is True  # the original's default
-    _trainer(num_epochs=1).train(_data(), output_dir=tmp_path)
+    _trainer(num_epochs=1).train(make_dataset(16), output_dir=tmp_path)
     first = tmp_path / "model.v1.safetensors"
     assert first.read_bytes() == (tmp_path / "model.safetensors").read_bytes()
     first_bytes = first.read_bytes()
 
     resume = str(tmp_path / "checkpoint-epoch1.pt")
-    _trainer(num_epochs=2, resume_from=resume).train(_data(), output_dir=tmp_path)
+    _trainer(num_epochs=2, resume_from=resume).train(make_dataset(16), output_dir=tmp_path)
     second = tmp_path / "model.v2.safetensors"
     assert first.read_bytes() == first_bytes  # version 1 is kept as it was
     assert second.read_bytes() == (tmp_path / "model.safetensors").read_bytes()
@@ -64,7 +56,7 @@ def test_each_run_adds_a_version_and_never_overwrites_one(tmp_path):
 
 
 def test_versioning_off_writes_no_versions(tmp_path):
-    _trainer(num_epochs=1, model_versioning=False).train(_data(), output_dir=tmp_path)
+    _trainer(num_epochs=1, model_versioning=False).train(make_dataset(16), output_dir=tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     assert not list(tmp_path.glob("model.v*")) and not (tmp_path / "manifest.json").exists()
 

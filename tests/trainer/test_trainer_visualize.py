@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyClassifier
+from conftest import TinyClassifier, make_dataset
 from matplotlib.image import imread
 from torch import nn
 
 from medfunc.errors import ConfigError
-from medfunc.recipes.base import TensorDictDataset
 from medfunc.trainer import MedicalModelTrainer, TrainerConfig
 from medfunc.visualize import default_visualize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _data(n: int = 16) -> TensorDictDataset:
-    g = torch.Generator().manual_seed(0)
-    return TensorDictDataset(
-        {"x": torch.randn(n, 6, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
-    )
 
 
 def _config(**options) -> TrainerConfig:
@@ -50,7 +42,7 @@ def test_a_user_function_gets_host_copies_every_n_steps(tmp_path):
     def record(batch, outputs, global_step, output_dir):
         calls.append((global_step, batch, outputs, output_dir))
 
-    data = _data()
+    data = make_dataset(16)
     torch.manual_seed(0)
     model = TinyClassifier(dropout=0.5)
     config = _config(num_epochs=2, visualize_every_steps=3, visualize_fn=record)
@@ -69,14 +61,14 @@ def test_a_user_function_gets_host_copies_every_n_steps(tmp_path):
 
 def test_the_default_writes_a_png_of_the_predictions_at_due_steps(tmp_path):
     config = _config(num_epochs=1, visualize_every_steps=2)
-    MedicalModelTrainer(TinyClassifier(), config).train(_data(), output_dir=tmp_path)
+    MedicalModelTrainer(TinyClassifier(), config).train(make_dataset(16), output_dir=tmp_path)
     pictures = sorted(p.name for p in (tmp_path / "visualizations").iterdir())
     assert pictures == ["step2.png", "step4.png"]
     _assert_png(tmp_path / "visualizations" / "step2.png")
 
 
 def test_no_visualisation_without_the_option(tmp_path):
-    MedicalModelTrainer(TinyClassifier(), _config()).train(_data(), output_dir=tmp_path)
+    MedicalModelTrainer(TinyClassifier(), _config()).train(make_dataset(16), output_dir=tmp_path)
     assert not (tmp_path / "visualizations").exists()
 
 
