@@ -37,6 +37,7 @@ from medfunc.optim import from_torch_state_dict
 from medfunc.optim.base import get_substate, replace_substate
 from medfunc.precision import Policy, get_policy, scaler_from_state_dict
 from medfunc.state import (
+    LEAF_FIELDS,
     PYTREE_NAMESPACE,
     AccumState,
     TrainState,
@@ -378,9 +379,6 @@ def _fresh_like(payload: dict, builder: Mapping[str, Any]) -> TrainState:
     )
 
 
-_LEAF_FIELDS = ("params", "buffers", "opt_state", "loss_scale", "step", "rng", "accum", "ema")
-
-
 def _pairs(restored: Any, like: Any) -> list[tuple[Tensor, Tensor]] | None:
     """``(restored leaf, like leaf)`` of one field in leaf order, or None where the two do not
     pair up leaf for leaf (count, shape, dtype)."""
@@ -403,16 +401,13 @@ def _fill(pairs: list[tuple[Tensor, Tensor]], records: DeferredRecords | None) -
     own tensors) is copied aside first, so no write overwrites a value still to be read.
     """
     targets = {t.untyped_storage().data_ptr() for _, t in pairs if t.numel()}
-    pairs = [
-        (found.clone() if found.untyped_storage().data_ptr() in targets else found, target)
-        if found is not target and found.numel()
-        else (found, target)
-        for found, target in pairs
+    pairs = [(found, target) for found, target in pairs if found is not target]
+    aside = [
+        found.clone() if found.numel() and found.untyped_storage().data_ptr() in targets else found
+        for found, _ in pairs
     ]
     with torch.no_grad():
-        for found, target in pairs:
-            if found is target:
-                continue
+        for found, (_, target) in zip(aside, pairs):
             if records is not None and records.holds(found):
                 records.fill(target, found)
             else:
@@ -449,7 +444,7 @@ def _donate(
     restored = _restore_into(payload, like, _Checking(), source)
     fields: dict[str, Any] = {}
     fills: list[tuple[Tensor, Tensor]] = []
-    for name in _LEAF_FIELDS:
+    for name in LEAF_FIELDS:
         value = getattr(restored, name)
         pairs = _pairs(value, getattr(like, name))
         leaves, treedef = tree_flatten(value)
@@ -562,10 +557,10 @@ def restore_state(
             "state built from model= already shares the model's storage)"
         )
     if donate:
-        if isinstance(path_or_payload, Mapping):
-            payload = validate_payload(dict(path_or_payload), Path("<payload>"))
-            return _donate(payload, like, None, "payload")
-        return restore_donated(path_or_payload, like)[0]
+        if not isinstance(path_or_payload, Mapping):
+            return restore_donated(path_or_payload, like)[0]
+        payload, _, source = _load(path_or_payload, like.device)
+        return _donate(payload, like, None, source)
     if like is not None:
         payload, owned, source = _load(path_or_payload, like.device)
         return _restore_into(payload, like, _Taker(owned), source)
